@@ -1,0 +1,107 @@
+"""Bias-free, uncentred normalisation layers (B-cos-v2; spec section 2).
+
+Both divide by a standard deviation and multiply by a learnt per-channel weight;
+neither subtracts a mean nor adds a bias, so the layer is ``x ↦ (weight/std) ⊙ x``:
+dynamic-linear, with ``std`` as its input-dependent factor (detached in
+explanation mode).
+
+State-dict compatible with B-cos-v2's ``NoBias(BatchNormUncentered2d)`` (the norm
+of its "long" ImageNet models) and ``NoBias(PositionNormUncentered2d)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fact_model.bcos.explanation_mode import Detachable
+
+__all__ = ["BatchNormUncentered2d", "PositionNormUncentered2d", "make_norm_layer", "NORM_LAYERS"]
+
+
+class BatchNormUncentered2d(Detachable, nn.BatchNorm2d):
+    """Uncentred batch norm: ``weight ⊙ x / sqrt(var + eps)``.
+
+    In training, ``var`` is the (centred) batch variance per channel and updates
+    ``running_var``; in eval, ``running_var`` is used, so images of a batch do not
+    interact at inference. ``running_mean`` exists for checkpoint compatibility and
+    is never used. No bias parameter.
+
+    Shapes: ``(N, C, H, W)`` → same.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, **kwargs: object) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, **kwargs)  # type: ignore[arg-type]
+        self.bias = None  # bias-free: a bias breaks the exact decomposition
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``(N, C, H, W)`` by the batch (training) or running (eval) std."""
+        if x.ndim != 4:
+            raise ValueError(f"BatchNormUncentered2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        use_batch_stats = self.training or self.running_var is None
+        if use_batch_stats:
+            stats_input = x.detach() if self.detach_dynamic else x
+            var = stats_input.var(dim=(0, 2, 3), unbiased=False)
+            if self.training and self.track_running_stats and self.running_var is not None:
+                momentum = self._update_momentum()
+                with torch.no_grad():
+                    self.running_var.mul_(1 - momentum).add_(var.detach(), alpha=momentum)
+        else:
+            var = self.running_var
+        std = (var + self.eps).sqrt()[None, :, None, None]
+        out = x / std
+        if self.weight is not None:
+            out = self.weight[None, :, None, None] * out
+        return out
+
+    def _update_momentum(self) -> float:
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
+            return 1.0 / float(self.num_batches_tracked)
+        return float(self.momentum)
+
+
+class PositionNormUncentered2d(Detachable, nn.Module):
+    """Uncentred position norm: per location, ``weight ⊙ x / sqrt(var_c(x) + eps)``.
+
+    ``var_c`` is the variance over channels at each spatial position, so the layer
+    acts on each image (and location) on its own. No bias parameter.
+
+    Shapes: ``(N, C, H, W)`` → same.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, **factory: object) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features, **factory)) if affine else None  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``(N, C, H, W)`` by the per-position std over channels."""
+        if x.ndim != 4:
+            raise ValueError(f"PositionNormUncentered2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        stats_input = x.detach() if self.detach_dynamic else x
+        var = stats_input.var(dim=1, unbiased=False, keepdim=True)
+        out = x / (var + self.eps).sqrt()
+        if self.weight is not None:
+            out = self.weight[None, :, None, None] * out
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+
+
+NORM_LAYERS: dict[str, type[nn.Module]] = {
+    "bnu": BatchNormUncentered2d,
+    "pnu": PositionNormUncentered2d,
+}
+"""Norm layers by the short names used in architecture configs."""
+
+
+def make_norm_layer(name: str) -> type[nn.Module]:
+    """The norm layer class for ``name`` (``"bnu"`` or ``"pnu"``)."""
+    try:
+        return NORM_LAYERS[name]
+    except KeyError:
+        raise ValueError(f"unknown norm layer {name!r}; valid: {sorted(NORM_LAYERS)}") from None

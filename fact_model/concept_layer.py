@@ -1,0 +1,160 @@
+"""The FaCT concept layer: a bias-free TopK sparse autoencoder (spec section 3).
+
+For every spatial position (CNN) or token (ViT) with feature ``f ∈ R^C``:
+
+    u = TopK_k(ReLU(E f))      E: (K, C) encoder, no bias
+    f̂ = D u                    D: (C, K) decoder, no bias
+
+and the model continues from ``f̂``. ReLU and TopK are piecewise linear and there
+is no bias, so ``u = M(f) E f`` with a 0/1 selection ``M(f)``: the layer keeps the
+network dynamic-linear and every explanation identity exact.
+
+``u`` is kept sparse: ``k`` values and their concept ids per position
+(:class:`ConceptCodes`); decoding is a gather-sum of ``k`` decoder columns.
+During training ``D``'s columns are kept unit-norm; the global feature-norm
+factor is folded into ``E`` and ``D`` at save time, so a trained layer's columns
+need not be unit-norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ConceptCodes", "ConceptLayer"]
+
+
+@dataclass(frozen=True)
+class ConceptCodes:
+    """Sparse concept activations of one concept layer for a batch.
+
+    Attributes:
+        values: ``(N, P, k)`` activations ``u`` of the selected concepts (≥ 0),
+            part of the autograd graph.
+        indices: ``(N, P, k)`` int64 concept ids of ``values``.
+        spatial_shape: ``(h, w)`` for feature maps (``P = h·w``) or ``(T,)`` for tokens.
+        num_concepts: ``K``.
+    """
+
+    values: Tensor
+    indices: Tensor
+    spatial_shape: tuple[int, ...]
+    num_concepts: int
+
+    def scatter(self, per_slot: Tensor) -> Tensor:
+        """Sum ``per_slot`` ``(N, P, k)`` into per-concept totals ``(N, K)``."""
+        n = per_slot.shape[0]
+        out = per_slot.new_zeros(n, self.num_concepts)
+        return out.scatter_add_(1, self.indices.flatten(1), per_slot.flatten(1))
+
+    def totals(self) -> Tensor:
+        """Total activation ``Σ_p u_{k,p}`` per image and concept: ``(N, K)``."""
+        return self.scatter(self.values)
+
+    def select(self, concept_ids: Tensor) -> Tensor:
+        """0/1 masks ``(N, R, P, k)``: slot holds concept ``concept_ids[n, r]``.
+
+        Args:
+            concept_ids: ``(N, R)`` concept ids per image.
+        """
+        return (self.indices[:, None] == concept_ids[:, :, None, None]).to(self.values.dtype)
+
+    def per_position(self, per_slot: Tensor, concept_ids: Tensor) -> Tensor:
+        """Per-position sums of ``per_slot`` for given concepts: ``(N, R, *spatial_shape)``.
+
+        Args:
+            per_slot: ``(N, P, k)`` (e.g. ``u ⊙ ∂y/∂u``).
+            concept_ids: ``(N, R)``.
+        """
+        summed = (self.select(concept_ids) * per_slot[:, None]).sum(dim=-1)  # (N, R, P)
+        return summed.view(*summed.shape[:2], *self.spatial_shape)
+
+
+class ConceptLayer(nn.Module):
+    """Bias-free TopK SAE applied per position; ``forward`` returns the reconstruction.
+
+    Args:
+        in_features: ``C``, channels of the feature map it is inserted into.
+        num_concepts: ``K``, the dictionary size.
+        k: active concepts per position (``1 ≤ k ≤ K``).
+
+    Parameters: ``encoder`` ``(K, C)`` and ``decoder`` ``(C, K)``, initialised with
+    unit-norm decoder columns and ``encoder = decoderᵀ`` (spec section 3).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_concepts: int,
+        k: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("num_concepts", num_concepts), ("k", k)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if k > num_concepts:
+            raise ValueError(f"k ({k}) cannot exceed num_concepts ({num_concepts})")
+        self.in_features = in_features
+        self.num_concepts = num_concepts
+        self.k = k
+        decoder = torch.randn(in_features, num_concepts, device=device, dtype=dtype)
+        decoder = decoder / decoder.norm(dim=0, keepdim=True)
+        self.decoder = nn.Parameter(decoder)
+        self.encoder = nn.Parameter(decoder.t().clone())
+
+    def _positions(self, features: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """``(N, C, h, w)`` or ``(N, T, C)`` → ``(N, P, C)`` and the spatial shape."""
+        if features.ndim == 4:
+            n, c, h, w = features.shape
+            self._check_channels(c, features)
+            return features.flatten(2).transpose(1, 2), (h, w)
+        if features.ndim == 3:
+            self._check_channels(features.shape[-1], features)
+            return features, (features.shape[1],)
+        raise ValueError(
+            f"ConceptLayer expects (N, C, h, w) feature maps or (N, T, C) tokens, got shape {tuple(features.shape)}"
+        )
+
+    def _check_channels(self, c: int, features: Tensor) -> None:
+        if c != self.in_features:
+            raise ValueError(
+                f"ConceptLayer has in_features={self.in_features} but got features of shape {tuple(features.shape)}"
+            )
+
+    def pre_activations(self, features: Tensor) -> Tensor:
+        """``ReLU(E f)`` for every position: ``(N, P, K)`` (dense; for training and analysis)."""
+        positions, _ = self._positions(features)
+        return F.relu(positions @ self.encoder.t())
+
+    def encode(self, features: Tensor) -> ConceptCodes:
+        """Sparse codes ``u = TopK_k(ReLU(E f))`` of every position."""
+        positions, spatial_shape = self._positions(features)
+        pre = F.relu(positions @ self.encoder.t())  # (N, P, K)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return ConceptCodes(values, indices, spatial_shape, self.num_concepts)
+
+    def decode(self, codes: ConceptCodes) -> Tensor:
+        """Reconstruction ``f̂ = D u`` in the input layout (``(N, C, h, w)`` or ``(N, T, C)``)."""
+        n, p, k = codes.values.shape
+        # Gather-sum of k decoder columns per position (never a dense (N·P, K) code).
+        recon = F.embedding_bag(
+            codes.indices.reshape(n * p, k),
+            self.decoder.t(),
+            per_sample_weights=codes.values.reshape(n * p, k),
+            mode="sum",
+        ).view(n, p, self.in_features)
+        if len(codes.spatial_shape) == 2:
+            return recon.transpose(1, 2).reshape(n, self.in_features, *codes.spatial_shape)
+        return recon
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Encode and decode: same shape as ``features``."""
+        return self.decode(self.encode(features))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_concepts={self.num_concepts}, k={self.k}"

@@ -1,0 +1,304 @@
+"""Exact concept explanations of a FaCT model (spec section 4).
+
+One forward pass in explanation mode records every concept layer's sparse codes
+``u``. Then, for the explained quantity ``y`` (``logit[target] − b``, or a
+contrast difference):
+
+* **last concept layer** — when it feeds the head directly, ``∂y/∂u`` has the
+  closed form ``s_{c,p} (Ŵ_head D)[c,k] / (P·T)`` (no backward pass); otherwise
+  one backward from ``y``;
+* **lower concept layers** — one vector–Jacobian product from the last layer's
+  codes (seeded with ``∂y/∂u``) gives ``∂y/∂u`` at all of them at once;
+* contributions ``u ⊙ ∂y/∂u`` are scattered per concept: they sum to ``y``;
+* **maps** and **cross-layer traces** — one backward per (layer, rank) for the
+  whole batch, each seeded at that layer's codes with a 0/1 selection of the
+  rank-r concept of every image; the same backward yields the input map and the
+  decomposition over the concepts of the layer below. No per-image or
+  per-concept loop.
+
+On CPU a loop of backward calls over ranks measured faster than
+``torch.autograd.grad(..., is_grads_batched=True)`` (vmap), so this module loops
+over ranks (see ``docs/BENCHMARKS.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from fact_model._validation import ClassSpec, resolve_classes
+from fact_model.bcos.encoding import encode_rgb
+from fact_model.bcos.functional import PATCH_NORM_EPS, dynamic_scale, unit_norm_rows
+from fact_model.concept_layer import ConceptCodes
+from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept
+from fact_model.model import FaCTModel, ForwardRecord
+
+__all__ = ["explain", "MAP_KINDS", "closed_form_applies", "closed_form_code_gradient"]
+
+MAP_KINDS = ("concepts", "logit", "other")
+
+
+@contextmanager
+def _eval_mode(model: FaCTModel) -> Iterator[None]:
+    """Eval mode inside the block: norm layers use running statistics, so images don't interact."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def closed_form_applies(model: FaCTModel) -> bool:
+    """True when the last concept layer feeds the head directly and the head is a plain 1×1 B-cos conv."""
+    if not model.concept_layers:
+        return False
+    head = model.backbone.head
+    return (
+        model.concept_layers[-1].name == model.backbone.stage_names[-1]
+        and head.kernel_size == (1, 1)
+        and head.stride == (1, 1)
+        and head.groups == 1
+        and head.max_out == 1
+    )
+
+
+def closed_form_code_gradient(model: FaCTModel, record: ForwardRecord, classes: Tensor) -> Tensor:
+    """``∂y_c/∂u`` at the last concept layer's selected slots, in closed form.
+
+    ``y_c = (1/(P·T)) Σ_p s_{c,p} ŵ_c·f̂_p`` with ``f̂_p = Σ_j u_{p,j} D[:, id_{p,j}]``
+    and ``s`` detached, so ``∂y_c/∂u_{p,j} = s_{c,p} (Ŵ_head D)[c, id_{p,j}] / (P·T)``.
+
+    Args:
+        classes: ``(N,)`` class per image.
+
+    Returns:
+        ``(N, P, k)``, detached.
+    """
+    layer_name = model.concept_layers[-1].name
+    codes = record.codes[layer_name]
+    decoder = model.concept_layer(layer_name).decoder
+    head = model.backbone.head
+    with torch.no_grad():
+        features = record.head_input.detach().flatten(2)  # (N, C, P)
+        n, _, p = features.shape
+        w_c = unit_norm_rows(head.weight).flatten(1)[classes]  # (N, C)
+        concept_weights = w_c @ decoder  # (N, K): rows of Ŵ_head·D
+        per_slot = concept_weights.gather(1, codes.indices.flatten(1)).view_as(codes.values)
+        if head.b == 1:
+            scale = features.new_ones(n, p)
+        else:
+            linear_out = torch.einsum("nc,ncp->np", w_c, features)
+            norms = (features.square().sum(dim=1) + PATCH_NORM_EPS).sqrt()
+            scale = dynamic_scale(linear_out, norms, head.b)
+        return scale[..., None] * per_slot / (p * model.logit_temperature)
+
+
+def _positive_shares(contributions: Tensor) -> Tensor:
+    positive_total = contributions.clamp(min=0).sum(dim=1, keepdim=True)
+    return torch.where(positive_total > 0, contributions / positive_total.clamp(min=1e-30), 0.0)
+
+
+def _check_arguments(top_k: object, map_kinds: Sequence[str]) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
+    unknown = [k for k in map_kinds if k not in MAP_KINDS]
+    if unknown:
+        raise ValueError(f"unknown map kinds {unknown}; valid: {list(MAP_KINDS)}")
+
+
+def explain(
+    model: FaCTModel,
+    images: Tensor,
+    target: ClassSpec = None,
+    contrast: ClassSpec = None,
+    top_k: int = 5,
+    maps: bool = False,
+    map_kinds: Sequence[str] = MAP_KINDS,
+) -> Explanation:
+    """Explain a batch of images exactly, concept by concept.
+
+    Args:
+        model: the FaCT model (put in eval mode for the call).
+        images: ``(N, 3, H, W)`` floating-point RGB in [0, 1] (``model.preprocess``).
+        target: class to explain: None (the predicted class), an index, a name, or
+            one per image.
+        contrast: optional class to contrast with: explains ``logit[target] −
+            logit[contrast]`` ("why target rather than contrast").
+        top_k: concepts per layer reported in ``top_concepts`` and mapped (0 = none).
+        maps: compute input-level maps (``Explanation.maps``).
+        map_kinds: which maps: ``"concepts"`` (top concepts' activation maps),
+            ``"logit"`` (the whole explained logit), ``"other"`` (all concepts but
+            the shown ones).
+
+    Raises:
+        ValueError: bad images (rank, channels, dtype, NaN/inf, range, empty), a
+            class out of range or unknown, a bad ``top_k``/``map_kinds``, or a model
+            without concept layers.
+    """
+    _check_arguments(top_k, map_kinds)
+    if not model.concept_layers:
+        raise ValueError("the model has no concept layers to explain with")
+    x = model.validate_images(images)
+    n = x.shape[0]
+    target_idx = resolve_classes(target, n, model.class_names, "target")
+    contrast_idx = resolve_classes(contrast, n, model.class_names, "contrast")
+    layer_names = tuple(info.name for info in model.concept_layers)
+    top_layer = layer_names[-1]
+    closed_form = closed_form_applies(model)
+    needs_graph = maps or len(layer_names) > 1 or not closed_form
+
+    with _eval_mode(model), model.explanation_mode():
+        grad_context = torch.enable_grad() if needs_graph else torch.no_grad()
+        with grad_context:
+            x6 = encode_rgb(x)
+            if maps:
+                x6.requires_grad_(True)
+            record = model.forward_encoded(x6)
+        logits = record.logits.detach()
+        device = logits.device
+        target_idx = logits.argmax(dim=1) if target_idx is None else target_idx.to(device)
+        if contrast_idx is not None:
+            contrast_idx = contrast_idx.to(device)
+        explained = logits.gather(1, target_idx[:, None]).squeeze(1) - model.logit_bias
+        if contrast_idx is not None:
+            explained = explained - (logits.gather(1, contrast_idx[:, None]).squeeze(1) - model.logit_bias)
+
+        codes = record.codes
+        code_grads = _code_gradients(model, record, target_idx, contrast_idx, closed_form, layer_names)
+
+        contributions = {name: codes[name].scatter(codes[name].values.detach() * code_grads[name]) for name in layer_names}
+        activations = {name: codes[name].totals().detach() for name in layer_names}
+        r = min(top_k, min(info.num_concepts for info in model.concept_layers))
+        top_ids = {name: contributions[name].topk(r, dim=1).indices for name in layer_names}
+        spatial = {
+            name: codes[name].per_position(codes[name].values.detach() * code_grads[name], top_ids[name])
+            for name in layer_names
+        }
+        traces, concept_maps = _rank_backwards(codes, layer_names, top_ids, x6 if maps and "concepts" in map_kinds else None, r)
+        explanation_maps = None
+        if maps:
+            logit_map = other_map = None
+            top_codes, top_grad = codes[top_layer], code_grads[top_layer]
+            if "logit" in map_kinds:
+                (logit_map,) = torch.autograd.grad(top_codes.values, x6, top_grad, retain_graph=True)
+            if "other" in map_kinds:
+                shown = top_codes.select(top_ids[top_layer]).sum(dim=1).clamp(max=1)
+                (other_map,) = torch.autograd.grad(top_codes.values, x6, top_grad * (1 - shown), retain_graph=True)
+            explanation_maps = ExplanationMaps(x6.detach(), concept_maps, logit_map, other_map)
+
+    residuals = {name: (contributions[name].sum(dim=1) - explained).abs() for name in layer_names}
+    top_concepts = _top_concept_lists(layer_names, contributions, activations, top_ids)
+    return Explanation(
+        logits=logits,
+        probabilities=model.probabilities(logits),
+        target=target_idx,
+        contrast=contrast_idx,
+        logit_bias=model.logit_bias,
+        explained=explained,
+        contributions=contributions,
+        activations=activations,
+        residuals=residuals,
+        residual=torch.stack(list(residuals.values())).amax(dim=0),
+        top_ids=top_ids,
+        top_concepts=top_concepts,
+        other_contribution={
+            name: explained - contributions[name].gather(1, top_ids[name]).sum(dim=1) for name in layer_names
+        },
+        spatial=spatial,
+        traces=traces,
+        maps=explanation_maps,
+        layer_names=layer_names,
+    )
+
+
+def _code_gradients(
+    model: FaCTModel,
+    record: ForwardRecord,
+    target_idx: Tensor,
+    contrast_idx: Tensor | None,
+    closed_form: bool,
+    layer_names: tuple[str, ...],
+) -> dict[str, Tensor]:
+    """``∂y/∂u`` at every concept layer's selected slots: layer → ``(N, P, k)``, detached."""
+    top_layer = layer_names[-1]
+    top_values = record.codes[top_layer].values
+    if closed_form:
+        top_grad = closed_form_code_gradient(model, record, target_idx)
+        if contrast_idx is not None:
+            top_grad = top_grad - closed_form_code_gradient(model, record, contrast_idx)
+    else:
+        y = record.logits.gather(1, target_idx[:, None]).sum()
+        if contrast_idx is not None:
+            y = y - record.logits.gather(1, contrast_idx[:, None]).sum()
+        (top_grad,) = torch.autograd.grad(y, top_values, retain_graph=True)
+    grads = {top_layer: top_grad}
+    lower = layer_names[:-1]
+    if lower:
+        lower_grads = torch.autograd.grad(
+            top_values, [record.codes[name].values for name in lower], top_grad, retain_graph=True
+        )
+        grads.update(zip(lower, lower_grads, strict=True))
+    return grads
+
+
+def _rank_backwards(
+    codes: dict[str, ConceptCodes],
+    layer_names: tuple[str, ...],
+    top_ids: dict[str, Tensor],
+    x6: Tensor | None,
+    r: int,
+) -> tuple[list[CrossLayerTrace], dict[str, Tensor]]:
+    """Input maps of the top concepts (if ``x6`` is given) and cross-layer traces.
+
+    One backward per (layer, rank) over the whole batch: seeded at the layer's codes
+    with the 0/1 selection of each image's rank-r concept, it returns that concept's
+    input map and its decomposition over the concepts of the layer below.
+    """
+    traces: list[CrossLayerTrace] = []
+    concept_maps: dict[str, Tensor] = {}
+    for i, name in enumerate(layer_names):
+        lower = layer_names[i - 1] if i > 0 else None
+        inputs = ([x6] if x6 is not None else []) + ([codes[lower].values] if lower else [])
+        if not inputs or r == 0:
+            continue
+        selection = codes[name].select(top_ids[name])  # (N, R, P, k)
+        maps_r, trace_r = [], []
+        for rank in range(r):
+            grads = torch.autograd.grad(codes[name].values, inputs, selection[:, rank], retain_graph=True)
+            if x6 is not None:
+                maps_r.append(grads[0])
+            if lower:
+                trace_r.append(codes[lower].scatter(codes[lower].values.detach() * grads[-1]))
+        if x6 is not None:
+            concept_maps[name] = torch.stack(maps_r, dim=1)
+        if lower:
+            traces.append(CrossLayerTrace(name, lower, top_ids[name], torch.stack(trace_r, dim=1)))
+    return traces, concept_maps
+
+
+def _top_concept_lists(
+    layer_names: tuple[str, ...],
+    contributions: dict[str, Tensor],
+    activations: dict[str, Tensor],
+    top_ids: dict[str, Tensor],
+) -> list[list[TopConcept]]:
+    """Per image: the top concepts of every layer, last layer first (plain Python floats)."""
+    n = next(iter(contributions.values())).shape[0]
+    per_image: list[list[TopConcept]] = [[] for _ in range(n)]
+    for name in reversed(layer_names):
+        ids = top_ids[name]
+        contrib = contributions[name].gather(1, ids).tolist()
+        share = _positive_shares(contributions[name]).gather(1, ids).tolist()
+        act = activations[name].gather(1, ids).tolist()
+        for img, concept_ids in enumerate(ids.tolist()):
+            per_image[img].extend(
+                TopConcept(name, cid, c, s, a)
+                for cid, c, s, a in zip(concept_ids, contrib[img], share[img], act[img], strict=True)
+            )
+    return per_image
+
+

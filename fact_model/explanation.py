@@ -1,0 +1,125 @@
+"""Result types of :func:`fact_model.explain.explain` (spec section 4).
+
+All tensors are detached, on the model's device. ``N`` = images, ``K`` = concepts
+of a layer, ``R`` = requested top concepts per image (``min(top_k, K)``),
+``(h, w)`` = the concept layer's feature-map size, ``(H, W)`` = the input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+__all__ = ["TopConcept", "CrossLayerTrace", "ExplanationMaps", "Explanation"]
+
+
+@dataclass(frozen=True)
+class TopConcept:
+    """One concept's part in one image's explained logit.
+
+    Attributes:
+        layer: concept-layer (stage) name.
+        concept: concept id in ``[0, K)``.
+        contribution: its additive contribution to ``logit − bias`` (or to the
+            contrast difference); contributions of a layer sum to it exactly.
+        share: ``contribution / Σ positive contributions`` of that layer (negative
+            for a concept that argued against the target).
+        activation: its total activation ``Σ_p u_{k,p}`` in the image.
+    """
+
+    layer: str
+    concept: int
+    contribution: float
+    share: float
+    activation: float
+
+
+@dataclass(frozen=True)
+class CrossLayerTrace:
+    """How lower-layer concepts built each top upper-layer concept.
+
+    Attributes:
+        upper, lower: concept-layer names (``lower`` precedes ``upper`` in the network).
+        upper_ids: ``(N, R)`` the upper layer's top concepts (same as ``Explanation.top_ids[upper]``).
+        contributions: ``(N, R, K_lower)``: contribution of lower concept ``j`` to the
+            total activation ``Σ_q u^upper_{k,q}`` of upper concept ``upper_ids[n, r]``;
+            sums over ``j`` to that activation exactly.
+    """
+
+    upper: str
+    lower: str
+    upper_ids: Tensor
+    contributions: Tensor
+
+
+@dataclass(frozen=True)
+class ExplanationMaps:
+    """Input-level maps ``W = ∂(·)/∂x`` on the 6-channel encoded input, in explanation mode.
+
+    Render a map with :mod:`fact_model.render`; its per-pixel contribution is
+    ``(inputs ⊙ W).sum(channel)``, which sums over pixels to the explained quantity.
+
+    Attributes:
+        inputs: ``(N, 6, H, W)`` the encoded input ``[r, g, b, 1-r, 1-g, 1-b]``.
+        concepts: layer → ``(N, R, 6, H, W)``: ``∂(Σ_p u_{k,p})/∂x`` for the layer's
+            top concepts (``Explanation.top_ids[layer]``); sums to the concept's activation.
+        logit: ``(N, 6, H, W)`` map of the explained logit ``y`` (all concepts), or None.
+        other: ``(N, 6, H, W)`` map of ``y`` minus the shown top concepts of the last
+            concept layer ("all other concepts"), or None.
+    """
+
+    inputs: Tensor
+    concepts: dict[str, Tensor] = field(default_factory=dict)
+    logit: Tensor | None = None
+    other: Tensor | None = None
+
+    def pixel_contributions(self, weights: Tensor) -> Tensor:
+        """``Σ_channels x ⊙ W``: ``(N, [R,] 6, H, W)`` → ``(N, [R,] H, W)``."""
+        x = self.inputs if weights.ndim == 4 else self.inputs[:, None]
+        return (x * weights).sum(dim=-3)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Exact concept explanation of a batch.
+
+    Attributes:
+        logits: ``(N, num_classes)`` logits, bias included.
+        probabilities: ``(N, num_classes)`` (softmax or sigmoid, per the model).
+        target: ``(N,)`` explained class (default: the predicted one).
+        contrast: ``(N,)`` contrast class ("why target rather than contrast"), or None.
+        logit_bias: the scalar bias ``b``; explanations decompose ``logit − b``.
+        explained: ``(N,)`` the decomposed quantity ``y = logit[target] − b``, or
+            ``logit[target] − logit[contrast]`` with a contrast.
+        contributions: layer → ``(N, K)`` contribution of every concept to ``y``.
+        activations: layer → ``(N, K)`` total activation ``Σ_p u_{k,p}`` per concept.
+        residuals: layer → ``(N,)`` ``|Σ_k contributions − y|`` (completeness check).
+        residual: ``(N,)`` the largest residual over layers.
+        top_ids: layer → ``(N, R)`` concept ids sorted by contribution, largest first.
+        top_concepts: per image, the top concepts of every layer (last layer first).
+        other_contribution: layer → ``(N,)`` ``y`` minus the top concepts' contributions.
+        spatial: layer → ``(N, R, h, w)`` where each top concept pushed ``y``:
+            ``u_{k,p} · ∂y/∂u_{k,p}`` per position (sums to its contribution).
+        traces: cross-layer traces between consecutive concept layers (empty for one layer).
+        maps: input-level maps when requested, else None.
+        layer_names: concept layers in forward order (lowest first).
+    """
+
+    logits: Tensor
+    probabilities: Tensor
+    target: Tensor
+    contrast: Tensor | None
+    logit_bias: float
+    explained: Tensor
+    contributions: dict[str, Tensor]
+    activations: dict[str, Tensor]
+    residuals: dict[str, Tensor]
+    residual: Tensor
+    top_ids: dict[str, Tensor]
+    top_concepts: list[list[TopConcept]]
+    other_contribution: dict[str, Tensor]
+    spatial: dict[str, Tensor]
+    traces: list[CrossLayerTrace]
+    maps: ExplanationMaps | None
+    layer_names: tuple[str, ...]

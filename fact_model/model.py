@@ -1,0 +1,201 @@
+"""The FaCT model: a B-cos backbone with bias-free TopK concept layers in the forward pass.
+
+    images (N, 3, H, W) in [0, 1] → [r,g,b,1-r,1-g,1-b] → stages … → concept layer(s) …
+      → B-cos 1×1 head → mean over positions → logit/T + b
+
+The concept layers replace the features at their stage with the reconstruction
+``f̂ = D·TopK(ReLU(E f))``, so accuracy is that of the model with the concepts in
+place, and every explanation identity (spec section 1) holds exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from fact_model._validation import ClassSpec, validate_images
+from fact_model.backbones import StagedBackbone, create_backbone
+from fact_model.bcos.encoding import encode_rgb
+from fact_model.bcos.explanation_mode import explanation_mode
+from fact_model.concept_layer import ConceptCodes, ConceptLayer
+from fact_model.config import FaCTConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from fact_model.explanation import Explanation
+
+__all__ = ["ConceptLayerInfo", "ForwardRecord", "FaCTModel"]
+
+
+@dataclass(frozen=True)
+class ConceptLayerInfo:
+    """Public description of one concept layer."""
+
+    name: str
+    num_concepts: int
+    k: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class ForwardRecord:
+    """What one forward pass computed, for explanations.
+
+    Attributes:
+        logits: ``(N, num_classes)``, bias included.
+        codes: concept-layer name → sparse codes, in forward order.
+        head_input: ``(N, C, h, w)`` features entering the head (``f̂`` when a concept
+            layer sits at the last stage).
+    """
+
+    logits: Tensor
+    codes: dict[str, ConceptCodes]
+    head_input: Tensor
+
+
+def _module_key(layer: str) -> str:
+    # nn.ModuleDict keys may not contain "."; stage names such as "features.norm5" do.
+    return layer.replace(".", "__")
+
+
+class FaCTModel(nn.Module):
+    """Backbone + concept layers, with ``forward`` (logits) and :meth:`explain`.
+
+    Build one from a :class:`~fact_model.config.FaCTConfig`; save and load it with
+    :func:`fact_model.save` / :func:`fact_model.load`.
+    """
+
+    def __init__(self, config: FaCTConfig) -> None:
+        super().__init__()
+        kwargs = dict(config.backbone_kwargs)
+        kwargs["num_classes"] = len(config.class_names)
+        self.config = config
+        self.backbone: StagedBackbone = create_backbone(config.backbone, **kwargs)
+        stage_order = {name: i for i, name in enumerate(self.backbone.stage_names)}
+        for spec in config.concept_layers:
+            if spec.layer not in stage_order:
+                raise ValueError(
+                    f"cannot insert a concept layer at {spec.layer!r}: architecture {config.backbone!r} "
+                    f"has stages {list(self.backbone.stage_names)}"
+                )
+        specs = sorted(config.concept_layers, key=lambda s: stage_order[s.layer])
+        self.concepts = nn.ModuleDict(
+            {
+                _module_key(s.layer): ConceptLayer(self.backbone.stage_channels(s.layer), s.num_concepts, s.k)
+                for s in specs
+            }
+        )
+        self._layer_names: tuple[str, ...] = tuple(s.layer for s in specs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.config.class_names)
+
+    @property
+    def concept_layers(self) -> tuple[ConceptLayerInfo, ...]:
+        """The concept layers in forward order (lowest first)."""
+        return tuple(
+            ConceptLayerInfo(name, layer.num_concepts, layer.k, layer.in_features)
+            for name, layer in zip(self._layer_names, self.concepts.values(), strict=True)
+        )
+
+    def concept_layer(self, name: str) -> ConceptLayer:
+        """The concept layer at stage ``name``."""
+        if name not in self._layer_names:
+            raise ValueError(f"no concept layer at {name!r}; concept layers: {list(self._layer_names)}")
+        return self.concepts[_module_key(name)]  # type: ignore[return-value]
+
+    @property
+    def logit_bias(self) -> float:
+        """The scalar ``b`` of ``logit = y/T + b``; explanations decompose ``logit − b``."""
+        return self.backbone.logit_layer.bias
+
+    @property
+    def logit_temperature(self) -> float:
+        return self.backbone.logit_layer.temperature
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # ------------------------------------------------------------------ forward
+    def forward_encoded(self, x6: Tensor, concepts: bool = True) -> ForwardRecord:
+        """Forward pass on encoded images ``(N, 6, H, W)``, recording concept codes.
+
+        Args:
+            concepts: False runs the plain backbone (concept layers skipped), e.g. to
+                compare the backbone's accuracy with the FaCT model's.
+        """
+        codes: dict[str, ConceptCodes] = {}
+        h = x6
+        for name, stage in self.backbone.stages:
+            h = stage(h)
+            if concepts and name in self._layer_names:
+                layer = self.concepts[_module_key(name)]
+                codes[name] = layer.encode(h)
+                h = layer.decode(codes[name])
+        return ForwardRecord(self.backbone.forward_head(h), codes, h)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(N, 3, H, W)`` images in [0, 1] → ``(N, num_classes)`` logits (bias included)."""
+        return self.forward_encoded(encode_rgb(images)).logits
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities from logits, with the model's output activation."""
+        if self.config.output_activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
+
+    @contextmanager
+    def explanation_mode(self) -> Iterator[FaCTModel]:
+        """Detach every input-dependent factor (spec section 2) inside the block."""
+        with explanation_mode(self):
+            yield self
+
+    # ------------------------------------------------------------------ inputs
+    def validate_images(self, images: object) -> Tensor:
+        """Check a batch ``(N, 3, H, W)`` in [0, 1]; returns it on the model's device and dtype."""
+        return validate_images(images, self.device, self.dtype)
+
+    def preprocess(self, pil_images: Image.Image | Sequence[Image.Image]) -> Tensor:
+        """PIL images (any size and mode) → ``(N, 3, input_size, input_size)`` in [0, 1].
+
+        Follows ``config.preprocessing`` (the recipe recorded in the manifest).
+        """
+        from fact_model.preprocessing import preprocess_images
+
+        return preprocess_images(pil_images, self.config.preprocessing)
+
+    # ------------------------------------------------------------------ explain
+    def explain(
+        self,
+        images: Tensor,
+        target: ClassSpec = None,
+        contrast: ClassSpec = None,
+        top_k: int = 5,
+        maps: bool = False,
+        map_kinds: Sequence[str] = ("concepts", "logit", "other"),
+    ) -> Explanation:
+        """Exact concept explanation of a batch; see :func:`fact_model.explain.explain`."""
+        from fact_model.explain import explain
+
+        return explain(self, images, target=target, contrast=contrast, top_k=top_k, maps=maps, map_kinds=map_kinds)
+
+    def extra_repr(self) -> str:
+        layers = ", ".join(f"{i.name}: K={i.num_concepts}, k={i.k}" for i in self.concept_layers)
+        return f"backbone={self.config.backbone!r}, classes={self.num_classes}, concept_layers=[{layers}]"

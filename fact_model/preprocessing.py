@@ -1,0 +1,52 @@
+"""PIL image → model input tensor, following a recorded :class:`~fact_model.config.Preprocessing`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from fact_model.config import Preprocessing
+
+__all__ = ["to_rgb", "preprocess_images"]
+
+_INTERPOLATION = {
+    "bilinear": TF.InterpolationMode.BILINEAR,
+    "bicubic": TF.InterpolationMode.BICUBIC,
+    "nearest": TF.InterpolationMode.NEAREST,
+}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image → RGB, with EXIF orientation applied and transparency composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess_images(images: Image.Image | Sequence[Image.Image], recipe: Preprocessing) -> Tensor:
+    """PIL image(s) → ``(N, 3, input_size, input_size)`` float32 in [0, 1]."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if len(images) == 0:
+        raise ValueError("no images to preprocess")
+    out = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"expected PIL images, got {type(image).__name__}")
+        tensor = TF.pil_to_tensor(to_rgb(image))  # (3, H, W) uint8
+        mode = _INTERPOLATION[recipe.interpolation]
+        size = recipe.input_size
+        if recipe.resize is None:
+            tensor = TF.resize(tensor, [size, size], interpolation=mode, antialias=True)
+        else:
+            tensor = TF.resize(tensor, [recipe.resize], interpolation=mode, antialias=True)
+            tensor = TF.center_crop(tensor, [size, size])
+        out.append(tensor)
+    return torch.stack(out).float().div_(255)
