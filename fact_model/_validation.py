@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["validate_images", "resolve_classes", "ClassSpec"]
+__all__ = ["ClassSpec", "resolve_classes", "validate_images"]
 
 ClassSpec = int | str | Sequence[int | str] | Tensor | None
 

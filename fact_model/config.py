@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ConceptLayerSpec", "Preprocessing", "FaCTConfig"]
+__all__ = ["ConceptLayerSpec", "FaCTConfig", "Preprocessing"]
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 OutputActivation = Literal["softmax", "sigmoid"]

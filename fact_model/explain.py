@@ -36,7 +36,7 @@ from fact_model.concept_layer import ConceptCodes
 from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept
 from fact_model.model import FaCTModel, ForwardRecord
 
-__all__ = ["explain", "MAP_KINDS", "closed_form_applies", "closed_form_code_gradient"]
+__all__ = ["MAP_KINDS", "closed_form_applies", "closed_form_code_gradient", "explain"]
 
 MAP_KINDS = ("concepts", "logit", "other")
 
@@ -170,7 +170,9 @@ def explain(
         codes = record.codes
         code_grads = _code_gradients(model, record, target_idx, contrast_idx, closed_form, layer_names)
 
-        contributions = {name: codes[name].scatter(codes[name].values.detach() * code_grads[name]) for name in layer_names}
+        contributions = {
+            name: codes[name].scatter(codes[name].values.detach() * code_grads[name]) for name in layer_names
+        }
         activations = {name: codes[name].totals().detach() for name in layer_names}
         r = min(top_k, min(info.num_concepts for info in model.concept_layers))
         top_ids = {name: contributions[name].topk(r, dim=1).indices for name in layer_names}
@@ -178,7 +180,9 @@ def explain(
             name: codes[name].per_position(codes[name].values.detach() * code_grads[name], top_ids[name])
             for name in layer_names
         }
-        traces, concept_maps = _rank_backwards(codes, layer_names, top_ids, x6 if maps and "concepts" in map_kinds else None, r)
+        traces, concept_maps = _rank_backwards(
+            codes, layer_names, top_ids, x6 if maps and "concepts" in map_kinds else None, r
+        )
         explanation_maps = None
         if maps:
             logit_map = other_map = None
@@ -300,5 +304,3 @@ def _top_concept_lists(
                 for cid, c, s, a in zip(concept_ids, contrib[img], share[img], act[img], strict=True)
             )
     return per_image
-
-

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["TopConcept", "CrossLayerTrace", "ExplanationMaps", "Explanation"]
+__all__ = ["CrossLayerTrace", "Explanation", "ExplanationMaps", "TopConcept"]
 
 
 @dataclass(frozen=True)

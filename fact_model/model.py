@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from fact_model.explanation import Explanation
 
-__all__ = ["ConceptLayerInfo", "ForwardRecord", "FaCTModel"]
+__all__ = ["ConceptLayerInfo", "FaCTModel", "ForwardRecord"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fact_model.config import Preprocessing
 
-__all__ = ["to_rgb", "preprocess_images"]
+__all__ = ["preprocess_images", "to_rgb"]
 
 _INTERPOLATION = {
     "bilinear": TF.InterpolationMode.BILINEAR,

@@ -11,7 +11,7 @@ from typing import Any
 
 from fact_model.backbones.staged import StagedBackbone
 
-__all__ = ["register_backbone", "create_backbone", "list_backbones"]
+__all__ = ["create_backbone", "list_backbones", "register_backbone"]
 
 BackboneBuilder = Callable[..., StagedBackbone]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fact_model.backbones.staged import StagedBackbone
 
-__all__ = ["read_state_dict", "load_bcos_v2_checkpoint"]
+__all__ = ["load_bcos_v2_checkpoint", "read_state_dict"]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from fact_model.backbones._bcos_layers import conv_factory, logit_layer, norm_fa
 from fact_model.backbones._registry import register_backbone
 from fact_model.backbones.staged import StagedBackbone
 
-__all__ = ["SMALL_RESNET_DEPTHS", "IMAGENET_RESNETS"]
+__all__ = ["IMAGENET_RESNETS", "SMALL_RESNET_DEPTHS"]
 
 
 def _stage(net: bcos_resnet.BcosResNet) -> StagedBackbone:

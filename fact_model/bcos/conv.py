@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fact_model.bcos.explanation_mode import Detachable
 from fact_model.bcos.functional import bcos_combine, patch_norms, unit_norm_rows
 
-__all__ = ["NormedConv2d", "BcosConv2d"]
+__all__ = ["BcosConv2d", "NormedConv2d"]
 
 IntOrPair = int | tuple[int, int]
 
@@ -135,4 +135,3 @@ class BcosConv2d(Detachable, nn.Module):
         if self.max_out > 1:
             s += f", max_out={self.max_out}"
         return s
-

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["encode_rgb", "AddInverse", "LogitLayer", "default_logit_bias"]
+__all__ = ["AddInverse", "LogitLayer", "default_logit_bias", "encode_rgb"]
 
 
 def encode_rgb(images: Tensor) -> Tensor:

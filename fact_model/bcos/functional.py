@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "PATCH_NORM_EPS",
     "COS_EPS",
-    "unit_norm_rows",
-    "patch_norms",
-    "dynamic_scale",
+    "PATCH_NORM_EPS",
     "bcos_combine",
+    "dynamic_scale",
+    "patch_norms",
+    "unit_norm_rows",
 ]
 
 PATCH_NORM_EPS = 1e-6

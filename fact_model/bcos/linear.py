@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fact_model.bcos.explanation_mode import Detachable
 from fact_model.bcos.functional import PATCH_NORM_EPS, bcos_combine, unit_norm_rows
 
-__all__ = ["NormedLinear", "BcosLinear"]
+__all__ = ["BcosLinear", "NormedLinear"]
 
 
 class NormedLinear(nn.Linear):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fact_model.bcos.explanation_mode import Detachable
 
-__all__ = ["BatchNormUncentered2d", "PositionNormUncentered2d", "make_norm_layer", "NORM_LAYERS"]
+__all__ = ["NORM_LAYERS", "BatchNormUncentered2d", "PositionNormUncentered2d", "make_norm_layer"]
 
 
 class BatchNormUncentered2d(Detachable, nn.BatchNorm2d):

@@ -1,0 +1,48 @@
+"""Shared fixtures: small random FaCT models with non-trivial norm statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
+from fact_model.model import FaCTModel
+
+NUM_CLASSES = 6
+
+
+def randomise_norm_statistics(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every uncentred norm random weights and running variances (eval mode uses them)."""
+    for module in model.modules():
+        if hasattr(module, "running_var") and module.running_var is not None:
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) * 2 + 0.1)
+        if isinstance(getattr(module, "weight", None), torch.nn.Parameter) and module.weight.ndim == 1:
+            with torch.no_grad():
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+
+
+def make_model(
+    concept_layers: list[tuple[str, int, int]],
+    backbone: str = "bcos_resnet8",
+    seed: int = 0,
+    **backbone_kwargs: object,
+) -> FaCTModel:
+    """A random-weight FaCT model on the small ResNet (width 8), in eval mode."""
+    torch.manual_seed(seed)
+    kwargs = {"width": 8, **backbone_kwargs} if backbone.startswith("bcos_resnet") else dict(backbone_kwargs)
+    config = FaCTConfig(
+        backbone=backbone,
+        class_names=[f"class_{i}" for i in range(NUM_CLASSES)],
+        preprocessing=Preprocessing(32),
+        concept_layers=[ConceptLayerSpec(name, k_total, k) for name, k_total, k in concept_layers],
+        backbone_kwargs=kwargs,
+    )
+    model = FaCTModel(config)
+    randomise_norm_statistics(model, torch.Generator().manual_seed(seed + 1))
+    return model.eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Four random RGB images (4, 3, 32, 32) in [0, 1]."""
+    return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(123))

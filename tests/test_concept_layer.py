@@ -1,0 +1,82 @@
+"""The bias-free TopK concept layer against a dense reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fact_model.concept_layer import ConceptLayer
+
+
+def dense_reference(layer: ConceptLayer, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u = TopK(ReLU(E f))`` as a dense (P, K) matrix, and ``f̂ = D u``."""
+    pre = F.relu(positions @ layer.encoder.t())
+    threshold = pre.topk(layer.k, dim=-1).values[..., -1:]
+    u = torch.where(pre >= threshold, pre, torch.zeros_like(pre))
+    return u, u @ layer.decoder.t()
+
+
+def test_initialisation_follows_the_spec():
+    layer = ConceptLayer(16, 64, 4)
+    torch.testing.assert_close(layer.decoder.norm(dim=0), torch.ones(64))
+    assert torch.equal(layer.encoder, layer.decoder.t())
+    assert not any("bias" in name for name, _ in layer.named_parameters())
+
+
+def test_encode_decode_equal_dense_reference_feature_map():
+    torch.manual_seed(0)
+    layer = ConceptLayer(12, 40, 5).double()
+    layer.encoder.data.normal_()
+    features = torch.randn(3, 12, 4, 5, dtype=torch.double)
+    codes = layer.encode(features)
+    assert codes.values.shape == (3, 20, 5) and codes.spatial_shape == (4, 5)
+    positions = features.flatten(2).transpose(1, 2)
+    u, recon = dense_reference(layer, positions)
+    torch.testing.assert_close(codes.totals(), u.sum(dim=1))
+    assert ((u > 0).sum(-1) <= 5).all()
+    torch.testing.assert_close(layer(features), recon.transpose(1, 2).reshape(3, 12, 4, 5))
+
+
+def test_tokens_layout():
+    torch.manual_seed(0)
+    layer = ConceptLayer(8, 16, 3).double()
+    tokens = torch.randn(2, 7, 8, dtype=torch.double)
+    _, recon = dense_reference(layer, tokens)
+    torch.testing.assert_close(layer(tokens), recon)
+    assert layer.encode(tokens).spatial_shape == (7,)
+
+
+def test_gradients_match_dense_reference():
+    torch.manual_seed(0)
+    layer = ConceptLayer(6, 10, 3).double()
+    features = torch.randn(2, 6, 3, 3, dtype=torch.double, requires_grad=True)
+    seed = torch.randn(2, 6, 3, 3, dtype=torch.double)
+    grads = torch.autograd.grad((layer(features) * seed).sum(), [features, layer.encoder, layer.decoder])
+    positions = features.flatten(2).transpose(1, 2)
+    _, recon = dense_reference(layer, positions)
+    reference = torch.autograd.grad(
+        (recon.transpose(1, 2).reshape(2, 6, 3, 3) * seed).sum(), [features, layer.encoder, layer.decoder]
+    )
+    for ours, theirs in zip(grads, reference, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_selection_helpers():
+    torch.manual_seed(0)
+    layer = ConceptLayer(6, 10, 3)
+    codes = layer.encode(torch.randn(2, 6, 3, 3))
+    ids = torch.tensor([[1, 2], [3, 4]])
+    per_position = codes.per_position(codes.values, ids)
+    assert per_position.shape == (2, 2, 3, 3)
+    torch.testing.assert_close(per_position.sum(dim=(2, 3)), codes.totals().gather(1, ids))
+
+
+@pytest.mark.parametrize(
+    "args,shape",
+    [((8, 16, 17), None), ((8, 0, 1), None), ((8, 16, 2), (2, 5, 3, 3)), ((8, 16, 2), (2, 8))],
+)
+def test_bad_arguments_and_shapes(args, shape):
+    with pytest.raises(ValueError):
+        layer = ConceptLayer(*args)
+        layer(torch.randn(*shape))

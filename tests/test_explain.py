@@ -1,0 +1,239 @@
+"""Exactness of FaCT explanations (spec sections 1 and 4), checked against independent computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fact_model import explain as explain_module
+from fact_model.bcos.encoding import encode_rgb
+from tests.conftest import NUM_CLASSES, make_model
+
+REL_TOL = 1e-4  # float32, relative to the size of the terms being summed
+
+
+def assert_sums_to(parts: torch.Tensor, total: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """``parts.sum(-1) == total`` to REL_TOL relative to ``Σ|parts|`` (or ``scale``)."""
+    scale = parts.abs().sum(-1) if scale is None else scale
+    error = (parts.sum(-1) - total).abs()
+    assert (error <= REL_TOL * scale.clamp_min(1e-12)).all(), f"residual {error.max():.3e} vs scale {scale.min():.3e}"
+
+
+ONE_LAYER_LAST = [("layer3", 48, 4)]
+ONE_LAYER_MIDDLE = [("layer2", 32, 4)]
+TWO_LAYERS = [("layer2", 32, 4), ("layer3", 48, 4)]
+
+
+@pytest.mark.parametrize("layers", [ONE_LAYER_LAST, ONE_LAYER_MIDDLE, TWO_LAYERS], ids=["last", "middle", "two"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_completeness_for_every_class(layers, seed, images):
+    model = make_model(layers, seed=seed)
+    with torch.no_grad():
+        logits = model(images)
+    for target in range(NUM_CLASSES):
+        expl = model.explain(images, target=target)
+        expected = logits[:, target] - model.logit_bias
+        torch.testing.assert_close(expl.explained, expected, rtol=1e-6, atol=1e-7)
+        for name in expl.layer_names:
+            assert expl.contributions[name].shape == (4, model.concept_layer(name).num_concepts)
+            assert_sums_to(expl.contributions[name], expected)
+        assert (expl.residual <= REL_TOL * expl.contributions[layers[-1][0]].abs().sum(-1)).all()
+
+
+@pytest.mark.parametrize("layers", [ONE_LAYER_LAST, TWO_LAYERS], ids=["last", "two"])
+def test_contrastive_completeness(layers, images):
+    model = make_model(layers)
+    with torch.no_grad():
+        logits = model(images)
+    targets, contrasts = [0, 1, 2, 3], [5, 4, 3, 2]
+    expl = model.explain(images, target=targets, contrast=contrasts)
+    expected = logits[range(4), targets] - logits[range(4), contrasts]
+    for name in expl.layer_names:
+        assert_sums_to(expl.contributions[name], expected)
+    # Linearity: the contrast decomposition is the difference of the two decompositions.
+    a = model.explain(images, target=targets).contributions["layer3"]
+    b = model.explain(images, target=contrasts).contributions["layer3"]
+    torch.testing.assert_close(expl.contributions["layer3"], a - b, rtol=1e-5, atol=1e-7)
+
+
+def autograd_contributions(model, images, target, layer):
+    """Independent reference: ``u ⊙ ∂y/∂u`` by plain autograd in explanation mode, dense over K."""
+    with model.explanation_mode():
+        record = model.forward_encoded(encode_rgb(images))
+        codes = record.codes[layer]
+        y = record.logits.gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(y, codes.values)
+    dense = torch.zeros(images.shape[0], codes.num_concepts)
+    flat_ids, flat = codes.indices.flatten(1), (codes.values * grad).flatten(1).detach()
+    for n in range(images.shape[0]):
+        for j in range(flat.shape[1]):
+            dense[n, flat_ids[n, j]] += flat[n, j]
+    return dense
+
+
+def test_closed_form_equals_autograd(images):
+    model = make_model(ONE_LAYER_LAST)
+    assert explain_module.closed_form_applies(model)
+    expl = model.explain(images)
+    reference = autograd_contributions(model, images, expl.target, "layer3")
+    scale = reference.abs().max()
+    assert (expl.contributions["layer3"] - reference).abs().max() <= 1e-5 * scale
+
+
+def test_closed_form_with_non_default_temperature_and_b(images):
+    model = make_model(ONE_LAYER_LAST, logit_temperature=0.7, b=2.5)
+    expl = model.explain(images)
+    reference = autograd_contributions(model, images, expl.target, "layer3")
+    assert (expl.contributions["layer3"] - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_middle_layer_uses_autograd_and_matches_reference(images):
+    model = make_model(ONE_LAYER_MIDDLE)
+    assert not explain_module.closed_form_applies(model)
+    expl = model.explain(images, target=2)
+    reference = autograd_contributions(model, images, expl.target, "layer2")
+    assert (expl.contributions["layer2"] - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_input_maps_are_exact_decompositions(images):
+    model = make_model(TWO_LAYERS)
+    expl = model.explain(images, target=1, top_k=3, maps=True)
+    maps = expl.maps
+    assert maps is not None and maps.inputs.shape == (4, 6, 32, 32)
+    for name in expl.layer_names:
+        assert maps.concepts[name].shape == (4, 3, 6, 32, 32)
+        pixel_sums = maps.pixel_contributions(maps.concepts[name]).flatten(2).sum(-1)
+        activation = expl.activations[name].gather(1, expl.top_ids[name])
+        torch.testing.assert_close(pixel_sums, activation, rtol=REL_TOL, atol=1e-6)
+    torch.testing.assert_close(
+        maps.pixel_contributions(maps.logit).sum((-1, -2)), expl.explained, rtol=REL_TOL, atol=1e-7
+    )
+    torch.testing.assert_close(
+        maps.pixel_contributions(maps.other).sum((-1, -2)), expl.other_contribution["layer3"], rtol=REL_TOL, atol=1e-7
+    )
+
+
+def test_dynamic_linearity_of_whole_model_against_plain_autograd(images):
+    """Σ_pixels x ⊙ ∂a/∂x = a, computed here without explain(), for a logit and a concept activation."""
+    model = make_model(TWO_LAYERS)
+    x6 = encode_rgb(images).requires_grad_(True)
+    with model.explanation_mode():
+        record = model.forward_encoded(x6)
+        logit = record.logits[:, 3] - model.logit_bias
+        (g_logit,) = torch.autograd.grad(logit.sum(), x6, retain_graph=True)
+        activation = record.codes["layer2"].totals()[:, 7]
+        (g_act,) = torch.autograd.grad(activation.sum(), x6)
+    torch.testing.assert_close((x6 * g_logit).sum((1, 2, 3)), logit, rtol=REL_TOL, atol=1e-7)
+    torch.testing.assert_close((x6 * g_act).sum((1, 2, 3)), activation, rtol=REL_TOL, atol=1e-6)
+
+
+def test_cross_layer_traces_sum_to_upper_activation(images):
+    model = make_model(TWO_LAYERS)
+    expl = model.explain(images, top_k=4)
+    (trace,) = expl.traces
+    assert (trace.upper, trace.lower) == ("layer3", "layer2")
+    assert trace.contributions.shape == (4, 4, 32)
+    upper_activation = expl.activations["layer3"].gather(1, trace.upper_ids)
+    assert_sums_to(trace.contributions, upper_activation)
+    assert torch.equal(trace.upper_ids, expl.top_ids["layer3"])
+
+
+def test_spatial_maps_sum_to_contributions(images):
+    model = make_model(TWO_LAYERS)
+    expl = model.explain(images, top_k=3)
+    for name in expl.layer_names:
+        spatial = expl.spatial[name]
+        assert spatial.shape[:2] == (4, 3)
+        torch.testing.assert_close(
+            spatial.flatten(2).sum(-1), expl.contributions[name].gather(1, expl.top_ids[name]), rtol=1e-5, atol=1e-8
+        )
+
+
+def test_top_concepts_are_sorted_with_consistent_shares(images):
+    model = make_model(TWO_LAYERS)
+    expl = model.explain(images, top_k=5)
+    for n, concepts in enumerate(expl.top_concepts):
+        assert [c.layer for c in concepts] == ["layer3"] * 5 + ["layer2"] * 5
+        top = concepts[:5]
+        assert [c.contribution for c in top] == sorted((c.contribution for c in top), reverse=True)
+        contrib = expl.contributions["layer3"][n]
+        assert top[0].contribution == pytest.approx(contrib.max().item())
+        assert top[0].share == pytest.approx(top[0].contribution / contrib.clamp(min=0).sum().item(), rel=1e-5)
+        assert top[0].activation == pytest.approx(expl.activations["layer3"][n, top[0].concept].item())
+
+
+def test_explanation_mode_changes_no_forward_value(images):
+    model = make_model(TWO_LAYERS)
+    with torch.no_grad():
+        plain = model(images)
+        with model.explanation_mode():
+            detached = model(images)
+    assert torch.equal(plain, detached)
+
+
+def test_batch_images_are_independent(images):
+    model = make_model(TWO_LAYERS)
+    batch = model.explain(images, target=2)
+    for n in range(images.shape[0]):
+        single = model.explain(images[n : n + 1], target=2)
+        torch.testing.assert_close(
+            single.contributions["layer3"][0], batch.contributions["layer3"][n], rtol=1e-5, atol=1e-7
+        )
+
+
+def test_explain_leaves_inputs_and_mode_untouched(images):
+    model = make_model(ONE_LAYER_LAST).train()
+    before = images.clone()
+    expl = model.explain(images, maps=True, top_k=2)
+    assert torch.equal(images, before)
+    assert model.training  # restored
+    assert not any(getattr(m, "detach_dynamic", False) for m in model.modules())
+    torch.testing.assert_close(expl.logits, model.eval()(images))  # explain used eval statistics
+
+
+def test_default_target_is_prediction_and_names_work(images):
+    model = make_model(ONE_LAYER_LAST)
+    expl = model.explain(images)
+    assert torch.equal(expl.target, expl.logits.argmax(1))
+    by_name = model.explain(images, target="class_4")
+    assert (by_name.target == 4).all()
+    torch.testing.assert_close(expl.probabilities.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "images_fn,kwargs,message",
+    [
+        (lambda x: x[:, :2], {}, "3 \\(RGB\\) channels"),
+        (lambda x: encode_rgb(x), {}, "3 \\(RGB\\) channels"),
+        (lambda x: (x * 255).to(torch.uint8), {}, "floating-point"),
+        (lambda x: x.index_fill(0, torch.tensor([1]), float("nan")), {}, "NaN"),
+        (lambda x: x.index_fill(0, torch.tensor([1]), float("inf")), {}, "NaN or infinite"),
+        (lambda x: x[:0], {}, "empty batch"),
+        (lambda x: x[0], {}, "unsqueeze"),
+        (lambda x: x * 3, {}, "\\[0, 1\\]"),
+        (lambda x: x.numpy(), {}, "torch.Tensor"),
+        (lambda x: x, {"target": NUM_CLASSES}, "out of range"),
+        (lambda x: x, {"target": -1}, "out of range"),
+        (lambda x: x, {"contrast": 99}, "out of range"),
+        (lambda x: x, {"target": "zebra"}, "unknown target class name 'zebra'"),
+        (lambda x: x, {"target": [0, 1]}, "2 entries but the batch has 4"),
+        (lambda x: x, {"target": 1.5}, "class index"),
+        (lambda x: x, {"top_k": -1}, "top_k"),
+        (lambda x: x, {"maps": True, "map_kinds": ("heat",)}, "unknown map kinds"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(images, images_fn, kwargs, message):
+    model = make_model(ONE_LAYER_LAST)
+    with pytest.raises(ValueError, match=message):
+        model.explain(images_fn(images), **kwargs)
+
+
+def test_model_without_concept_layers_is_refused(images):
+    model = make_model([])
+    with pytest.raises(ValueError, match="no concept layers"):
+        model.explain(images)
+
+
+def test_bad_concept_layer_position():
+    with pytest.raises(ValueError, match="cannot insert a concept layer at 'layer9'.*layer3"):
+        make_model([("layer9", 8, 2)])
