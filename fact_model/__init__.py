@@ -7,6 +7,7 @@ Public API (see README):
 * :class:`Explanation` — what :meth:`FaCTModel.explain` returns
 """
 
+from fact_model.artifacts import ArtifactError, load, save
 from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
 from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept
 from fact_model.model import ConceptLayerInfo, FaCTModel
@@ -14,6 +15,7 @@ from fact_model.model import ConceptLayerInfo, FaCTModel
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError",
     "ConceptLayerInfo",
     "ConceptLayerSpec",
     "CrossLayerTrace",
@@ -24,4 +26,6 @@ __all__ = [
     "Preprocessing",
     "TopConcept",
     "__version__",
+    "load",
+    "save",
 ]

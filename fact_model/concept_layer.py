@@ -152,6 +152,32 @@ class ConceptLayer(nn.Module):
             return recon.transpose(1, 2).reshape(n, self.in_features, *codes.spatial_shape)
         return recon
 
+    def encoder_vjp(self, codes: ConceptCodes, seed: Tensor) -> Tensor:
+        """``∂(Σ seed ⊙ u)/∂f``: a vector–Jacobian product through the encoder, kept sparse.
+
+        ``u_{p,j} = ReLU(E f_p)[id_{p,j}]``, so its gradient is the encoder row
+        ``E[id_{p,j}]`` where the ReLU is active: a gather-sum of ``k`` rows per
+        position, never the dense ``(N, P, K)`` Jacobian of ``TopK ∘ ReLU``.
+
+        Args:
+            codes: the codes this layer produced for ``f``.
+            seed: ``(N, P, k)`` weights of the code slots.
+
+        Returns:
+            The gradient in the layout of ``f`` (``(N, C, h, w)`` or ``(N, T, C)``).
+        """
+        n, p, k = codes.indices.shape
+        active = (codes.values.detach() > 0).to(seed.dtype)
+        grad = F.embedding_bag(
+            codes.indices.reshape(n * p, k),
+            self.encoder.detach(),
+            per_sample_weights=(seed * active).reshape(n * p, k),
+            mode="sum",
+        ).view(n, p, self.in_features)
+        if len(codes.spatial_shape) == 2:
+            return grad.transpose(1, 2).reshape(n, self.in_features, *codes.spatial_shape)
+        return grad
+
     def forward(self, features: Tensor) -> Tensor:
         """Encode and decode: same shape as ``features``."""
         return self.decode(self.encode(features))

@@ -1,24 +1,24 @@
 """Exact concept explanations of a FaCT model (spec section 4).
 
 One forward pass in explanation mode records every concept layer's sparse codes
-``u``. Then, for the explained quantity ``y`` (``logit[target] − b``, or a
-contrast difference):
+``u``, with the autograd graph cut at each concept layer (``code_leaves``). Then,
+for the explained quantity ``y`` (``logit[target] − b``, or a contrast difference):
 
 * **last concept layer** — when it feeds the head directly, ``∂y/∂u`` has the
   closed form ``s_{c,p} (Ŵ_head D)[c,k] / (P·T)`` (no backward pass); otherwise
   one backward from ``y``;
-* **lower concept layers** — one vector–Jacobian product from the last layer's
-  codes (seeded with ``∂y/∂u``) gives ``∂y/∂u`` at all of them at once;
+* **lower concept layers** — ``∂y/∂u`` is carried down one segment at a time:
+  a sparse step through the encoder (``E[id]`` rows where the ReLU is active,
+  never the dense ``(N, P, K)`` Jacobian) and one backward over the segment below;
 * contributions ``u ⊙ ∂y/∂u`` are scattered per concept: they sum to ``y``;
-* **maps** and **cross-layer traces** — one backward per (layer, rank) for the
-  whole batch, each seeded at that layer's codes with a 0/1 selection of the
-  rank-r concept of every image; the same backward yields the input map and the
-  decomposition over the concepts of the layer below. No per-image or
-  per-concept loop.
+* **maps** and **cross-layer traces** — one chain of backward passes per (layer,
+  rank) for the whole batch, seeded with the 0/1 selection of each image's rank-r
+  concept; its first step yields the decomposition over the layer below, the
+  rest the input map. No per-image or per-concept loop.
 
-On CPU a loop of backward calls over ranks measured faster than
-``torch.autograd.grad(..., is_grads_batched=True)`` (vmap), so this module loops
-over ranks (see ``docs/BENCHMARKS.md``).
+On CPU a loop over ranks measured faster than
+``torch.autograd.grad(..., is_grads_batched=True)`` (vmap), so ranks are looped
+(see ``docs/BENCHMARKS.md``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from torch import Tensor
 from fact_model._validation import ClassSpec, resolve_classes
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.bcos.functional import PATCH_NORM_EPS, dynamic_scale, unit_norm_rows
-from fact_model.concept_layer import ConceptCodes
 from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept
 from fact_model.model import FaCTModel, ForwardRecord
 
@@ -152,12 +151,11 @@ def explain(
     needs_graph = maps or len(layer_names) > 1 or not closed_form
 
     with _eval_mode(model), model.explanation_mode():
-        grad_context = torch.enable_grad() if needs_graph else torch.no_grad()
-        with grad_context:
+        with torch.enable_grad() if needs_graph else torch.no_grad():
             x6 = encode_rgb(x)
             if maps:
                 x6.requires_grad_(True)
-            record = model.forward_encoded(x6)
+            record = model.forward_encoded(x6, code_leaves=needs_graph)
         logits = record.logits.detach()
         device = logits.device
         target_idx = logits.argmax(dim=1) if target_idx is None else target_idx.to(device)
@@ -167,9 +165,9 @@ def explain(
         if contrast_idx is not None:
             explained = explained - (logits.gather(1, contrast_idx[:, None]).squeeze(1) - model.logit_bias)
 
+        backprop = _CodeBackprop(model, record, x6 if maps else None)
         codes = record.codes
-        code_grads = _code_gradients(model, record, target_idx, contrast_idx, closed_form, layer_names)
-
+        code_grads = backprop.code_gradients(target_idx, contrast_idx, closed_form)
         contributions = {
             name: codes[name].scatter(codes[name].values.detach() * code_grads[name]) for name in layer_names
         }
@@ -180,18 +178,15 @@ def explain(
             name: codes[name].per_position(codes[name].values.detach() * code_grads[name], top_ids[name])
             for name in layer_names
         }
-        traces, concept_maps = _rank_backwards(
-            codes, layer_names, top_ids, x6 if maps and "concepts" in map_kinds else None, r
-        )
+        traces, concept_maps = backprop.rank_passes(top_ids, r, with_maps=maps and "concepts" in map_kinds)
         explanation_maps = None
         if maps:
             logit_map = other_map = None
-            top_codes, top_grad = codes[top_layer], code_grads[top_layer]
             if "logit" in map_kinds:
-                (logit_map,) = torch.autograd.grad(top_codes.values, x6, top_grad, retain_graph=True)
+                logit_map = backprop.to_input(0, code_grads[layer_names[0]])
             if "other" in map_kinds:
-                shown = top_codes.select(top_ids[top_layer]).sum(dim=1).clamp(max=1)
-                (other_map,) = torch.autograd.grad(top_codes.values, x6, top_grad * (1 - shown), retain_graph=True)
+                shown = codes[top_layer].select(top_ids[top_layer]).sum(dim=1).clamp(max=1)
+                other_map = backprop.to_input(len(layer_names) - 1, code_grads[top_layer] * (1 - shown))
             explanation_maps = ExplanationMaps(x6.detach(), concept_maps, logit_map, other_map)
 
     residuals = {name: (contributions[name].sum(dim=1) - explained).abs() for name in layer_names}
@@ -219,69 +214,87 @@ def explain(
     )
 
 
-def _code_gradients(
-    model: FaCTModel,
-    record: ForwardRecord,
-    target_idx: Tensor,
-    contrast_idx: Tensor | None,
-    closed_form: bool,
-    layer_names: tuple[str, ...],
-) -> dict[str, Tensor]:
-    """``∂y/∂u`` at every concept layer's selected slots: layer → ``(N, P, k)``, detached."""
-    top_layer = layer_names[-1]
-    top_values = record.codes[top_layer].values
-    if closed_form:
-        top_grad = closed_form_code_gradient(model, record, target_idx)
-        if contrast_idx is not None:
-            top_grad = top_grad - closed_form_code_gradient(model, record, contrast_idx)
-    else:
-        y = record.logits.gather(1, target_idx[:, None]).sum()
-        if contrast_idx is not None:
-            y = y - record.logits.gather(1, contrast_idx[:, None]).sum()
-        (top_grad,) = torch.autograd.grad(y, top_values, retain_graph=True)
-    grads = {top_layer: top_grad}
-    lower = layer_names[:-1]
-    if lower:
-        lower_grads = torch.autograd.grad(
-            top_values, [record.codes[name].values for name in lower], top_grad, retain_graph=True
-        )
-        grads.update(zip(lower, lower_grads, strict=True))
-    return grads
+class _CodeBackprop:
+    """Vector–Jacobian products over a forward recorded with ``code_leaves=True``.
 
-
-def _rank_backwards(
-    codes: dict[str, ConceptCodes],
-    layer_names: tuple[str, ...],
-    top_ids: dict[str, Tensor],
-    x6: Tensor | None,
-    r: int,
-) -> tuple[list[CrossLayerTrace], dict[str, Tensor]]:
-    """Input maps of the top concepts (if ``x6`` is given) and cross-layer traces.
-
-    One backward per (layer, rank) over the whole batch: seeded at the layer's codes
-    with the 0/1 selection of each image's rank-r concept, it returns that concept's
-    input map and its decomposition over the concepts of the layer below.
+    The autograd graph is cut at every concept layer's codes, so the network falls
+    into segments: input → f₀, û₀ → f₁, …. A seed on layer i's codes is stepped
+    into its features with the sparse :meth:`ConceptLayer.encoder_vjp`, then one
+    backward over the segment below carries it to layer i−1's codes (or to the
+    input). Each call covers the whole batch.
     """
-    traces: list[CrossLayerTrace] = []
-    concept_maps: dict[str, Tensor] = {}
-    for i, name in enumerate(layer_names):
-        lower = layer_names[i - 1] if i > 0 else None
-        inputs = ([x6] if x6 is not None else []) + ([codes[lower].values] if lower else [])
-        if not inputs or r == 0:
-            continue
-        selection = codes[name].select(top_ids[name])  # (N, R, P, k)
-        maps_r, trace_r = [], []
-        for rank in range(r):
-            grads = torch.autograd.grad(codes[name].values, inputs, selection[:, rank], retain_graph=True)
-            if x6 is not None:
-                maps_r.append(grads[0])
-            if lower:
-                trace_r.append(codes[lower].scatter(codes[lower].values.detach() * grads[-1]))
-        if x6 is not None:
-            concept_maps[name] = torch.stack(maps_r, dim=1)
-        if lower:
-            traces.append(CrossLayerTrace(name, lower, top_ids[name], torch.stack(trace_r, dim=1)))
-    return traces, concept_maps
+
+    def __init__(self, model: FaCTModel, record: ForwardRecord, x6: Tensor | None) -> None:
+        self.model = model
+        self.record = record
+        self.x6 = x6
+        self.names = tuple(info.name for info in model.concept_layers)
+
+    def step_down(self, i: int, seed: Tensor) -> Tensor:
+        """Seed ``(N, P, k)`` on layer i's codes → gradient on layer i−1's codes, or on the input for i = 0."""
+        name = self.names[i]
+        codes = self.record.codes[name]
+        feature_seed = self.model.concept_layer(name).encoder_vjp(codes, seed)
+        below = self.record.codes[self.names[i - 1]].values if i > 0 else self.x6
+        (grad,) = torch.autograd.grad(self.record.features[name], below, feature_seed, retain_graph=True)
+        return grad
+
+    def to_input(self, i: int, seed: Tensor) -> Tensor:
+        """Seed on layer i's codes → ``(N, 6, H, W)`` gradient on the encoded input."""
+        for j in range(i, -1, -1):
+            seed = self.step_down(j, seed)
+        return seed
+
+    def code_gradients(self, target: Tensor, contrast: Tensor | None, closed_form: bool) -> dict[str, Tensor]:
+        """``∂y/∂u`` at every concept layer's code slots: layer → ``(N, P, k)``, detached."""
+        top = self.names[-1]
+        if closed_form:
+            grad = closed_form_code_gradient(self.model, self.record, target)
+            if contrast is not None:
+                grad = grad - closed_form_code_gradient(self.model, self.record, contrast)
+        else:
+            logits = self.record.logits
+            y = logits.gather(1, target[:, None]).sum()
+            if contrast is not None:
+                y = y - logits.gather(1, contrast[:, None]).sum()
+            (grad,) = torch.autograd.grad(y, self.record.codes[top].values, retain_graph=True)
+        grads = {top: grad}
+        for i in range(len(self.names) - 1, 0, -1):
+            grad = self.step_down(i, grad)
+            grads[self.names[i - 1]] = grad
+        return grads
+
+    def rank_passes(
+        self, top_ids: dict[str, Tensor], r: int, with_maps: bool
+    ) -> tuple[list[CrossLayerTrace], dict[str, Tensor]]:
+        """Per (layer, rank): the rank-r concept's input map and its cross-layer trace.
+
+        The seed is the 0/1 selection of each image's rank-r concept in the layer's
+        codes; its first step down yields the decomposition over the layer below
+        (the trace), the remaining steps the input map.
+        """
+        traces: list[CrossLayerTrace] = []
+        concept_maps: dict[str, Tensor] = {}
+        for i, name in enumerate(self.names):
+            if r == 0 or (i == 0 and not with_maps):
+                continue
+            codes = self.record.codes[name]
+            selection = codes.select(top_ids[name])  # (N, R, P, k)
+            maps_r, trace_r = [], []
+            for rank in range(r):
+                grad = self.step_down(i, selection[:, rank])
+                if i > 0:
+                    lower = self.record.codes[self.names[i - 1]]
+                    trace_r.append(lower.scatter(lower.values.detach() * grad))
+                    if with_maps:
+                        grad = self.to_input(i - 1, grad)
+                if with_maps:
+                    maps_r.append(grad)
+            if with_maps:
+                concept_maps[name] = torch.stack(maps_r, dim=1)
+            if i > 0:
+                traces.append(CrossLayerTrace(name, self.names[i - 1], top_ids[name], torch.stack(trace_r, dim=1)))
+        return traces, concept_maps
 
 
 def _top_concept_lists(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,12 +50,14 @@ class ForwardRecord:
     Attributes:
         logits: ``(N, num_classes)``, bias included.
         codes: concept-layer name → sparse codes, in forward order.
+        features: concept-layer name → the stage output ``f`` that layer encoded.
         head_input: ``(N, C, h, w)`` features entering the head (``f̂`` when a concept
             layer sits at the last stage).
     """
 
     logits: Tensor
     codes: dict[str, ConceptCodes]
+    features: dict[str, Tensor]
     head_input: Tensor
 
 
@@ -134,22 +136,38 @@ class FaCTModel(nn.Module):
         return next(self.parameters()).dtype
 
     # ------------------------------------------------------------------ forward
-    def forward_encoded(self, x6: Tensor, concepts: bool = True) -> ForwardRecord:
+    def forward_encoded(self, x6: Tensor, concepts: bool = True, code_leaves: bool = False) -> ForwardRecord:
         """Forward pass on encoded images ``(N, 6, H, W)``, recording concept codes.
 
         Args:
             concepts: False runs the plain backbone (concept layers skipped), e.g. to
                 compare the backbone's accuracy with the FaCT model's.
+            code_leaves: run each concept layer's encoder outside autograd and make its
+                code values fresh leaves that require grad. The graph then stops at
+                every concept layer: explanations step across a concept layer with
+                :meth:`ConceptLayer.encoder_vjp` (sparse) instead of differentiating
+                the dense ``(N, P, K)`` encoder output. Forward values are unchanged.
         """
         codes: dict[str, ConceptCodes] = {}
-        h = x6
+        features: dict[str, Tensor] = {}
+        # NHWC: oneDNN/cuDNN convolutions (and especially their input-gradient passes,
+        # which explanations run many of) are markedly faster in channels_last, and the
+        # concept layer's per-position view of NHWC features needs no copy.
+        h = x6.contiguous(memory_format=torch.channels_last)
         for name, stage in self.backbone.stages:
             h = stage(h)
             if concepts and name in self._layer_names:
                 layer = self.concepts[_module_key(name)]
-                codes[name] = layer.encode(h)
-                h = layer.decode(codes[name])
-        return ForwardRecord(self.backbone.forward_head(h), codes, h)
+                features[name] = h
+                if code_leaves:
+                    with torch.no_grad():
+                        code = layer.encode(h)
+                    code = replace(code, values=code.values.requires_grad_(True))
+                else:
+                    code = layer.encode(h)
+                codes[name] = code
+                h = layer.decode(code)
+        return ForwardRecord(self.backbone.forward_head(h), codes, features, h)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(N, 3, H, W)`` images in [0, 1] → ``(N, num_classes)`` logits (bias included)."""

@@ -30,7 +30,11 @@ class NormedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` → ``(N, O, H', W')``: ``conv(x, ŵ)``."""
-        return self._conv_forward(x, unit_norm_rows(self.weight), None)
+        weight = unit_norm_rows(self.weight)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # oneDNN picks its (faster) NHWC kernels only when the filters are NHWC too.
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return self._conv_forward(x, weight, None)
 
 
 class BcosConv2d(Detachable, nn.Module):

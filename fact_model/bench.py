@@ -1,0 +1,173 @@
+"""Explain-throughput benchmark: ``python -m fact_model.bench``.
+
+Measures, in one run on the same model and batch, explanations with top-n concept
+input maps by three methods, against a plain forward pass:
+
+(a) per image: forward, ∂y/∂u by autograd, then one backward per concept
+    (what a naive one-request-at-a-time server does);
+(b) the research code's approach: the whole batch at once, ∂y/∂u by autograd,
+    then one backward per concept rank, retaining the graph;
+(c) ours, ``FaCTModel.explain(maps=True)``: closed-form contributions, one backward
+    per rank for the whole batch.
+
+Prints medians (seconds per batch), images/s and the ratios the issue asks for.
+Not a test: timings are recorded in ``docs/BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from fact_model.bcos.encoding import encode_rgb
+from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
+from fact_model.model import FaCTModel
+
+__all__ = ["build_bench_model", "main", "run_benchmark"]
+
+
+def build_bench_model(arch: str, width: int, size: int, num_concepts: int, k: int, num_classes: int) -> FaCTModel:
+    """A random-weight FaCT model with one concept layer at the last stage."""
+    torch.manual_seed(0)
+    probe = FaCTConfig(
+        backbone=arch,
+        class_names=[f"class_{i}" for i in range(num_classes)],
+        preprocessing=Preprocessing(size),
+        backbone_kwargs={"width": width},
+    )
+    last_stage = FaCTModel(probe).backbone.stage_names[-1]
+    config = FaCTConfig(
+        backbone=arch,
+        class_names=probe.class_names,
+        preprocessing=probe.preprocessing,
+        concept_layers=[ConceptLayerSpec(last_stage, num_concepts, k)],
+        backbone_kwargs={"width": width},
+    )
+    return FaCTModel(config).eval()
+
+
+def _top_layer_codes_and_grads(model: FaCTModel, x6: torch.Tensor) -> tuple:
+    """Forward in explanation mode; ∂y_pred/∂u by autograd (the research code computes it this way)."""
+    record = model.forward_encoded(x6)
+    layer = model.concept_layers[-1].name
+    codes = record.codes[layer]
+    target = record.logits.argmax(dim=1)
+    y = record.logits.gather(1, target[:, None]).sum()
+    (grad,) = torch.autograd.grad(y, codes.values, retain_graph=True)
+    contributions = codes.scatter(codes.values.detach() * grad)
+    return codes, contributions
+
+
+def per_image_loop(model: FaCTModel, images: torch.Tensor, top_n: int) -> list[torch.Tensor]:
+    """(a) One image at a time; one backward per concept."""
+    maps = []
+    with model.explanation_mode(), torch.enable_grad():
+        for image in images:
+            x6 = encode_rgb(image[None]).requires_grad_(True)
+            codes, contributions = _top_layer_codes_and_grads(model, x6)
+            for concept in contributions[0].topk(top_n).indices.tolist():
+                activation = codes.values[codes.indices == concept].sum()
+                maps.append(torch.autograd.grad(activation, x6, retain_graph=True)[0])
+    return maps
+
+
+def batch_rank_loop(model: FaCTModel, images: torch.Tensor, top_n: int) -> list[torch.Tensor]:
+    """(b) The batch at once; ∂y/∂u by autograd; one backward per concept rank, retaining the graph."""
+    maps = []
+    with model.explanation_mode(), torch.enable_grad():
+        x6 = encode_rgb(images).requires_grad_(True)
+        codes, contributions = _top_layer_codes_and_grads(model, x6)
+        top_ids = contributions.topk(top_n, dim=1).indices
+        for rank in range(top_n):
+            selected = codes.indices == top_ids[:, rank, None, None]
+            activation = (codes.values * selected).sum()
+            maps.append(torch.autograd.grad(activation, x6, retain_graph=True)[0])
+    return maps
+
+
+def _interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each variant, timed round-robin so that drifts in machine load hit all alike."""
+    for fn in variants.values():
+        fn()  # warm-up (allocator, lazy init)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run_benchmark(model: FaCTModel, batch: int, top_n: int, repeats: int) -> dict[str, float]:
+    """Median seconds per batch for: forward, (a), (b), (c)."""
+    size = model.config.preprocessing.input_size
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(images)
+
+    return _interleaved_medians(
+        {
+            "forward": forward,
+            "a_per_image_loop": lambda: per_image_loop(model, images, top_n),
+            "b_batch_rank_loop": lambda: batch_rank_loop(model, images, top_n),
+            "c_fact_explain": lambda: model.explain(images, top_k=top_n, maps=True, map_kinds=("concepts",)),
+        },
+        repeats,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="bcos_resnet14", help="small backbone architecture")
+    parser.add_argument("--width", type=int, default=16, help="first-stage channels")
+    parser.add_argument("--size", type=int, default=32, help="input size in pixels")
+    parser.add_argument("--concepts", type=int, default=256, help="concept dictionary size K")
+    parser.add_argument("--k", type=int, default=8, help="active concepts per position")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--top", type=int, default=5, help="concept maps per image")
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    model = build_bench_model(args.arch, args.width, args.size, args.concepts, args.k, args.classes)
+    results = run_benchmark(model, args.batch, args.top, args.repeats)
+    fwd, a, b, c = (results[k] for k in ("forward", "a_per_image_loop", "b_batch_rank_loop", "c_fact_explain"))
+
+    table = Table(
+        title=(
+            f"explain with top-{args.top} concept maps, batch {args.batch}, {args.arch} w{args.width} "
+            f"{args.size}px, K={args.concepts} k={args.k} — median of {args.repeats}"
+        )
+    )
+    for column in ("variant", "s / batch", "images/s", "× forward", "speed-up vs (a)"):
+        table.add_column(column, justify="right" if column != "variant" else "left")
+    rows = [
+        ("plain forward (no grad)", fwd),
+        ("(a) per-image loop, 1 backward / concept", a),
+        ("(b) batch, 1 backward / rank, retain graph", b),
+        ("(c) FaCTModel.explain (ours)", c),
+    ]
+    for label, seconds in rows:
+        ratios = f"{seconds / fwd:.2f}", f"{a / seconds:.2f}"
+        table.add_row(label, f"{seconds:.4f}", f"{args.batch / seconds:.1f}", *ratios)
+    console = Console()
+    console.print(table)
+    console.print(
+        f"(c) vs (a): {a / c:.2f}×   (b) vs (a): {a / b:.2f}×   (c) vs (b): {b / c:.2f}×   "
+        f"(c) / forward: {c / fwd:.2f}   torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Rendering of explanation maps as RGBA images.
+
+Maps come from :class:`fact_model.explanation.ExplanationMaps`: a weight map
+``W = ∂y/∂x`` on the 6-channel encoded input ``x = [r, g, b, 1-r, 1-g, 1-b]``,
+whose per-pixel contribution is ``Σ_channels x ⊙ W``.
+
+* :func:`bcos_colour` — the B-cos colour visualisation: each pixel is coloured
+  by the input colour its weights align with, and made opaque where it
+  contributes positively and strongly.
+* :func:`signed_heatmap` — a diverging red (positive) / blue (negative) map of
+  any per-pixel scalar map, optionally blended over the image.
+* :func:`overlay` — alpha-composite an RGBA map over an RGB image.
+* :func:`to_uint8` / :func:`to_png` — conversion for display and storage.
+
+Conventions: rendered images are float tensors with values in [0, 1], channels
+last (``(..., H, W, 4)``, RGBA), on the device of the input; images to draw
+over are ``(3, H, W)`` float tensors in [0, 1] (channels first, as the model
+takes them). Sizes are ``(height, width)``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["bcos_colour", "overlay", "signed_heatmap", "to_png", "to_uint8"]
+
+_ENCODED_CHANNELS = 6
+_RANGE_SLACK = 1e-4  # float rounding may overshoot [0, 1] slightly
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_floating(t: Tensor, name: str) -> None:
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_unit_range(t: Tensor, name: str) -> None:
+    if t.numel() == 0:
+        return
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
+        raise ValueError(f"{name} values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}")
+
+
+def _check_percentile(q: float, name: str) -> None:
+    if not 0 <= q <= 100:
+        raise ValueError(f"{name} must lie in [0, 100], got {q!r}")
+
+
+def _check_rgba(rgba: object, name: str = "rgba") -> Tensor:
+    rgba = _check_tensor(rgba, name)
+    if rgba.ndim < 3 or rgba.shape[-1] != 4:
+        raise ValueError(f"{name} must have shape (..., H, W, 4), got {_shape(rgba)}")
+    _check_floating(rgba, name)
+    return rgba
+
+
+def _check_image(image: object, hw: tuple[int, int], name: str = "image") -> Tensor:
+    image = _check_tensor(image, name)
+    if image.ndim != 3 or image.shape[0] != 3 or tuple(image.shape[1:]) != hw:
+        raise ValueError(f"{name} must have shape (3, {hw[0]}, {hw[1]}), got {_shape(image)}")
+    _check_floating(image, name)
+    _check_unit_range(image, name)
+    return image
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _percentile(values: Tensor, q: float) -> Tensor:
+    """Per-row ``q``-th percentile with linear interpolation (as ``numpy.percentile``).
+
+    Args:
+        values: ``(N, M)`` float tensor, ``M ≥ 1``.
+        q: percentile in [0, 100].
+
+    Returns:
+        ``(N,)`` tensor of ``values``' dtype.
+    """
+    ordered = values.sort(dim=1).values
+    position = q / 100 * (values.shape[1] - 1)
+    lo, hi = int(np.floor(position)), int(np.ceil(position))
+    frac = position - lo
+    return ordered[:, lo] + (ordered[:, hi] - ordered[:, lo]) * frac
+
+
+def _box_filter(maps: Tensor, size: int) -> Tensor:
+    """Mean over a ``size × size`` window, stride 1, same output size.
+
+    Windows are clipped at the border and averaged over the pixels inside the
+    image (no darkened edges). ``maps``: ``(N, H, W)`` float.
+    """
+    before, after = (size - 1) // 2, size // 2
+    padding = (before, after, before, after)
+    x = F.pad(maps[:, None], padding)
+    ones = F.pad(torch.ones_like(maps[:1, None]), padding)
+    total = F.avg_pool2d(x, size, stride=1)
+    count = F.avg_pool2d(ones, size, stride=1)
+    return (total / count)[:, 0]
+
+
+def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, 0 where ``den == 0``."""
+    zero = den == 0
+    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+
+
+# --------------------------------------------------------------------------- B-cos colour
+
+
+def _colour_rgb(weights: Tensor) -> Tensor:
+    """Per-pixel colour of ``(N, 6, H, W)`` weights → ``(N, 3, H, W)`` in [0, 1].
+
+    Each pixel's 6-vector is divided by its largest ``|entry|`` and clamped at 0;
+    channel ``c`` of the colour is ``W_c / (W_c + W_{c+3})`` (0 where both are 0).
+    """
+    scale = weights.abs().amax(dim=1, keepdim=True)
+    positive = _safe_divide(weights, scale).clamp(min=0)
+    direct, inverse = positive[:, :3], positive[:, 3:]
+    return _safe_divide(direct, direct + inverse).clamp(0, 1)
+
+
+def _colour_alpha(weights: Tensor, inputs: Tensor, smooth: int, alpha_percentile: float) -> Tensor:
+    """Per-pixel opacity of ``(N, 6, H, W)`` weights → ``(N, H, W)`` in [0, 1].
+
+    ``‖W‖₂`` per pixel, 0 where ``Σ x ⊙ W < 0``, box-smoothed, divided by its
+    per-image percentile and clipped to [0, 1] (all 0 where that percentile is 0).
+    """
+    contribution = (inputs * weights).sum(dim=1)
+    alpha = torch.linalg.vector_norm(weights, dim=1)
+    alpha = torch.where(contribution < 0, torch.zeros_like(alpha), alpha)
+    if smooth > 1:
+        alpha = _box_filter(alpha, smooth)
+    n, h, w = alpha.shape
+    scale = _percentile(alpha.reshape(n, h * w), alpha_percentile).reshape(n, 1, 1)
+    return _safe_divide(alpha, scale.expand_as(alpha)).clamp(0, 1)
+
+
+def bcos_colour(weights: Tensor, inputs: Tensor, smooth: int = 3, alpha_percentile: float = 99.5) -> Tensor:
+    """The B-cos colour visualisation of a weight map.
+
+    Each pixel's colour is the input colour its weights align with: the 6-vector
+    ``W`` is normalised by its largest ``|entry|``, clamped at 0, and
+    ``rgb = W[:3] / (W[:3] + W[3:])``. Its opacity is ``‖W‖₂``, set to 0 where the
+    pixel's contribution ``Σ x ⊙ W`` is negative, averaged over a
+    ``smooth × smooth`` window, divided by the image's ``alpha_percentile``-th
+    percentile and clipped to [0, 1].
+
+    Args:
+        weights: ``W = ∂y/∂x``, float ``(6, H, W)`` or ``(N, 6, H, W)``, any real values.
+        inputs: the encoded input ``[r, g, b, 1-r, 1-g, 1-b]``, float of the same
+            shape as ``weights``, values in [0, 1].
+        smooth: side of the box filter on the opacity; 0 or 1 = no smoothing.
+        alpha_percentile: percentile in [0, 100] of the opacity that maps to 1;
+            where it is 0 (e.g. all-zero weights) the opacity stays 0.
+
+    Returns:
+        RGBA ``(H, W, 4)`` or ``(N, H, W, 4)``, values in [0, 1], dtype of
+        ``weights`` promoted to at least float32, on ``weights``' device.
+
+    Raises:
+        ValueError: wrong shapes or dtypes, ``smooth < 0``, or a percentile outside [0, 100].
+    """
+    weights = _check_tensor(weights, "weights")
+    inputs = _check_tensor(inputs, "inputs")
+    if weights.ndim not in (3, 4) or weights.shape[-3] != _ENCODED_CHANNELS:
+        raise ValueError(f"weights must have shape (6, H, W) or (N, 6, H, W), got {_shape(weights)}")
+    if weights.numel() == 0:
+        raise ValueError(f"weights must not be empty, got shape {_shape(weights)}")
+    if inputs.shape != weights.shape:
+        raise ValueError(f"inputs must have the shape of weights {_shape(weights)}, got {_shape(inputs)}")
+    _check_floating(weights, "weights")
+    _check_floating(inputs, "inputs")
+    if isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 0:
+        raise ValueError(f"smooth must be an int ≥ 0, got {smooth!r}")
+    _check_percentile(alpha_percentile, "alpha_percentile")
+
+    single = weights.ndim == 3
+    dtype = torch.promote_types(weights.dtype, torch.float32)
+    w = weights.to(dtype)
+    x = inputs.to(device=w.device, dtype=dtype)
+    if single:
+        w, x = w[None], x[None]
+    rgb = _colour_rgb(w)
+    alpha = _colour_alpha(w, x, smooth, alpha_percentile)
+    rgba = torch.cat([rgb, alpha[:, None]], dim=1).permute(0, 2, 3, 1)
+    return rgba[0] if single else rgba
+
+
+# --------------------------------------------------------------------------- signed heatmap
+
+
+def _diverging(v: Tensor) -> Tensor:
+    """``v`` in [-1, 1], ``(H, W)`` → RGBA ``(H, W, 4)``.
+
+    ``v > 0`` → ``(1, 1-v, 1-v)`` (red), ``v < 0`` → ``(1-|v|, 1-|v|, 1)`` (blue),
+    alpha ``|v|``.
+    """
+    magnitude = v.abs()
+    red = 1 - (-v).clamp(min=0)
+    green = 1 - magnitude
+    blue = 1 - v.clamp(min=0)
+    return torch.stack([red, green, blue, magnitude], dim=-1)
+
+
+def signed_heatmap(
+    contribution: Tensor,
+    image: Tensor | None = None,
+    percentile: float = 99.5,
+    opacity: float = 0.6,
+) -> Tensor:
+    """A diverging heatmap of a signed per-pixel map: red positive, blue negative.
+
+    ``v = contribution / s`` clipped to [-1, 1], where ``s`` is the
+    ``percentile``-th percentile of ``|contribution|`` (the maximum ``|contribution|``
+    if that percentile is 0, e.g. for a sparse map; ``v = 0`` for an all-zero map).
+    Colour ``(1, 1-v, 1-v)`` for ``v > 0``, ``(1-|v|, 1-|v|, 1)`` for ``v < 0``,
+    alpha ``|v|``.
+
+    Args:
+        contribution: ``(H, W)`` real-valued map, e.g. ``ExplanationMaps.pixel_contributions``
+            of one image.
+        image: optional ``(3, H, W)`` float image in [0, 1] to blend under the map.
+        percentile: percentile in [0, 100] of ``|contribution|`` that maps to full colour.
+        opacity: in [0, 1], the map's opacity at ``|v| = 1`` when blended over ``image``.
+
+    Returns:
+        RGBA ``(H, W, 4)`` float in [0, 1], dtype of ``contribution`` promoted to at
+        least float32. Without ``image`` its alpha is ``|v|``; with ``image`` it is
+        opaque: ``rgb = image·(1 − opacity·|v|) + colour·opacity·|v|``, alpha 1.
+
+    Raises:
+        ValueError: wrong shapes or dtypes, non-finite values, or ``percentile`` /
+            ``opacity`` out of range.
+    """
+    contribution = _check_tensor(contribution, "contribution")
+    if contribution.ndim != 2 or contribution.numel() == 0:
+        raise ValueError(f"contribution must have shape (H, W), got {_shape(contribution)}")
+    if contribution.dtype == torch.bool or contribution.is_complex():
+        raise ValueError(f"contribution must be real-valued, got dtype {contribution.dtype}")
+    if not torch.isfinite(contribution).all():
+        raise ValueError("contribution contains NaN or infinite values")
+    _check_percentile(percentile, "percentile")
+    if not 0 <= opacity <= 1:
+        raise ValueError(f"opacity must lie in [0, 1], got {opacity!r}")
+
+    c = contribution.to(torch.promote_types(contribution.dtype, torch.float32))
+    magnitude = c.abs().reshape(1, -1)
+    scale = _percentile_or_max(magnitude, percentile)
+    rgba = _diverging(_safe_divide(c, scale.expand_as(c)).clamp(-1, 1))
+    if image is None:
+        return rgba
+    image = _check_image(image, _shape(c))
+    faded = torch.cat([rgba[..., :3], rgba[..., 3:] * opacity], dim=-1)
+    return overlay(faded, image)
+
+
+def _percentile_or_max(magnitude: Tensor, q: float) -> Tensor:
+    """``(1, M)`` non-negative → scalar tensor: its ``q``-th percentile, or its max if that is 0."""
+    scale = _percentile(magnitude, q)[0]
+    return torch.where(scale > 0, scale, magnitude.max())
+
+
+# --------------------------------------------------------------------------- compositing and export
+
+
+def overlay(rgba: Tensor, image: Tensor) -> Tensor:
+    """Alpha-composite an RGBA map over an RGB image.
+
+    Args:
+        rgba: ``(H, W, 4)`` float in [0, 1], channels last.
+        image: ``(3, H, W)`` float in [0, 1], channels first.
+
+    Returns:
+        Opaque RGBA ``(H, W, 4)`` float in [0, 1] (alpha 1):
+        ``rgb = image·(1 − a) + map_rgb·a``; dtype of ``rgba`` promoted with ``image``'s.
+
+    Raises:
+        ValueError: wrong shapes or dtypes, or values outside [0, 1].
+    """
+    rgba = _check_rgba(rgba)
+    if rgba.ndim != 3:
+        raise ValueError(f"rgba must have shape (H, W, 4), got {_shape(rgba)}")
+    _check_unit_range(rgba, "rgba")
+    image = _check_image(image, _shape(rgba)[:2])
+    base = image.to(rgba.device).permute(1, 2, 0)
+    colour, alpha = rgba[..., :3], rgba[..., 3:]
+    rgb = (base * (1 - alpha) + colour * alpha).clamp(0, 1)
+    return torch.cat([rgb, torch.ones_like(alpha, dtype=rgb.dtype)], dim=-1)
+
+
+def to_uint8(rgba: Tensor) -> np.ndarray:
+    """Float RGBA ``(H, W, 4)`` in [0, 1] → ``uint8`` numpy array ``(H, W, 4)``, rounded.
+
+    Raises:
+        ValueError: wrong shape or dtype, non-finite values, or values outside [0, 1].
+    """
+    rgba = _check_rgba(rgba)
+    if rgba.ndim != 3:
+        raise ValueError(f"rgba must have shape (H, W, 4), got {_shape(rgba)}")
+    _check_unit_range(rgba, "rgba")
+    scaled = (rgba.detach().to("cpu", torch.float64).clamp(0, 1) * 255).round()
+    return scaled.to(torch.uint8).numpy()
+
+
+def _as_uint8_array(rgba: Tensor | np.ndarray) -> np.ndarray:
+    """Float tensor/array in [0, 1] or ``uint8`` tensor/array, ``(H, W, 4)`` → ``uint8`` array."""
+    if isinstance(rgba, np.ndarray):
+        if rgba.dtype == np.uint8:
+            array = rgba
+        elif np.issubdtype(rgba.dtype, np.floating):
+            return to_uint8(torch.from_numpy(rgba))
+        else:
+            raise ValueError(f"rgba array must be uint8 or float, got dtype {rgba.dtype}")
+    elif isinstance(rgba, Tensor):
+        if rgba.dtype != torch.uint8:
+            return to_uint8(rgba)
+        array = rgba.detach().cpu().numpy()
+    else:
+        raise ValueError(f"rgba must be a torch.Tensor or numpy.ndarray, got {type(rgba).__name__}")
+    if array.ndim != 3 or array.shape[-1] != 4:
+        raise ValueError(f"rgba must have shape (H, W, 4), got {tuple(array.shape)}")
+    return array
+
+
+def _check_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``size`` → ``(height, width)``, both positive ints."""
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
+        raise ValueError(f"size must be a positive int or (height, width) of positive ints, got {size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def to_png(rgba: Tensor | np.ndarray, size: int | tuple[int, int] | None = None) -> bytes:
+    """Encode an RGBA image as PNG bytes.
+
+    Args:
+        rgba: ``(H, W, 4)``: float tensor/array in [0, 1] or ``uint8`` tensor/array.
+        size: optional output size, ``n`` (square) or ``(height, width)``; resized
+            with nearest-neighbour so small maps stay crisp.
+
+    Returns:
+        The PNG file contents (8-bit RGBA).
+
+    Raises:
+        ValueError: wrong type, shape, dtype or value range, or a bad ``size``.
+    """
+    array = _as_uint8_array(rgba)
+    picture = Image.fromarray(np.ascontiguousarray(array))  # (H, W, 4) uint8 → RGBA
+    if size is not None:
+        height, width = _check_size(size)
+        picture = picture.resize((width, height), resample=Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
