@@ -7,6 +7,8 @@ input maps by three methods, against a plain forward pass:
     (what a naive one-request-at-a-time server does);
 (b) the research code's approach: the whole batch at once, ∂y/∂u by autograd,
     then one backward per concept rank, retaining the graph;
+(b') as (b) with all ranks in one ``is_grads_batched`` (vmap) backward, the
+     alternative to a loop over ranks;
 (c) ours, ``FaCTModel.explain(maps=True)``: closed-form contributions, one backward
     per rank for the whole batch.
 
@@ -90,6 +92,17 @@ def batch_rank_loop(model: FaCTModel, images: torch.Tensor, top_n: int) -> list[
     return maps
 
 
+def batch_vmap(model: FaCTModel, images: torch.Tensor, top_n: int) -> torch.Tensor:
+    """(b') Like (b), but all ranks in one ``is_grads_batched`` (vmap) backward — the design we measured against."""
+    with model.explanation_mode(), torch.enable_grad():
+        x6 = encode_rgb(images).requires_grad_(True)
+        codes, contributions = _top_layer_codes_and_grads(model, x6)
+        top_ids = contributions.topk(top_n, dim=1).indices
+        seeds = codes.select(top_ids).movedim(1, 0)  # (R, N, P, k)
+        (maps,) = torch.autograd.grad(codes.values, x6, seeds, is_grads_batched=True)
+    return maps
+
+
 def _interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds of each variant, timed round-robin so that drifts in machine load hit all alike."""
     for fn in variants.values():
@@ -104,7 +117,7 @@ def _interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int
 
 
 def run_benchmark(model: FaCTModel, batch: int, top_n: int, repeats: int) -> dict[str, float]:
-    """Median seconds per batch for: forward, (a), (b), (c)."""
+    """Median seconds per batch for: forward, (a), (b), (b'), (c)."""
     size = model.config.preprocessing.input_size
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
@@ -117,6 +130,7 @@ def run_benchmark(model: FaCTModel, batch: int, top_n: int, repeats: int) -> dic
             "forward": forward,
             "a_per_image_loop": lambda: per_image_loop(model, images, top_n),
             "b_batch_rank_loop": lambda: batch_rank_loop(model, images, top_n),
+            "b_vmap": lambda: batch_vmap(model, images, top_n),
             "c_fact_explain": lambda: model.explain(images, top_k=top_n, maps=True, map_kinds=("concepts",)),
         },
         repeats,
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         ("plain forward (no grad)", fwd),
         ("(a) per-image loop, 1 backward / concept", a),
         ("(b) batch, 1 backward / rank, retain graph", b),
+        ("(b') batch, all ranks in 1 vmap'd backward", results["b_vmap"]),
         ("(c) FaCTModel.explain (ours)", c),
     ]
     for label, seconds in rows:

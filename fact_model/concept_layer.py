@@ -3,7 +3,7 @@
 For every spatial position (CNN) or token (ViT) with feature ``f ∈ R^C``:
 
     u = TopK_k(ReLU(E f))      E: (K, C) encoder, no bias
-    f̂ = D u                    D: (C, K) decoder, no bias
+    f̂ = D u                    D: (C, K) decoder, no bias (stored transposed, see below)
 
 and the model continues from ``f̂``. ReLU and TopK are piecewise linear and there
 is no bias, so ``u = M(f) E f`` with a 0/1 selection ``M(f)``: the layer keeps the
@@ -11,6 +11,8 @@ network dynamic-linear and every explanation identity exact.
 
 ``u`` is kept sparse: ``k`` values and their concept ids per position
 (:class:`ConceptCodes`); decoding is a gather-sum of ``k`` decoder columns.
+The ``decoder`` parameter holds ``Dᵀ`` (``(K, C)``: row k is concept k's
+direction), so that decoding gathers contiguous rows.
 During training ``D``'s columns are kept unit-norm; the global feature-norm
 factor is folded into ``E`` and ``D`` at save time, so a trained layer's columns
 need not be unit-norm.
@@ -81,8 +83,9 @@ class ConceptLayer(nn.Module):
         num_concepts: ``K``, the dictionary size.
         k: active concepts per position (``1 ≤ k ≤ K``).
 
-    Parameters: ``encoder`` ``(K, C)`` and ``decoder`` ``(C, K)``, initialised with
-    unit-norm decoder columns and ``encoder = decoderᵀ`` (spec section 3).
+    Parameters: ``encoder`` ``(K, C)`` = ``E`` and ``decoder`` ``(K, C)`` = ``Dᵀ`` (row k
+    is concept k's direction), initialised with unit-norm directions and
+    ``E = Dᵀ``, i.e. ``encoder = decoder`` (spec section 3).
     """
 
     def __init__(
@@ -102,10 +105,10 @@ class ConceptLayer(nn.Module):
         self.in_features = in_features
         self.num_concepts = num_concepts
         self.k = k
-        decoder = torch.randn(in_features, num_concepts, device=device, dtype=dtype)
-        decoder = decoder / decoder.norm(dim=0, keepdim=True)
-        self.decoder = nn.Parameter(decoder)
-        self.encoder = nn.Parameter(decoder.t().clone())
+        directions = torch.randn(num_concepts, in_features, device=device, dtype=dtype)
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        self.decoder = nn.Parameter(directions)
+        self.encoder = nn.Parameter(directions.clone())
 
     def _positions(self, features: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """``(N, C, h, w)`` or ``(N, T, C)`` → ``(N, P, C)`` and the spatial shape."""
@@ -144,7 +147,7 @@ class ConceptLayer(nn.Module):
         # Gather-sum of k decoder columns per position (never a dense (N·P, K) code).
         recon = F.embedding_bag(
             codes.indices.reshape(n * p, k),
-            self.decoder.t(),
+            self.decoder,
             per_sample_weights=codes.values.reshape(n * p, k),
             mode="sum",
         ).view(n, p, self.in_features)

@@ -85,7 +85,7 @@ def closed_form_code_gradient(model: FaCTModel, record: ForwardRecord, classes: 
         features = record.head_input.detach().flatten(2)  # (N, C, P)
         n, _, p = features.shape
         w_c = unit_norm_rows(head.weight).flatten(1)[classes]  # (N, C)
-        concept_weights = w_c @ decoder  # (N, K): rows of Ŵ_head·D
+        concept_weights = w_c @ decoder.t()  # (N, K): rows of Ŵ_head·D (decoder holds Dᵀ)
         per_slot = concept_weights.gather(1, codes.indices.flatten(1)).view_as(codes.values)
         if head.b == 1:
             scale = features.new_ones(n, p)
@@ -161,9 +161,10 @@ def explain(
         target_idx = logits.argmax(dim=1) if target_idx is None else target_idx.to(device)
         if contrast_idx is not None:
             contrast_idx = contrast_idx.to(device)
-        explained = logits.gather(1, target_idx[:, None]).squeeze(1) - model.logit_bias
+        scores = record.scores.detach()
+        explained = scores.gather(1, target_idx[:, None]).squeeze(1)
         if contrast_idx is not None:
-            explained = explained - (logits.gather(1, contrast_idx[:, None]).squeeze(1) - model.logit_bias)
+            explained = explained - scores.gather(1, contrast_idx[:, None]).squeeze(1)
 
         backprop = _CodeBackprop(model, record, x6 if maps else None)
         codes = record.codes
@@ -253,10 +254,10 @@ class _CodeBackprop:
             if contrast is not None:
                 grad = grad - closed_form_code_gradient(self.model, self.record, contrast)
         else:
-            logits = self.record.logits
-            y = logits.gather(1, target[:, None]).sum()
+            scores = self.record.scores
+            y = scores.gather(1, target[:, None]).sum()
             if contrast is not None:
-                y = y - logits.gather(1, contrast[:, None]).sum()
+                y = y - scores.gather(1, contrast[:, None]).sum()
             (grad,) = torch.autograd.grad(y, self.record.codes[top].values, retain_graph=True)
         grads = {top: grad}
         for i in range(len(self.names) - 1, 0, -1):

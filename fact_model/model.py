@@ -49,6 +49,8 @@ class ForwardRecord:
 
     Attributes:
         logits: ``(N, num_classes)``, bias included.
+        scores: ``(N, num_classes)`` = ``logits − b``, computed before the bias is added
+            (what explanations decompose, at full float precision).
         codes: concept-layer name → sparse codes, in forward order.
         features: concept-layer name → the stage output ``f`` that layer encoded.
         head_input: ``(N, C, h, w)`` features entering the head (``f̂`` when a concept
@@ -56,6 +58,7 @@ class ForwardRecord:
     """
 
     logits: Tensor
+    scores: Tensor
     codes: dict[str, ConceptCodes]
     features: dict[str, Tensor]
     head_input: Tensor
@@ -167,7 +170,8 @@ class FaCTModel(nn.Module):
                     code = layer.encode(h)
                 codes[name] = code
                 h = layer.decode(code)
-        return ForwardRecord(self.backbone.forward_head(h), codes, features, h)
+        scores = self.backbone.head_scores(h)
+        return ForwardRecord(scores + self.logit_bias, scores, codes, features, h)
 
     def forward(self, images: Tensor) -> Tensor:
         """``(N, 3, H, W)`` images in [0, 1] → ``(N, num_classes)`` logits (bias included)."""

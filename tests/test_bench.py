@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fact_model.bench import batch_rank_loop, build_bench_model, per_image_loop
+from fact_model.bench import batch_rank_loop, batch_vmap, build_bench_model, per_image_loop
 
 
 def test_variants_agree():
@@ -17,3 +17,4 @@ def test_variants_agree():
     concept_maps = ours.maps.concepts["layer3"]
     torch.testing.assert_close(per_rank, concept_maps, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(per_image, concept_maps, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(batch_vmap(model, images, top_n).movedim(0, 1), concept_maps, rtol=1e-5, atol=1e-7)

@@ -14,13 +14,14 @@ def dense_reference(layer: ConceptLayer, positions: torch.Tensor) -> tuple[torch
     pre = F.relu(positions @ layer.encoder.t())
     threshold = pre.topk(layer.k, dim=-1).values[..., -1:]
     u = torch.where(pre >= threshold, pre, torch.zeros_like(pre))
-    return u, u @ layer.decoder.t()
+    return u, u @ layer.decoder
 
 
 def test_initialisation_follows_the_spec():
     layer = ConceptLayer(16, 64, 4)
-    torch.testing.assert_close(layer.decoder.norm(dim=0), torch.ones(64))
-    assert torch.equal(layer.encoder, layer.decoder.t())
+    torch.testing.assert_close(layer.decoder.norm(dim=1), torch.ones(64))
+    assert layer.decoder.shape == (64, 16) and layer.decoder.is_contiguous() and layer.encoder.is_contiguous()
+    assert torch.equal(layer.encoder, layer.decoder)  # E = Dᵀ, and the decoder parameter holds Dᵀ
     assert not any("bias" in name for name, _ in layer.named_parameters())
 
 
@@ -60,6 +61,18 @@ def test_gradients_match_dense_reference():
     )
     for ours, theirs in zip(grads, reference, strict=True):
         torch.testing.assert_close(ours, theirs)
+
+
+def test_encoder_vjp_equals_autograd_where_relu_is_inactive():
+    """k = K keeps every concept, so many selected slots are ReLU-zero: their rows must not count."""
+    torch.manual_seed(0)
+    layer = ConceptLayer(6, 10, 10).double()
+    features = torch.randn(2, 6, 3, 3, dtype=torch.double, requires_grad=True)
+    codes = layer.encode(features)
+    assert (codes.values == 0).any()
+    seed = torch.randn_like(codes.values)
+    (expected,) = torch.autograd.grad((codes.values * seed).sum(), features)
+    torch.testing.assert_close(layer.encoder_vjp(codes, seed), expected)
 
 
 def test_selection_helpers():

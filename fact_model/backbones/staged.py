@@ -88,6 +88,14 @@ class StagedBackbone(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_channels
 
+    def head_scores(self, features: Tensor) -> Tensor:
+        """``(N, C, h, w)`` final features → ``(N, num_classes)`` scores ``y = logit − b``.
+
+        Explanations decompose these; adding ``b`` first would cost float32
+        precision when ``|y| ≪ |b|``.
+        """
+        return self.head(features).mean(dim=(2, 3)) / self.logit_layer.temperature
+
     def forward_head(self, features: Tensor) -> Tensor:
         """``(N, C, h, w)`` final features → ``(N, num_classes)`` logits (bias included)."""
         return self.logit_layer(self.head(features).mean(dim=(2, 3)))
