@@ -83,8 +83,8 @@ def resolve_artifact_path(path_or_name: str | Path) -> Path:
         default_dir = Path(fact_model.__file__).parent / "weights" / DEFAULT_NAME
         if not default_dir.is_dir():
             raise ArtifactError(
-                f"the default model is not shipped in this installation: {default_dir} does not exist; "
-                "train one with `fact train` and load it by its directory path"
+                f"no default model is shipped in this installation ({default_dir} does not exist); "
+                "load a saved artifact by its directory path instead"
             )
         return default_dir
     return Path(path_or_name)

@@ -47,7 +47,11 @@ class BatchNormUncentered2d(Detachable, nn.BatchNorm2d):
                 with torch.no_grad():
                     self.running_var.mul_(1 - momentum).add_(var.detach(), alpha=momentum)
         else:
-            var = self.running_var
+            # Eval: a fixed per-channel factor, applied as one multiply (forward and backward).
+            factor = (self.running_var + self.eps).rsqrt()
+            if self.weight is not None:
+                factor = factor * self.weight
+            return x * factor[None, :, None, None]
         std = (var + self.eps).sqrt()[None, :, None, None]
         out = x / std
         if self.weight is not None:
