@@ -7,6 +7,9 @@ input maps by three methods, against a plain forward pass:
     (what a naive one-request-at-a-time server does);
 (b) the research code's approach: the whole batch at once, ∂y/∂u by autograd,
     then one backward per concept rank, retaining the graph;
+    (a), (b) and (b') run the same weights on the research code's stack
+    (:class:`ResearchStack`: the ``bcos`` package's layers, NCHW, autograd through
+    the dense concept-layer Jacobian);
 (b') as (b) with all ranks in one ``is_grads_batched`` (vmap) backward, the
      alternative to a loop over ranks;
 (c) ours, ``FaCTModel.explain(maps=True)``: closed-form contributions, one backward
@@ -19,6 +22,7 @@ Not a test: timings are recorded in ``docs/BENCHMARKS.md``.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -53,37 +57,81 @@ def build_bench_model(arch: str, width: int, size: int, num_concepts: int, k: in
     return FaCTModel(config).eval()
 
 
-def _top_layer_codes_and_grads(model: FaCTModel, x6: torch.Tensor) -> tuple:
-    """Forward in explanation mode; ∂y_pred/∂u by autograd (the research code computes it this way)."""
-    record = model.forward_encoded(x6)
-    layer = model.concept_layers[-1].name
-    codes = record.codes[layer]
-    target = record.logits.argmax(dim=1)
-    y = record.logits.gather(1, target[:, None]).sum()
-    (grad,) = torch.autograd.grad(y, codes.values, retain_graph=True)
-    contributions = codes.scatter(codes.values.detach() * grad)
-    return codes, contributions
+class ResearchStack:
+    """The same FaCT model on the research code's stack: the ``bcos`` package's own B-cos
+    convolutions and uncentred batch norms (same weights), NCHW tensors, and autograd
+    through the whole concept layer (dense ``TopK ∘ ReLU`` Jacobian). Variants (a), (b)
+    and (b') run on this; (c) runs on ours.
+    """
+
+    def __init__(self, model: FaCTModel) -> None:
+        from bcos.modules import BcosConv2d as PackageConv2d
+        from bcos.modules import norms as package_norms
+
+        from fact_model.bcos import BatchNormUncentered2d, BcosConv2d
+
+        self.model = copy.deepcopy(model)
+        swapped: dict[int, torch.nn.Module] = {}
+        for parent in list(self.model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, BcosConv2d):
+                    if child.dilation != (1, 1):
+                        raise ValueError("the research stack supports dilation 1 only")
+                    new = PackageConv2d(
+                        child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                        groups=child.groups, b=child.b, max_out=child.max_out,
+                    )  # fmt: skip
+                elif isinstance(child, BatchNormUncentered2d):
+                    new = package_norms.NoBias(package_norms.BatchNormUncentered2d)(child.num_features)
+                else:
+                    continue
+                new.load_state_dict(child.state_dict(), strict=True)
+                setattr(parent, name, new.eval())
+                swapped[id(child)] = new
+        backbone = self.model.backbone
+        self.stages = [(name, swapped.get(id(m), m)) for name, m in backbone.stages]
+        self.head = swapped[id(backbone.head)]
+        self.layer = self.model.concept_layers[-1].name
+
+    def explanation_mode(self):
+        from bcos.common import explanation_mode
+
+        return explanation_mode(self.model)
+
+    def codes_and_contributions(self, x6: torch.Tensor) -> tuple:
+        """Forward (NCHW, full graph); ``∂y_pred/∂u`` by autograd; contributions per concept."""
+        h, codes = x6, None
+        for name, stage in self.stages:
+            h = stage(h)
+            if name == self.layer:
+                concept_layer = self.model.concept_layer(name)
+                codes = concept_layer.encode(h)
+                h = concept_layer.decode(codes)
+        scores = self.head(h).mean(dim=(2, 3)) / self.model.logit_temperature
+        y = scores.gather(1, scores.argmax(dim=1, keepdim=True)).sum()
+        (grad,) = torch.autograd.grad(y, codes.values, retain_graph=True)
+        return codes, codes.scatter(codes.values.detach() * grad)
 
 
-def per_image_loop(model: FaCTModel, images: torch.Tensor, top_n: int) -> list[torch.Tensor]:
+def per_image_loop(stack: ResearchStack, images: torch.Tensor, top_n: int) -> list[torch.Tensor]:
     """(a) One image at a time; one backward per concept."""
     maps = []
-    with model.explanation_mode(), torch.enable_grad():
+    with stack.explanation_mode(), torch.enable_grad():
         for image in images:
             x6 = encode_rgb(image[None]).requires_grad_(True)
-            codes, contributions = _top_layer_codes_and_grads(model, x6)
+            codes, contributions = stack.codes_and_contributions(x6)
             for concept in contributions[0].topk(top_n).indices.tolist():
                 activation = codes.values[codes.indices == concept].sum()
                 maps.append(torch.autograd.grad(activation, x6, retain_graph=True)[0])
     return maps
 
 
-def batch_rank_loop(model: FaCTModel, images: torch.Tensor, top_n: int) -> list[torch.Tensor]:
+def batch_rank_loop(stack: ResearchStack, images: torch.Tensor, top_n: int) -> list[torch.Tensor]:
     """(b) The batch at once; ∂y/∂u by autograd; one backward per concept rank, retaining the graph."""
     maps = []
-    with model.explanation_mode(), torch.enable_grad():
+    with stack.explanation_mode(), torch.enable_grad():
         x6 = encode_rgb(images).requires_grad_(True)
-        codes, contributions = _top_layer_codes_and_grads(model, x6)
+        codes, contributions = stack.codes_and_contributions(x6)
         top_ids = contributions.topk(top_n, dim=1).indices
         for rank in range(top_n):
             selected = codes.indices == top_ids[:, rank, None, None]
@@ -92,11 +140,11 @@ def batch_rank_loop(model: FaCTModel, images: torch.Tensor, top_n: int) -> list[
     return maps
 
 
-def batch_vmap(model: FaCTModel, images: torch.Tensor, top_n: int) -> torch.Tensor:
+def batch_vmap(stack: ResearchStack, images: torch.Tensor, top_n: int) -> torch.Tensor:
     """(b') Like (b), but all ranks in one ``is_grads_batched`` (vmap) backward — the design we measured against."""
-    with model.explanation_mode(), torch.enable_grad():
+    with stack.explanation_mode(), torch.enable_grad():
         x6 = encode_rgb(images).requires_grad_(True)
-        codes, contributions = _top_layer_codes_and_grads(model, x6)
+        codes, contributions = stack.codes_and_contributions(x6)
         top_ids = contributions.topk(top_n, dim=1).indices
         seeds = codes.select(top_ids).movedim(1, 0)  # (R, N, P, k)
         (maps,) = torch.autograd.grad(codes.values, x6, seeds, is_grads_batched=True)
@@ -117,9 +165,11 @@ def _interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int
 
 
 def run_benchmark(model: FaCTModel, batch: int, top_n: int, repeats: int) -> dict[str, float]:
-    """Median seconds per batch for: forward, (a), (b), (b'), (c)."""
+    """Median seconds per batch for: forward (ours, no grad), (a), (b), (b'), (c)."""
     size = model.config.preprocessing.input_size
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    stack = ResearchStack(model)
 
     def forward() -> None:
         with torch.no_grad():
@@ -128,9 +178,9 @@ def run_benchmark(model: FaCTModel, batch: int, top_n: int, repeats: int) -> dic
     return _interleaved_medians(
         {
             "forward": forward,
-            "a_per_image_loop": lambda: per_image_loop(model, images, top_n),
-            "b_batch_rank_loop": lambda: batch_rank_loop(model, images, top_n),
-            "b_vmap": lambda: batch_vmap(model, images, top_n),
+            "a_per_image_loop": lambda: per_image_loop(stack, images, top_n),
+            "b_batch_rank_loop": lambda: batch_rank_loop(stack, images, top_n),
+            "b_vmap": lambda: batch_vmap(stack, images, top_n),
             "c_fact_explain": lambda: model.explain(images, top_k=top_n, maps=True, map_kinds=("concepts",)),
         },
         repeats,

@@ -1,20 +1,22 @@
-"""The benchmark's three explain variants compute the same maps (so it compares like with like)."""
+"""The benchmark's explain variants compute the same maps (so it compares like with like)."""
 
 from __future__ import annotations
 
 import torch
 
-from fact_model.bench import batch_rank_loop, batch_vmap, build_bench_model, per_image_loop
+from fact_model.bench import ResearchStack, batch_rank_loop, batch_vmap, build_bench_model, per_image_loop
 
 
 def test_variants_agree():
     model = build_bench_model("bcos_resnet8", 8, 32, 32, 4, 5)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     top_n = 3
-    per_image = torch.cat(per_image_loop(model, images, top_n)).view(3, top_n, 6, 32, 32)
-    per_rank = torch.stack(batch_rank_loop(model, images, top_n), dim=1)
+    stack = ResearchStack(model)  # bcos package layers, same weights
+    assert any(type(m).__module__.startswith("bcos.") for m in stack.model.modules())
+    per_image = torch.cat(per_image_loop(stack, images, top_n)).view(3, top_n, 6, 32, 32)
+    per_rank = torch.stack(batch_rank_loop(stack, images, top_n), dim=1)
     ours = model.explain(images, top_k=top_n, maps=True, map_kinds=("concepts",))
     concept_maps = ours.maps.concepts["layer3"]
     torch.testing.assert_close(per_rank, concept_maps, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(per_image, concept_maps, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(batch_vmap(model, images, top_n).movedim(0, 1), concept_maps, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(batch_vmap(stack, images, top_n).movedim(0, 1), concept_maps, rtol=1e-5, atol=1e-7)
