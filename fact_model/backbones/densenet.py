@@ -7,9 +7,11 @@ Stages (concept-layer positions) are the children of ``features``:
 
 from __future__ import annotations
 
+from functools import partial
+
 from bcos.models import densenet as bcos_densenet
 
-from fact_model.backbones._bcos_layers import conv_factory, logit_layer, norm_factory
+from fact_model.backbones._bcos_layers import imagenet_builder
 from fact_model.backbones._registry import register_backbone
 from fact_model.backbones.staged import StagedBackbone
 
@@ -37,32 +39,17 @@ def _channels_after(spec: dict) -> list[tuple[str, int]]:
     return out
 
 
-def _imagenet_densenet(spec: dict):
-    def build(
-        num_classes: int = 1000,
-        b: float = 2,
-        max_out: int = 1,
-        norm: str = "bnu",
-        logit_bias: float | None = None,
-        logit_temperature: float | None = None,
-    ) -> StagedBackbone:
-        net = bcos_densenet.BcosDenseNet(
-            **spec,
-            num_classes=num_classes,
-            in_chans=6,
-            conv_layer=conv_factory(b, max_out),
-            norm_layer=norm_factory(norm),
-        )
-        net.logit_layer = logit_layer(num_classes, logit_bias, logit_temperature)
-        children = dict(net.features.named_children())
-        channels = _channels_after(spec)
-        if [n for n, _ in channels] != list(children):
-            raise RuntimeError(f"unexpected DenseNet layout from bcos: {list(children)}")
-        stages = [(f"features.{n}", children[n]) for n, _ in channels]
-        return StagedBackbone(net, stages, net.classifier, net.logit_layer, [c for _, c in channels])
-
-    return build
+def _stage(net: bcos_densenet.BcosDenseNet, spec: dict) -> StagedBackbone:
+    """Wrap a ``BcosDenseNet``: the stages are the children of ``features``, in order."""
+    children = dict(net.features.named_children())
+    channels = _channels_after(spec)
+    if [n for n, _ in channels] != list(children):
+        raise RuntimeError(f"unexpected DenseNet layout from bcos: {list(children)}")
+    stages = [(f"features.{n}", children[n]) for n, _ in channels]
+    return StagedBackbone(net, stages, net.classifier, net.logit_layer, [c for _, c in channels])
 
 
 for _name, _spec in IMAGENET_DENSENETS.items():
-    register_backbone(f"bcos_v2_{_name}")(_imagenet_densenet(_spec))
+    register_backbone(f"bcos_v2_{_name}")(
+        imagenet_builder(bcos_densenet.BcosDenseNet, partial(_stage, spec=_spec), _spec)
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bcos.models import resnet as bcos_resnet
 
-from fact_model.backbones._bcos_layers import conv_factory, logit_layer, norm_factory
+from fact_model.backbones._bcos_layers import build_with_our_layers, imagenet_builder
 from fact_model.backbones._registry import register_backbone
 from fact_model.backbones.staged import StagedBackbone
 
@@ -37,25 +37,8 @@ def _stage(net: bcos_resnet.BcosResNet) -> StagedBackbone:
     return StagedBackbone(net, stages, net.fc, net.logit_layer, channels)
 
 
-def _build(
-    builder_kwargs: dict,
-    num_classes: int,
-    b: float,
-    max_out: int,
-    norm: str,
-    logit_bias: float | None,
-    logit_temperature: float | None,
-) -> StagedBackbone:
-    net = bcos_resnet.BcosResNet(
-        num_classes=num_classes,
-        in_chans=6,
-        conv_layer=conv_factory(b, max_out),
-        norm_layer=norm_factory(norm),
-        **builder_kwargs,
-    )
-    # bcos builds its own LogitLayer; ours is the same (no parameters) but reports T and b.
-    net.logit_layer = logit_layer(num_classes, logit_bias, logit_temperature)
-    return _stage(net)
+def _build(structure: dict, **hyper: object) -> StagedBackbone:
+    return _stage(build_with_our_layers(bcos_resnet.BcosResNet, **hyper, **structure))
 
 
 SMALL_RESNET_DEPTHS: dict[int, list[int]] = {8: [1, 1, 1], 14: [2, 2, 2], 20: [3, 3, 3]}
@@ -86,14 +69,15 @@ def _small_resnet(depth: int):
             norm: ``"bnu"`` (uncentred batch norm) or ``"pnu"`` (uncentred position norm).
             logit_bias: default ``-log(num_classes - 1)``. logit_temperature: default 1.
         """
+        structure = dict(block=bcos_resnet.BasicBlock, layers=blocks, inplanes=width, small_inputs=small_inputs)
         return _build(
-            dict(block=bcos_resnet.BasicBlock, layers=blocks, inplanes=width, small_inputs=small_inputs),
-            num_classes,
-            b,
-            max_out,
-            norm,
-            logit_bias,
-            logit_temperature,
+            structure,
+            num_classes=num_classes,
+            b=b,
+            max_out=max_out,
+            norm=norm,
+            logit_bias=logit_bias,
+            logit_temperature=logit_temperature,
         )
 
     return build
@@ -114,19 +98,5 @@ IMAGENET_RESNETS: dict[str, dict] = {
 """B-cos-v2 ImageNet ResNets (the "long" checkpoints share these architectures)."""
 
 
-def _imagenet_resnet(spec: dict):
-    def build(
-        num_classes: int = 1000,
-        b: float = 2,
-        max_out: int = 1,
-        norm: str = "bnu",
-        logit_bias: float | None = None,
-        logit_temperature: float | None = None,
-    ) -> StagedBackbone:
-        return _build(dict(spec), num_classes, b, max_out, norm, logit_bias, logit_temperature)
-
-    return build
-
-
 for _name, _spec in IMAGENET_RESNETS.items():
-    register_backbone(f"bcos_v2_{_name}")(_imagenet_resnet(_spec))
+    register_backbone(f"bcos_v2_{_name}")(imagenet_builder(bcos_resnet.BcosResNet, _stage, _spec))
