@@ -150,45 +150,46 @@ def explain(
     closed_form = closed_form_applies(model)
     needs_graph = maps or len(layer_names) > 1 or not closed_form
 
-    with _eval_mode(model), model.explanation_mode():
+    # Mode switches (eval, explanation mode) are flags on shared modules: hold the model's
+    # lock while they are set, so concurrent explain() calls cannot undo each other's
+    # flags mid-forward. The backward passes below depend only on the recorded graph.
+    with model.mode_lock, _eval_mode(model), model.explanation_mode():
         with torch.enable_grad() if needs_graph else torch.no_grad():
             x6 = encode_rgb(x)
             if maps:
                 x6.requires_grad_(True)
             record = model.forward_encoded(x6, code_leaves=needs_graph)
-        logits = record.logits.detach()
-        device = logits.device
-        target_idx = logits.argmax(dim=1) if target_idx is None else target_idx.to(device)
-        if contrast_idx is not None:
-            contrast_idx = contrast_idx.to(device)
-        scores = record.scores.detach()
-        explained = scores.gather(1, target_idx[:, None]).squeeze(1)
-        if contrast_idx is not None:
-            explained = explained - scores.gather(1, contrast_idx[:, None]).squeeze(1)
+    logits = record.logits.detach()
+    device = logits.device
+    target_idx = logits.argmax(dim=1) if target_idx is None else target_idx.to(device)
+    if contrast_idx is not None:
+        contrast_idx = contrast_idx.to(device)
+    scores = record.scores.detach()
+    explained = scores.gather(1, target_idx[:, None]).squeeze(1)
+    if contrast_idx is not None:
+        explained = explained - scores.gather(1, contrast_idx[:, None]).squeeze(1)
 
-        backprop = _CodeBackprop(model, record, x6 if maps else None)
-        codes = record.codes
-        code_grads = backprop.code_gradients(target_idx, contrast_idx, closed_form)
-        contributions = {
-            name: codes[name].scatter(codes[name].values.detach() * code_grads[name]) for name in layer_names
-        }
-        activations = {name: codes[name].totals().detach() for name in layer_names}
-        r = min(top_k, min(info.num_concepts for info in model.concept_layers))
-        top_ids = {name: contributions[name].topk(r, dim=1).indices for name in layer_names}
-        spatial = {
-            name: codes[name].per_position(codes[name].values.detach() * code_grads[name], top_ids[name])
-            for name in layer_names
-        }
-        traces, concept_maps = backprop.rank_passes(top_ids, r, with_maps=maps and "concepts" in map_kinds)
-        explanation_maps = None
-        if maps:
-            logit_map = other_map = None
-            if "logit" in map_kinds:
-                logit_map = backprop.to_input(0, code_grads[layer_names[0]])
-            if "other" in map_kinds:
-                shown = codes[top_layer].select(top_ids[top_layer]).sum(dim=1).clamp(max=1)
-                other_map = backprop.to_input(len(layer_names) - 1, code_grads[top_layer] * (1 - shown))
-            explanation_maps = ExplanationMaps(x6.detach(), concept_maps, logit_map, other_map)
+    backprop = _CodeBackprop(model, record, x6 if maps else None)
+    codes = record.codes
+    code_grads = backprop.code_gradients(target_idx, contrast_idx, closed_form)
+    contributions = {name: codes[name].scatter(codes[name].values.detach() * code_grads[name]) for name in layer_names}
+    activations = {name: codes[name].totals().detach() for name in layer_names}
+    r = min(top_k, min(info.num_concepts for info in model.concept_layers))
+    top_ids = {name: contributions[name].topk(r, dim=1).indices for name in layer_names}
+    spatial = {
+        name: codes[name].per_position(codes[name].values.detach() * code_grads[name], top_ids[name])
+        for name in layer_names
+    }
+    traces, concept_maps = backprop.rank_passes(top_ids, r, with_maps=maps and "concepts" in map_kinds)
+    explanation_maps = None
+    if maps:
+        logit_map = other_map = None
+        if "logit" in map_kinds:
+            logit_map = backprop.to_input(0, code_grads[layer_names[0]])
+        if "other" in map_kinds:
+            shown = codes[top_layer].select(top_ids[top_layer]).sum(dim=1).clamp(max=1)
+            other_map = backprop.to_input(len(layer_names) - 1, code_grads[top_layer] * (1 - shown))
+        explanation_maps = ExplanationMaps(x6.detach(), concept_maps, logit_map, other_map)
 
     residuals = {name: (contributions[name].sum(dim=1) - explained).abs() for name in layer_names}
     top_concepts = _top_concept_lists(layer_names, contributions, activations, top_ids)

@@ -10,6 +10,7 @@ place, and every explanation identity (spec section 1) holds exactly.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -74,10 +75,14 @@ class FaCTModel(nn.Module):
 
     Build one from a :class:`~fact_model.config.FaCTConfig`; save and load it with
     :func:`fact_model.save` / :func:`fact_model.load`.
+
+    ``explain`` may be called from several threads: the mode switches it makes
+    (eval, explanation mode) are held under ``mode_lock`` during its forward pass.
     """
 
     def __init__(self, config: FaCTConfig) -> None:
         super().__init__()
+        self.mode_lock = threading.RLock()
         kwargs = dict(config.backbone_kwargs)
         kwargs["num_classes"] = len(config.class_names)
         self.config = config
@@ -97,6 +102,16 @@ class FaCTModel(nn.Module):
             }
         )
         self._layer_names: tuple[str, ...] = tuple(s.layer for s in specs)
+
+    # A lock is neither copyable nor picklable: copies get a fresh one.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("mode_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.mode_lock = threading.RLock()
 
     # ------------------------------------------------------------------ properties
     @property

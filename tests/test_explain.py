@@ -260,3 +260,26 @@ def test_model_without_concept_layers_is_refused(images):
 def test_bad_concept_layer_position():
     with pytest.raises(ValueError, match="cannot insert a concept layer at 'layer9'.*layer3"):
         make_model([("layer9", 8, 2)])
+
+
+def test_concurrent_explains_agree_with_sequential(images):
+    """explain() switches flags on shared modules; threads must not undo each other's switches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make_model(TWO_LAYERS)
+    targets = [t % NUM_CLASSES for t in range(12)]
+    sequential = [model.explain(images, target=t, maps=True, top_k=2) for t in targets]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda t: model.explain(images, target=t, maps=True, top_k=2), targets))
+    for seq, con in zip(sequential, concurrent, strict=True):
+        torch.testing.assert_close(con.contributions["layer2"], seq.contributions["layer2"])
+        torch.testing.assert_close(con.maps.concepts["layer3"], seq.maps.concepts["layer3"])
+    assert not any(getattr(m, "detach_dynamic", False) for m in model.modules())
+
+
+def test_model_copies_get_their_own_lock():
+    model = make_model(ONE_LAYER_LAST)
+    clone = copy.deepcopy(model)
+    assert clone.mode_lock is not model.mode_lock
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(clone(x), model(x))
