@@ -283,3 +283,26 @@ def test_model_copies_get_their_own_lock():
     assert clone.mode_lock is not model.mode_lock
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(clone(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "backbone,layers",
+    [
+        ("bcos_v2_resnet50", [("layer4", 512, 16)]),
+        ("bcos_v2_densenet121", [("features.transition3", 256, 8), ("features.norm5", 512, 16)]),
+    ],
+)
+def test_imagenet_architectures_explain_exactly(backbone, layers):
+    """The paper's placements on B-cos-v2 architectures (small images and dictionaries to stay fast)."""
+    model = make_model(layers, backbone=backbone)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expl = model.explain(images, top_k=2, maps=True, map_kinds=("concepts", "logit"))
+    expected = reference_scores(model, images).gather(1, expl.target[:, None]).squeeze(1)
+    magnitude = torch.maximum(expected.abs(), 1e-2 * logit_magnitude(model, images, expl.target))
+    for name, _, _ in layers:
+        assert_sums_to(expl.contributions[name], expected, magnitude)
+        pixel_sums = expl.maps.pixel_contributions(expl.maps.concepts[name]).flatten(2).sum(-1)
+        activation = expl.activations[name].gather(1, expl.top_ids[name])
+        torch.testing.assert_close(pixel_sums, activation, rtol=REL_TOL, atol=1e-5)
+    for trace in expl.traces:
+        assert_sums_to(trace.contributions, expl.activations[trace.upper].gather(1, trace.upper_ids))
