@@ -188,6 +188,41 @@ class FaCTModel(nn.Module):
         scores = self.backbone.head_scores(h)
         return ForwardRecord(scores + self.logit_bias, scores, codes, features, h)
 
+    def _stage_index(self, name: str) -> int:
+        names = self.backbone.stage_names
+        if name not in names:
+            raise ValueError(f"unknown stage {name!r}; valid stages of {self.config.backbone!r}: {list(names)}")
+        return names.index(name)
+
+    def features_at(self, x6: Tensor, layer: str) -> Tensor:
+        """Output ``f`` of stage ``layer`` for encoded images ``(N, 6, H, W)``.
+
+        Concept layers *below* ``layer`` are applied (the model as it runs); a concept
+        layer *at* ``layer`` is not (``f`` is what it would encode).
+        """
+        stop = self._stage_index(layer)
+        h = x6.contiguous(memory_format=torch.channels_last)
+        for name, stage in self.backbone.stages[: stop + 1]:
+            h = stage(h)
+            if name != layer and name in self._layer_names:
+                h = self.concepts[_module_key(name)](h)
+        return h
+
+    def scores_from(self, features: Tensor, layer: str) -> Tensor:
+        """``y = logit − b`` ``(N, num_classes)`` from the output ``f`` of stage ``layer``.
+
+        Applies the concept layer at ``layer`` (if any) and everything after it.
+        """
+        start = self._stage_index(layer)
+        h = features
+        if layer in self._layer_names:
+            h = self.concepts[_module_key(layer)](h)
+        for name, stage in self.backbone.stages[start + 1 :]:
+            h = stage(h)
+            if name in self._layer_names:
+                h = self.concepts[_module_key(name)](h)
+        return self.backbone.head_scores(h)
+
     def forward(self, images: Tensor) -> Tensor:
         """``(N, 3, H, W)`` images in [0, 1] → ``(N, num_classes)`` logits (bias included)."""
         return self.forward_encoded(encode_rgb(images)).logits

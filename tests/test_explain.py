@@ -306,3 +306,16 @@ def test_imagenet_architectures_explain_exactly(backbone, layers):
         torch.testing.assert_close(pixel_sums, activation, rtol=REL_TOL, atol=1e-5)
     for trace in expl.traces:
         assert_sums_to(trace.contributions, expl.activations[trace.upper].gather(1, trace.upper_ids))
+
+
+def test_features_at_and_scores_from_split_the_forward_pass(images):
+    model = make_model(TWO_LAYERS)
+    x6 = encode_rgb(images)
+    with torch.no_grad():
+        full = model.forward_encoded(x6)
+        for layer in ("layer1", "layer2", "layer3"):
+            features = model.features_at(x6, layer)
+            torch.testing.assert_close(model.scores_from(features, layer), full.scores, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(model.features_at(x6, "layer3"), full.features["layer3"])
+    with pytest.raises(ValueError, match="unknown stage 'layer7'"):
+        model.features_at(x6, "layer7")

