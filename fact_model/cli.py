@@ -1,0 +1,391 @@
+"""The ``fact`` command line: train, evaluate, explain, export data.
+
+    fact train backbone   train a B-cos backbone from scratch
+    fact train concepts   add and train concept layers (on a trained backbone or a B-cos-v2 checkpoint)
+    fact evaluate         accuracy and concept figures (JSON + Markdown report)
+    fact stats            per-concept dataset statistics, saved next to the model
+    fact explain IMAGE…   explain images locally (table, JSON, PNG maps)
+    fact data export      write embedded-dataset images as PNG folders
+
+The CLI only parses arguments into configs; the work is in :mod:`fact_model.training`,
+:mod:`fact_model.analysis` and :mod:`fact_model.explain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["main"]
+
+log = logging.getLogger("fact")
+
+
+# ----------------------------------------------------------------------------- arguments
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default="synthetic", help="'synthetic' (embedded dataset) or an image folder")
+    group.add_argument("--image-size", type=int, default=48, help="model input size in pixels")
+    group.add_argument("--data-seed", type=int, default=0, help="synthetic generation / folder split seed")
+    group.add_argument("--train-size", type=int, default=6000, help="synthetic train split size")
+    group.add_argument("--val-size", type=int, default=1000, help="synthetic val split size")
+    group.add_argument("--test-size", type=int, default=1000, help="synthetic test split size")
+    group.add_argument("--val-fraction", type=float, default=0.1, help="folder: share held out for validation")
+    group.add_argument("--resize", type=int, default=None, help="folder: shorter side before centre crop")
+
+
+def _data_spec(args: argparse.Namespace):
+    from fact_model.data.sources import DataSpec
+
+    return DataSpec(
+        source=args.data,
+        image_size=args.image_size,
+        seed=args.data_seed,
+        train=args.train_size,
+        val=args.val_size,
+        test=args.test_size,
+        val_fraction=args.val_fraction,
+        resize=args.resize,
+    )
+
+
+def _layer_spec(text: str):
+    from fact_model.config import ConceptLayerSpec
+
+    try:
+        name, num_concepts, k = text.rsplit(":", 2)
+        return ConceptLayerSpec(name, int(num_concepts), int(k))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected LAYER:K:k such as layer3:256:8, got {text!r} ({err})") from err
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a backbone or concept layers").add_subparsers(
+        dest="what", required=True
+    )
+    backbone = train.add_parser("backbone", help="train a B-cos backbone from scratch")
+    _add_data_args(backbone)
+    backbone.add_argument("--arch", default="bcos_resnet14", help="registered architecture")
+    backbone.add_argument("--width", type=int, default=16, help="small ResNets: first-stage channels")
+    backbone.add_argument("--epochs", type=int, default=12)
+    backbone.add_argument("--batch-size", type=int, default=64)
+    backbone.add_argument("--lr", type=float, default=2e-3)
+    backbone.add_argument("--seed", type=int, default=0)
+    backbone.add_argument("--out", type=Path, required=True, help="run directory (checkpoint/, model/)")
+
+    concepts = train.add_parser("concepts", help="add and train concept layers (backbone frozen)")
+    _add_data_args(concepts)
+    source = concepts.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a trained model artifact directory (e.g. RUN/model)")
+    source.add_argument("--bcos-v2-checkpoint", type=Path, help="a local B-cos-v2 .pth/.safetensors checkpoint")
+    concepts.add_argument("--arch", help="architecture of --bcos-v2-checkpoint, e.g. bcos_v2_resnet50")
+    concepts.add_argument(
+        "--layer", type=_layer_spec, action="append", required=True, help="LAYER:K:k, repeatable (e.g. layer3:256:8)"
+    )
+    concepts.add_argument("--epochs", type=int, default=10)
+    concepts.add_argument("--batch-size", type=int, default=1024)
+    concepts.add_argument("--lr", type=float, default=1e-3)
+    concepts.add_argument("--positions", type=int, default=16, help="feature vectors sampled per image")
+    concepts.add_argument("--seed", type=int, default=0)
+    concepts.add_argument("--out", type=Path, required=True, help="run directory (features/, checkpoints, model/)")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy and concept figures of a model")
+    _add_data_args(evaluate)
+    evaluate.add_argument("--model", default="default", help="artifact directory or 'default'")
+    evaluate.add_argument("--split", default=None, help="synthetic: train/val/test (default test); folder: all")
+    evaluate.add_argument("--out", type=Path, required=True, help="where evaluation.json/.md go")
+
+    stats = commands.add_parser("stats", help="per-concept dataset statistics, saved next to the model")
+    _add_data_args(stats)
+    stats.add_argument("--model", required=True, help="artifact directory (the statistics are written into it)")
+    stats.add_argument("--split", default=None, help="synthetic: default test; folder: all")
+    stats.add_argument("--top", type=int, default=16, help="top-activating images kept per concept")
+
+    explain = commands.add_parser("explain", help="explain image files with a model, locally")
+    explain.add_argument("images", nargs="+", type=Path, help="image files (any size and mode)")
+    explain.add_argument("--model", default="default", help="artifact directory or 'default'")
+    explain.add_argument("--target", default=None, help="class index or name (default: predicted)")
+    explain.add_argument("--contrast", default=None, help="class to contrast with")
+    explain.add_argument("--top-k", type=int, default=5)
+    explain.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    explain.add_argument("--out", type=Path, default=None, help="write PNG maps here")
+
+    data = commands.add_parser("data", help="embedded dataset utilities").add_subparsers(dest="what", required=True)
+    export = data.add_parser("export", help="write embedded-dataset images as PNGs, one folder per class")
+    _add_data_args(export)
+    export.add_argument("--split", default="test", choices=["train", "val", "test"])
+    export.add_argument("--n", type=int, default=None, help="first N images of the split (default: all)")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+def _train_backbone(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.data.sources import load_training_data
+    from fact_model.training.backbone import BackboneTrainConfig, train_backbone
+
+    arch_kwargs = {"width": args.width} if args.arch.startswith("bcos_resnet") else {}
+    config = BackboneTrainConfig(
+        arch=args.arch,
+        arch_kwargs=arch_kwargs,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    data = load_training_data(_data_spec(args), progress=progress)
+    train_backbone(config, data, args.out, progress=progress)
+
+
+def _start_model(args: argparse.Namespace, data):
+    from fact_model.artifacts import load
+    from fact_model.backbones import load_bcos_v2_checkpoint
+    from fact_model.config import FaCTConfig
+    from fact_model.model import FaCTModel
+
+    if args.model:
+        model = load(args.model)
+        if tuple(model.class_names) != tuple(data.class_names):
+            raise ValueError(
+                f"the model's classes {list(model.class_names)[:5]}… differ from the data's "
+                f"{list(data.class_names)[:5]}…"
+            )
+        return model
+    if not args.arch:
+        raise ValueError("--bcos-v2-checkpoint needs --arch (e.g. bcos_v2_resnet50 or bcos_v2_densenet121)")
+    config = FaCTConfig(
+        backbone=args.arch,
+        class_names=data.class_names,
+        preprocessing=data.preprocessing,
+        output_activation="sigmoid",
+    )
+    model = FaCTModel(config)
+    load_bcos_v2_checkpoint(model.backbone, args.bcos_v2_checkpoint)
+    return model.eval()
+
+
+def _train_concepts(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.data.sources import load_training_data
+    from fact_model.training.concepts import ConceptTrainConfig, train_concepts
+
+    config = ConceptTrainConfig(
+        positions_per_image=args.positions,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    data = load_training_data(_data_spec(args), progress=progress)
+    model = _start_model(args, data)
+    train_concepts(model, data, list(args.layer), config, args.out, progress=progress)
+
+
+def _eval_split(args: argparse.Namespace, progress: bool):
+    from fact_model.data.sources import load_split
+
+    spec = _data_spec(args)
+    split = args.split or ("test" if spec.is_synthetic else "all")
+    return load_split(spec, split, progress=progress)
+
+
+def _evaluate(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.analysis.evaluate import evaluate
+    from fact_model.artifacts import load
+    from fact_model.training.common import print_summary
+
+    model = load(args.model)
+    images, labels, _, description = _eval_split(args, progress)
+    report = evaluate(model, images, labels, progress=progress, data=description)
+    json_path, md_path = report.save(args.out)
+    rows: dict[str, object] = {"backbone accuracy": report.backbone_accuracy, "FaCT accuracy": report.fact_accuracy}
+    for f in report.layers:
+        rows[f"{f.layer}: image-L0"] = f.image_l0_mean
+        rows[f"{f.layer}: concepts for 80 %"] = f.concepts_for_80_percent_mean
+        rows[f"{f.layer}: alive"] = f.alive_fraction
+        rows[f"{f.layer}: always active"] = f.always_active
+        rows[f"{f.layer}: recon. NMSE"] = f.reconstruction_nmse
+        rows[f"{f.layer}: max residual"] = f.max_residual
+        rows[f"{f.layer}: shared concepts"] = f"{f.shared_concepts} of {f.concepts_supporting_a_class}"
+    rows["report"] = f"{json_path}, {md_path}"
+    print_summary("evaluation", rows)
+
+
+def _stats(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.analysis.concept_stats import compute_concept_stats, save_concept_stats
+    from fact_model.artifacts import load, resolve_artifact_path
+    from fact_model.training.common import print_summary
+
+    model = load(args.model)
+    images, labels, _, description = _eval_split(args, progress)
+    stats = compute_concept_stats(model, images, labels, top=args.top, progress=progress)
+    path = save_concept_stats(resolve_artifact_path(args.model), stats, {"data": description, "top": args.top})
+    print_summary("concept statistics", {"images": len(images), "layers": len(model.concept_layers), "file": str(path)})
+
+
+def _explain(args: argparse.Namespace, progress: bool) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from fact_model import render
+    from fact_model.artifacts import load
+
+    model = load(args.model)
+    pil_images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                pil_images.append(image.copy())
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+    target = int(args.target) if args.target is not None and args.target.isdigit() else args.target
+    contrast = int(args.contrast) if args.contrast is not None and args.contrast.isdigit() else args.contrast
+    batch = model.preprocess(pil_images)
+    expl = model.explain(batch, target=target, contrast=contrast, top_k=args.top_k, maps=args.out is not None)
+    records = [_explanation_record(model, expl, n, str(path)) for n, path in enumerate(args.images)]
+    if args.json:
+        for record in records:
+            sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        console = Console()
+        for record in records:
+            _print_record(console, record)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        maps = expl.maps
+        top_layer = expl.layer_names[-1]
+        for n, path in enumerate(args.images):
+            stem = path.stem
+            logit_rgba = render.bcos_colour(maps.logit[n], maps.inputs[n])
+            (args.out / f"{stem}_logit.png").write_bytes(render.to_png(logit_rgba, size=4 * batch.shape[-1]))
+            for rank, concept in enumerate(expl.top_ids[top_layer][n].tolist()):
+                rgba = render.bcos_colour(maps.concepts[top_layer][n, rank], maps.inputs[n])
+                name = f"{stem}_{top_layer}_concept{concept}.png"
+                (args.out / name).write_bytes(render.to_png(rgba, size=4 * batch.shape[-1]))
+        log.info("maps written to %s", args.out)
+
+
+def _explanation_record(model, expl, n: int, source: str) -> dict:
+    """The JSON object ``fact explain --json`` prints for image ``n``."""
+    top_layer = expl.layer_names[-1]
+    predicted = int(expl.logits[n].argmax())
+    target = int(expl.target[n])
+    children_of: dict[int, list[dict]] = {}
+    for trace in expl.traces:
+        if trace.upper != top_layer:
+            continue
+        for rank, upper_id in enumerate(trace.upper_ids[n].tolist()):
+            contributions = trace.contributions[n, rank]
+            top = contributions.topk(min(3, contributions.numel()))
+            children_of[upper_id] = [
+                {"layer": trace.lower, "id": int(i), "contribution": float(c)}
+                for c, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            ]
+    concepts = [
+        {
+            "layer": c.layer,
+            "id": c.concept,
+            "contribution": c.contribution,
+            "share": c.share,
+            "activation": c.activation,
+            "children": children_of.get(c.concept, []),
+        }
+        for c in expl.top_concepts[n]
+        if c.layer == top_layer
+    ]
+    record = {
+        "image": source,
+        "prediction": {
+            "index": predicted,
+            "name": model.class_names[predicted],
+            "probability": float(expl.probabilities[n, predicted]),
+        },
+        "target": {"index": target, "name": model.class_names[target]},
+        "logit": float(expl.logits[n, target]),
+        "logit_bias": expl.logit_bias,
+        "explained": float(expl.explained[n]),
+        "concepts": concepts,
+        "other": float(expl.other_contribution[top_layer][n]),
+        "residual": float(expl.residual[n]),
+    }
+    if expl.contrast is not None:
+        contrast = int(expl.contrast[n])
+        record["contrast"] = {"index": contrast, "name": model.class_names[contrast]}
+    return record
+
+
+def _print_record(console: Console, record: dict) -> None:
+    p = record["prediction"]
+    title = (
+        f"{record['image']}: predicted {p['name']!r} (p = {p['probability']:.3f}); "
+        f"explaining {record['target']['name']!r}"
+    )
+    table = Table(title=title)
+    for column in ("layer", "concept", "contribution", "share", "built from (lower layer)"):
+        table.add_column(column)
+    for c in record["concepts"]:
+        children = ", ".join(f"{ch['id']} ({ch['contribution']:+.3g})" for ch in c["children"])
+        table.add_row(c["layer"], str(c["id"]), f"{c['contribution']:+.4g}", f"{c['share']:.1%}", children)
+    console.print(table)
+    console.print(
+        f"  other concepts {record['other']:+.4g}; logit − bias = {record['explained']:.6g} "
+        f"(bias {record['logit_bias']:.4g}); completeness residual {record['residual']:.1e}"
+    )
+
+
+def _export(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.data.export import export_png_folder
+    from fact_model.data.sources import load_split
+    from fact_model.training.common import print_summary
+
+    spec = _data_spec(args)
+    if not spec.is_synthetic:
+        raise ValueError("fact data export writes the embedded dataset; use --data synthetic")
+    images, labels, class_names, _ = load_split(spec, args.split, progress=progress)
+    if args.n is not None:
+        if args.n < 1:
+            raise ValueError(f"--n must be ≥ 1, got {args.n}")
+        images, labels = images[: args.n], labels[: args.n]
+    counts = export_png_folder(images, labels, class_names, args.out, overwrite=args.overwrite)
+    print_summary("export", {"images": sum(counts.values()), "classes": len(counts), "folder": str(args.out)})
+
+
+_COMMANDS = {
+    ("train", "backbone"): _train_backbone,
+    ("train", "concepts"): _train_concepts,
+    ("evaluate", None): _evaluate,
+    ("stats", None): _stats,
+    ("explain", None): _explain,
+    ("data", "export"): _export,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fact`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    command = _COMMANDS[(args.command, getattr(args, "what", None))]
+    try:
+        command(args, progress=not args.quiet and sys.stderr.isatty())
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
