@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint clean model
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,21 @@ test: install
 
 bench: install
 	$(PY) -m fact_model.bench
+
+# Reproduce the shipped default model (fact_model/weights/default) from scratch with the fact CLI.
+DEFAULT_RUN := runs/default
+model: install
+	rm -rf $(DEFAULT_RUN)
+	$(VENV)/bin/fact train backbone --data synthetic --epochs 4 --seed 0 --out $(DEFAULT_RUN)/backbone
+	$(VENV)/bin/fact train concepts --data synthetic --model $(DEFAULT_RUN)/backbone/model \
+		--layer layer3:256:8 --layer layer2:128:8 --epochs 12 --seed 0 --out $(DEFAULT_RUN)/concepts
+	$(VENV)/bin/fact stats --data synthetic --model $(DEFAULT_RUN)/concepts/model
+	$(VENV)/bin/fact evaluate --data synthetic --model $(DEFAULT_RUN)/concepts/model --out $(DEFAULT_RUN)/evaluation
+	rm -rf fact_model/weights/default.new
+	mkdir -p fact_model/weights
+	cp -r $(DEFAULT_RUN)/concepts/model fact_model/weights/default.new
+	cp $(DEFAULT_RUN)/evaluation/evaluation.json $(DEFAULT_RUN)/evaluation/evaluation.md fact_model/weights/default.new/
+	rm -rf fact_model/weights/default && mv fact_model/weights/default.new fact_model/weights/default
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -209,6 +209,7 @@ def save(
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; an artifact is meant to be read by services
     try:
         weights_path = tmp / WEIGHTS_FILE
         _write_file(weights_path, weights_bytes)

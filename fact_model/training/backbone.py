@@ -133,7 +133,7 @@ def train_backbone(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         val_acc = accuracy(model, data.val_images, data.val_labels)
         history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val_acc": val_acc})

@@ -1,0 +1,110 @@
+"""The ``fact`` command line: explain (table, JSON, maps), data export, error handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from fact_model.cli import main
+from tests.conftest import make_model
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    import fact_model
+
+    model = make_model([("layer2", 16, 2), ("layer3", 24, 4)])
+    return fact_model.save(model, tmp_path / "model"), model
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    paths = []
+    for i, (mode, size) in enumerate([("RGB", (50, 40)), ("RGBA", (32, 32)), ("L", (20, 64))]):
+        path = tmp_path / f"img{i}.png"
+        Image.new(mode, size, 90 + 50 * i).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_explain_json_fields_and_exactness(artifact, image_files, capsys):
+    path, model = artifact
+    assert main(["-q", "explain", *map(str, image_files), "--model", str(path), "--json", "--top-k", "3"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) == 3
+    for record in records:
+        assert set(record) >= {"prediction", "target", "logit", "logit_bias", "concepts", "other", "residual"}
+        assert record["prediction"]["name"] in model.class_names
+        assert 0 <= record["prediction"]["probability"] <= 1
+        assert len(record["concepts"]) == 3
+        assert all(c["layer"] == "layer3" and "children" in c for c in record["concepts"])
+        assert all(child["layer"] == "layer2" for c in record["concepts"] for child in c["children"])
+        total = sum(c["contribution"] for c in record["concepts"]) + record["other"]
+        assert total == pytest.approx(record["logit"] - record["logit_bias"], rel=1e-4, abs=1e-6)
+        assert record["residual"] < 1e-4 * max(1.0, abs(record["explained"]))
+
+
+def test_explain_table_and_maps(artifact, image_files, tmp_path, capsys):
+    path, _ = artifact
+    out = tmp_path / "maps"
+    assert main(["-q", "explain", str(image_files[0]), "--model", str(path), "--out", str(out), "--top-k", "2"]) == 0
+    assert "completeness residual" in capsys.readouterr().out
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 3 and any("logit" in name for name in pngs)
+    assert Image.open(out / pngs[0]).mode == "RGBA"
+
+
+def test_explain_with_target_and_contrast_names(artifact, image_files, capsys):
+    path, _ = artifact
+    args = ["-q", "explain", str(image_files[0]), "--model", str(path), "--json", "--target", "class_2"]
+    assert main([*args, "--contrast", "0"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["target"] == {"index": 2, "name": "class_2"}
+    assert record["contrast"] == {"index": 0, "name": "class_0"}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["explain", "missing.png", "--model", "{model}"], "cannot read image"),
+        (["explain", "{image}", "--model", "{tmp}/nope"], "artifact directory not found"),
+        (["explain", "{image}", "--model", "{model}", "--target", "zebra"], "unknown target class name"),
+        (["evaluate", "--model", "{model}", "--data", "{tmp}/nope", "--out", "{tmp}/e"], "does not exist"),
+    ],
+)
+def test_errors_exit_2_with_a_message(artifact, image_files, tmp_path, caplog, args, message):
+    path, _ = artifact
+    filled = [a.format(model=path, image=image_files[0], tmp=tmp_path) for a in args]
+    assert main(["-q", *filled]) == 2
+    assert message in caplog.text
+
+
+def test_data_export_writes_png_folders(tmp_path):
+    out = tmp_path / "export"
+    assert main(["-q", "data", "export", "--split", "test", "--n", "20", "--image-size", "32", "--out", str(out)]) == 0
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 10 and sum(len(list(f.glob("*.png"))) for f in folders) == 20
+    image = Image.open(next(folders[0].glob("*.png")))
+    assert image.size == (32, 32)
+    assert main(["-q", "data", "export", "--n", "5", "--image-size", "32", "--out", str(out)]) == 2  # not empty
+
+
+def test_default_model_explains_an_exported_image(tmp_path, capsys):
+    """The shipped default model classifies embedded test images it never saw."""
+    from fact_model.artifacts import resolve_artifact_path
+
+    try:
+        resolve_artifact_path("default")
+    except ValueError:
+        pytest.skip("no default model shipped")
+    out = tmp_path / "export"
+    assert main(["-q", "data", "export", "--split", "test", "--n", "10", "--out", str(out)]) == 0
+    files = sorted(str(p) for p in out.rglob("*.png"))
+    assert main(["-q", "explain", *files, "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    truth = {str(p): p.parent.name for p in out.rglob("*.png")}
+    correct = sum(r["prediction"]["name"].replace(" ", "_") in truth[r["image"]] for r in records)
+    assert correct >= 9
+    assert all(r["residual"] < 1e-4 * max(1.0, abs(r["explained"])) for r in records)
