@@ -201,9 +201,9 @@ def train_sae(
                 torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
                 optimizer.step()
                 _normalise_directions(layer.decoder.data)
-                sums["loss"] += float(loss)
+                sums["loss"] += loss.item()
                 sums["nmse"] += float(nmse)
-                sums["aux"] += float(aux)
+                sums["aux"] += aux.item()
                 sums["batches"] += 1
                 step += 1
                 bar.update(1)
