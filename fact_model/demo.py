@@ -1,4 +1,4 @@
-"""``python -m fact_model.demo``: explain a few images and write their concept heatmaps.
+"""``python -m fact_model.demo``: explain a few embedded-dataset test images and write their heatmaps.
 
 Uses the shipped default model when this installation has one; otherwise a
 random-weight model (the numbers are then meaningless as a classifier, but every
@@ -18,6 +18,7 @@ from rich.table import Table
 from fact_model import render
 from fact_model.artifacts import ArtifactError, load
 from fact_model.bench import build_bench_model
+from fact_model.data.synthetic import SyntheticConfig, SyntheticParts
 from fact_model.model import FaCTModel
 
 log = logging.getLogger(__name__)
@@ -36,21 +37,24 @@ def _model(source: str) -> tuple[FaCTModel, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="default", help="artifact directory, or 'default'")
-    parser.add_argument("--images", type=int, default=2, help="number of generated images to explain")
+    parser.add_argument("--images", type=int, default=3, help="number of embedded test images to explain")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where to write the PNG maps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     model, origin = _model(args.model)
     size = model.config.preprocessing.input_size
-    images = torch.rand(args.images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    test_split = SyntheticParts(SyntheticConfig(image_size=size), "test")
+    images = torch.stack([test_split[i][0] for i in range(args.images)])
+    truth = [test_split.class_names[test_split[i][1]] for i in range(args.images)]
     expl = model.explain(images, top_k=3, maps=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
     console = Console()
     console.print(f"model: {origin}; concept layers: {[(i.name, i.num_concepts, i.k) for i in model.concept_layers]}")
     for n in range(args.images):
-        table = Table(title=f"image {n}: target {model.class_names[int(expl.target[n])]!r}")
+        title = f"test image {n} ({truth[n]!r}): predicted {model.class_names[int(expl.target[n])]!r}"
+        table = Table(title=title)
         for column in ("layer", "concept", "contribution", "share", "activation"):
             table.add_column(column)
         for c in expl.top_concepts[n]:

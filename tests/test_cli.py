@@ -108,3 +108,30 @@ def test_default_model_explains_an_exported_image(tmp_path, capsys):
     correct = sum(r["prediction"]["name"].replace(" ", "_") in truth[r["image"]] for r in records)
     assert correct >= 9
     assert all(r["residual"] < 1e-4 * max(1.0, abs(r["explained"])) for r in records)
+
+
+def test_train_concepts_from_a_bcos_v2_checkpoint(tmp_path):
+    """A local B-cos-v2 checkpoint (saved by the bcos package itself) replaces `fact train backbone`."""
+    from functools import partial
+
+    bcos_models = pytest.importorskip("bcos.models")
+    from bcos.modules import BcosConv2d, norms
+
+    torch = pytest.importorskip("torch")
+    theirs = bcos_models.resnet18(
+        num_classes=10,
+        norm_layer=norms.NoBias(norms.BatchNormUncentered2d),
+        conv_layer=partial(BcosConv2d, b=2, max_out=1),
+    )
+    torch.save(theirs.state_dict(), tmp_path / "resnet_18.pth")
+    sizes = ["--image-size", "32", "--train-size", "40", "--val-size", "20", "--test-size", "20"]
+    args = ["-q", "train", "concepts", *sizes, "--bcos-v2-checkpoint", str(tmp_path / "resnet_18.pth")]
+    args += ["--arch", "bcos_v2_resnet18", "--layer", "layer4:16:2", "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    from fact_model.artifacts import load
+
+    model = load(tmp_path / "run" / "model")
+    assert model.config.backbone == "bcos_v2_resnet18" and model.config.output_activation == "sigmoid"
+    assert torch.equal(model.backbone.net.conv1.linear.weight, theirs.conv1.linear.weight)
+    assert main([*args[:3], *sizes, "--bcos-v2-checkpoint", str(tmp_path / "resnet_18.pth"), "--layer", "layer4:16:2",
+                 "--out", str(tmp_path / "run2")]) == 2  # no --arch: a clear error  # fmt: skip

@@ -156,3 +156,55 @@ def test_bad_folders_fail_at_once(tmp_path, layout, message):
             Image.new("RGB", (8, 8)).save(tmp_path / name / f"{i}.png")
     with pytest.raises(ValueError, match=message):
         load_training_data(DataSpec(source=str(tmp_path), image_size=32), progress=False)
+
+
+def test_concept_training_resumes_after_interrupt(tiny_run, tmp_path, monkeypatch):
+    from fact_model.training import concepts as concepts_module
+
+    data, backbone = tiny_run["data"], load(tiny_run["run"] / "backbone" / "model")
+    spec = [ConceptLayerSpec("layer3", 32, 4)]
+    config = ConceptTrainConfig(positions_per_image=4, epochs=3, batch_size=256)
+    real_accuracy = concepts_module.accuracy
+    calls = {"n": 0}
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 1: backbone accuracy, 2: epoch 1, 3: epoch 2
+            raise KeyboardInterrupt("simulated crash")
+        return real_accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(concepts_module, "accuracy", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_concepts(backbone, data, spec, config, tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint_layer3")[1]["epoch"] == 1
+    monkeypatch.setattr(concepts_module, "accuracy", real_accuracy)
+    model = train_concepts(load(tiny_run["run"] / "backbone" / "model"), data, spec, config, tmp_path, progress=False)
+    history = json.loads((tmp_path / "model" / "manifest.json").read_text())["provenance"]["layers"][0]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert model.explain(data.val_images[:4].float() / 255).residual.max() < 1e-4
+
+
+def test_concept_statistics_are_consistent_with_explanations(tiny_run, tmp_path):
+    from fact_model.analysis.concept_stats import compute_concept_stats, load_concept_stats, save_concept_stats
+
+    model = tiny_run["model"]
+    images, labels, _, _ = load_split(TINY, "test", progress=False)
+    images, labels = images[:40], labels[:40]
+    stats = compute_concept_stats(model, images, labels, top=5, progress=False)
+    save_concept_stats(tmp_path, stats, {"data": "tiny"})
+    loaded, meta = load_concept_stats(tmp_path)
+    assert meta["data"] == "tiny" and torch.equal(loaded["layer3/top_indices"], stats["layer3/top_indices"])
+    top_values = stats["layer3/top_activations"]
+    assert top_values.shape == (64, 5) and (top_values[:, :-1] >= top_values[:, 1:]).all()
+    concept = int(top_values[:, 0].argmax())
+    image = int(stats["layer3/top_indices"][concept, 0])
+    for target in (0, 3):
+        expl = model.explain(images[image : image + 1].float() / 255, target=target)
+        assert expl.activations["layer3"][0, concept] == pytest.approx(float(top_values[concept, 0]), rel=1e-5)
+        expected = float(stats["layer3/top_contributions"][concept, 0, target])
+        assert expl.contributions["layer3"][0, concept] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert stats["layer2/class_mean_contributions"].shape == (10, 32)
+    assert ((stats["layer2/frequency"] >= 0) & (stats["layer2/frequency"] <= 1)).all()
+    (tmp_path / "concept_stats.safetensors").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        load_concept_stats(tmp_path)
