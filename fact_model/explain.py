@@ -23,6 +23,7 @@ On CPU a loop over ranks measured faster than
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -117,6 +118,7 @@ def explain(
     top_k: int = 5,
     maps: bool = False,
     map_kinds: Sequence[str] = MAP_KINDS,
+    map_layers: Sequence[str] | None = None,
 ) -> Explanation:
     """Explain a batch of images exactly, concept by concept.
 
@@ -132,6 +134,8 @@ def explain(
         map_kinds: which maps: ``"concepts"`` (top concepts' activation maps),
             ``"logit"`` (the whole explained logit), ``"other"`` (all concepts but
             the shown ones).
+        map_layers: concept layers whose top concepts get input maps (default: all);
+            each mapped layer costs ``top_k`` backward passes.
 
     Raises:
         ValueError: bad images (rank, channels, dtype, NaN/inf, range, empty), a
@@ -141,11 +145,16 @@ def explain(
     _check_arguments(top_k, map_kinds)
     if not model.concept_layers:
         raise ValueError("the model has no concept layers to explain with")
+    started = time.perf_counter()
+    layer_names = tuple(info.name for info in model.concept_layers)
+    mapped = layer_names if map_layers is None else tuple(map_layers)
+    unknown = [name for name in mapped if name not in layer_names]
+    if unknown:
+        raise ValueError(f"unknown concept layer(s) {unknown} in map_layers; concept layers: {list(layer_names)}")
     x = model.validate_images(images)
     n = x.shape[0]
     target_idx = resolve_classes(target, n, model.class_names, "target")
     contrast_idx = resolve_classes(contrast, n, model.class_names, "contrast")
-    layer_names = tuple(info.name for info in model.concept_layers)
     top_layer = layer_names[-1]
     closed_form = closed_form_applies(model)
     needs_graph = maps or len(layer_names) > 1 or not closed_form
@@ -159,6 +168,7 @@ def explain(
             if maps:
                 x6.requires_grad_(True)
             record = model.forward_encoded(x6, code_leaves=needs_graph)
+    forward_done = time.perf_counter()
     logits = record.logits.detach()
     device = logits.device
     target_idx = logits.argmax(dim=1) if target_idx is None else target_idx.to(device)
@@ -180,7 +190,8 @@ def explain(
         name: codes[name].per_position(codes[name].values.detach() * code_grads[name], top_ids[name])
         for name in layer_names
     }
-    traces, concept_maps = backprop.rank_passes(top_ids, r, with_maps=maps and "concepts" in map_kinds)
+    concept_map_layers = mapped if maps and "concepts" in map_kinds else ()
+    traces, concept_maps = backprop.rank_passes(top_ids, r, concept_map_layers)
     explanation_maps = None
     if maps:
         logit_map = other_map = None
@@ -191,6 +202,7 @@ def explain(
             other_map = backprop.to_input(len(layer_names) - 1, code_grads[top_layer] * (1 - shown))
         explanation_maps = ExplanationMaps(x6.detach(), concept_maps, logit_map, other_map)
 
+    backward_done = time.perf_counter()
     residuals = {name: (contributions[name].sum(dim=1) - explained).abs() for name in layer_names}
     top_concepts = _top_concept_lists(layer_names, contributions, activations, top_ids)
     return Explanation(
@@ -213,6 +225,11 @@ def explain(
         traces=traces,
         maps=explanation_maps,
         layer_names=layer_names,
+        timings_ms={
+            "forward": 1e3 * (forward_done - started),
+            "backward": 1e3 * (backward_done - forward_done),
+            "total": 1e3 * (time.perf_counter() - started),
+        },
     )
 
 
@@ -267,9 +284,9 @@ class _CodeBackprop:
         return grads
 
     def rank_passes(
-        self, top_ids: dict[str, Tensor], r: int, with_maps: bool
+        self, top_ids: dict[str, Tensor], r: int, map_layers: Sequence[str]
     ) -> tuple[list[CrossLayerTrace], dict[str, Tensor]]:
-        """Per (layer, rank): the rank-r concept's input map and its cross-layer trace.
+        """Per (layer, rank): the rank-r concept's cross-layer trace and, for ``map_layers``, its input map.
 
         The seed is the 0/1 selection of each image's rank-r concept in the layer's
         codes; its first step down yields the decomposition over the layer below
@@ -278,6 +295,7 @@ class _CodeBackprop:
         traces: list[CrossLayerTrace] = []
         concept_maps: dict[str, Tensor] = {}
         for i, name in enumerate(self.names):
+            with_maps = name in map_layers
             if r == 0 or (i == 0 and not with_maps):
                 continue
             codes = self.record.codes[name]

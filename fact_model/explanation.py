@@ -104,6 +104,8 @@ class Explanation:
         traces: cross-layer traces between consecutive concept layers (empty for one layer).
         maps: input-level maps when requested, else None.
         layer_names: concept layers in forward order (lowest first).
+        timings_ms: wall-clock milliseconds of the ``forward`` pass, the ``backward``
+            passes (contributions, traces, maps) and the ``total``.
     """
 
     logits: Tensor
@@ -123,3 +125,4 @@ class Explanation:
     traces: list[CrossLayerTrace]
     maps: ExplanationMaps | None
     layer_names: tuple[str, ...]
+    timings_ms: dict[str, float] = field(default_factory=dict)

@@ -262,11 +262,21 @@ class FaCTModel(nn.Module):
         top_k: int = 5,
         maps: bool = False,
         map_kinds: Sequence[str] = ("concepts", "logit", "other"),
+        map_layers: Sequence[str] | None = None,
     ) -> Explanation:
         """Exact concept explanation of a batch; see :func:`fact_model.explain.explain`."""
         from fact_model.explain import explain
 
-        return explain(self, images, target=target, contrast=contrast, top_k=top_k, maps=maps, map_kinds=map_kinds)
+        return explain(
+            self,
+            images,
+            target=target,
+            contrast=contrast,
+            top_k=top_k,
+            maps=maps,
+            map_kinds=map_kinds,
+            map_layers=map_layers,
+        )
 
     def extra_repr(self) -> str:
         layers = ", ".join(f"{i.name}: K={i.num_concepts}, k={i.k}" for i in self.concept_layers)

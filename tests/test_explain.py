@@ -319,3 +319,15 @@ def test_features_at_and_scores_from_split_the_forward_pass(images):
         torch.testing.assert_close(model.features_at(x6, "layer3"), full.features["layer3"])
     with pytest.raises(ValueError, match="unknown stage 'layer7'"):
         model.features_at(x6, "layer7")
+
+
+def test_map_layers_restricts_maps_but_not_traces(images):
+    model = make_model(TWO_LAYERS)
+    full = model.explain(images, top_k=2, maps=True)
+    top_only = model.explain(images, top_k=2, maps=True, map_layers=["layer3"])
+    assert set(top_only.maps.concepts) == {"layer3"}
+    torch.testing.assert_close(top_only.maps.concepts["layer3"], full.maps.concepts["layer3"])
+    torch.testing.assert_close(top_only.traces[0].contributions, full.traces[0].contributions)
+    assert set(top_only.timings_ms) == {"forward", "backward", "total"}
+    with pytest.raises(ValueError, match="unknown concept layer"):
+        model.explain(images, maps=True, map_layers=["layer9"])
