@@ -36,7 +36,7 @@ from fact_model.bcos.functional import PATCH_NORM_EPS, dynamic_scale, unit_norm_
 from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept
 from fact_model.model import FaCTModel, ForwardRecord
 
-__all__ = ["MAP_KINDS", "closed_form_applies", "closed_form_code_gradient", "explain"]
+__all__ = ["MAP_KINDS", "closed_form_applies", "closed_form_code_gradient", "concept_input_maps", "explain"]
 
 MAP_KINDS = ("concepts", "logit", "other")
 
@@ -231,6 +231,33 @@ def explain(
             "total": 1e3 * (time.perf_counter() - started),
         },
     )
+
+
+def concept_input_maps(model: FaCTModel, images: Tensor, layer: str, concept_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Input maps ``∂(Σ_p u_{k,p})/∂x`` of given concepts (not necessarily the top ones).
+
+    Args:
+        images: ``(N, 3, H, W)`` in [0, 1].
+        layer: concept layer name.
+        concept_ids: ``(N, R)`` concept ids per image.
+
+    Returns:
+        ``(maps (N, R, 6, H, W), x6 (N, 6, H, W))``; ``(x6 ⊙ map).sum`` over channels and
+        pixels equals the concept's activation in the image.
+    """
+    names = tuple(info.name for info in model.concept_layers)
+    if layer not in names:
+        raise ValueError(f"no concept layer {layer!r}; concept layers: {list(names)}")
+    x = model.validate_images(images)
+    with model.mode_lock, _eval_mode(model), model.explanation_mode(), torch.enable_grad():
+        x6 = encode_rgb(x).requires_grad_(True)
+        record = model.forward_encoded(x6, code_leaves=True)
+    backprop = _CodeBackprop(model, record, x6)
+    codes = record.codes[layer]
+    selection = codes.select(concept_ids.to(codes.indices.device))
+    index = names.index(layer)
+    maps = [backprop.to_input(index, selection[:, r]) for r in range(concept_ids.shape[1])]
+    return torch.stack(maps, dim=1), x6.detach()
 
 
 class _CodeBackprop:

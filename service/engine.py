@@ -1,0 +1,430 @@
+"""The service's logic, free of BentoML: decode → preprocess → explain → render → response dicts.
+
+``service.py`` only adapts HTTP to these methods; tests can drive the engine directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fact_model import render
+from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
+from fact_model.artifacts import load, read_manifest
+from fact_model.explain import closed_form_applies, closed_form_code_gradient, concept_input_maps
+from fact_model.explanation import Explanation
+from fact_model.model import FaCTModel
+from service.errors import RequestError
+from service.images import decode_image
+from service.settings import Settings
+
+__all__ = ["HEATMAP_FORMATS", "HEATMAP_KINDS", "Engine"]
+
+log = logging.getLogger(__name__)
+
+HEATMAP_FORMATS = ("none", "png", "array")
+HEATMAP_KINDS = ("bcos", "signed")
+TOP_CLASSES = 5
+
+
+class Engine:
+    """A loaded FaCT model plus everything the endpoints need.
+
+    Args:
+        artifact_dir: the model artifact (``model.safetensors``, ``manifest.json``,
+            optional ``concept_stats.*`` and ``evaluation.json``).
+        settings: limits and device.
+        name, version: how the model is reported (the BentoML tag when served from the store).
+    """
+
+    def __init__(self, artifact_dir: str | Path, settings: Settings, name: str, version: str) -> None:
+        self.settings = settings
+        self.artifact_dir = Path(artifact_dir)
+        self.device = settings.resolve_device()
+        self.model: FaCTModel = load(self.artifact_dir, device=self.device)
+        self.manifest = read_manifest(self.artifact_dir)
+        self.name, self.version = name, version
+        self.layer_names = tuple(info.name for info in self.model.concept_layers)
+        self.stats, self.stats_meta = None, None
+        if (self.artifact_dir / STATS_META).is_file():
+            self.stats, self.stats_meta = load_concept_stats(self.artifact_dir)
+        evaluation = self.artifact_dir / "evaluation.json"
+        self.evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else None
+        self.closed_form = closed_form_applies(self.model)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def model_identity(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "weights_sha256": self.manifest["weights"]["sha256"]}
+
+    def decode(self, data: bytes) -> Image.Image:
+        return decode_image(data, self.settings.max_request_bytes, self.settings.max_pixels)
+
+    def resolve_class(self, value: int | str | None, what: str) -> int | None:
+        if value is None or value == "":
+            return None
+        names = self.model.class_names
+        if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+            index = int(value)
+            if not 0 <= index < len(names):
+                raise RequestError(
+                    400, "unknown_class", f"{what} class index {index} is out of range [0, {len(names) - 1}]"
+                )
+            return index
+        if value in names:
+            return names.index(value)
+        raise RequestError(
+            400,
+            "unknown_class",
+            f"unknown {what} class {value!r}: use a class index in [0, {len(names) - 1}] or a class name "
+            "(GET /model lists the class names)",
+        )
+
+    def check_top_k(self, top_k: int) -> int:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.settings.max_top_k:
+            raise RequestError(
+                400, "bad_top_k", f"top_k must be an integer in [1, {self.settings.max_top_k}], got {top_k!r}"
+            )
+        return top_k
+
+    def check_layers(self, layers: Sequence[str] | None) -> tuple[str, ...]:
+        if not layers:
+            return self.layer_names
+        unknown = [name for name in layers if name not in self.layer_names]
+        if unknown or len(layers) > len(self.layer_names):
+            raise RequestError(
+                400,
+                "unknown_layer",
+                f"unknown concept layer(s) {unknown}; this model's concept layers: {list(self.layer_names)}",
+            )
+        return tuple(name for name in self.layer_names if name in layers)  # forward order
+
+    def _class_entry(self, logits: torch.Tensor, probabilities: torch.Tensor, index: int) -> dict[str, Any]:
+        return {
+            "index": index,
+            "name": self.model.class_names[index],
+            "probability": float(probabilities[index]),
+            "logit": float(logits[index]),
+        }
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self) -> None:
+        size = self.model.config.preprocessing.input_size
+        image = Image.new("RGB", (size, size), (120, 80, 60))
+        self.predict([image], top_k=3)
+        self.explain(image, None, None, 3, None, "png", "bcos")
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, images: list[Image.Image], top_k: int = 5) -> list[dict[str, Any]]:
+        """Classes, probabilities and the last concept layer's top contributions (closed form)."""
+        batch = self.model.preprocess(images).to(self.device)
+        top_layer = self.layer_names[-1]
+        if self.closed_form:
+            with torch.no_grad():
+                from fact_model.bcos.encoding import encode_rgb
+
+                record = self.model.forward_encoded(encode_rgb(batch))
+            logits = record.logits
+            predicted = logits.argmax(dim=1)
+            codes = record.codes[top_layer]
+            contributions = codes.scatter(codes.values * closed_form_code_gradient(self.model, record, predicted))
+        else:
+            expl = self.model.explain(batch, top_k=0)
+            logits, predicted, contributions = expl.logits, expl.target, expl.contributions[top_layer]
+        probabilities = self.model.probabilities(logits)
+        top = contributions.topk(min(top_k, contributions.shape[1]), dim=1)
+        results = []
+        for n in range(len(images)):
+            order = logits[n].argsort(descending=True)[:TOP_CLASSES].tolist()
+            results.append(
+                {
+                    "prediction": self._class_entry(logits[n], probabilities[n], int(predicted[n])),
+                    "top_classes": [self._class_entry(logits[n], probabilities[n], c) for c in order],
+                    "concepts": [
+                        {"layer": top_layer, "id": int(i), "contribution": float(c)}
+                        for c, i in zip(top.values[n].tolist(), top.indices[n].tolist(), strict=True)
+                    ],
+                    "logit_bias": self.model.logit_bias,
+                    "model": self.model_identity,
+                }
+            )
+        return results
+
+    # ------------------------------------------------------------------ explain
+    def explain(
+        self,
+        image: Image.Image,
+        target: int | str | None,
+        contrast: int | str | None,
+        top_k: int,
+        layers: Sequence[str] | None,
+        heatmaps: str,
+        heatmap_kind: str,
+        preprocess_ms: float = 0.0,
+    ) -> dict[str, Any]:
+        return self.explain_many([image], [target], [contrast], top_k, layers, heatmaps, heatmap_kind, preprocess_ms)[0]
+
+    def explain_many(
+        self,
+        images: list[Image.Image],
+        targets: list[int | str | None],
+        contrasts: list[int | str | None],
+        top_k: int,
+        layers: Sequence[str] | None,
+        heatmaps: str,
+        heatmap_kind: str,
+        decode_ms: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """One explanation per image, computed as one batch (targets may differ per image)."""
+        top_k = self.check_top_k(top_k)
+        selected = self.check_layers(layers)
+        if heatmaps not in HEATMAP_FORMATS:
+            raise RequestError(
+                400, "bad_heatmaps", f"heatmaps must be one of {list(HEATMAP_FORMATS)}, got {heatmaps!r}"
+            )
+        if heatmap_kind not in HEATMAP_KINDS:
+            raise RequestError(
+                400, "bad_heatmap_kind", f"heatmap_kind must be one of {list(HEATMAP_KINDS)}, got {heatmap_kind!r}"
+            )
+        target_idx = [self.resolve_class(t, "target") for t in targets]
+        contrast_idx = [self.resolve_class(c, "contrast") for c in contrasts]
+        started = time.perf_counter()
+        batch = self.model.preprocess(images).to(self.device)
+        preprocess_ms = decode_ms + 1e3 * (time.perf_counter() - started)
+
+        primary = selected[-1]
+        with_maps = heatmaps != "none"
+        explanations = self._explain_grouped(batch, target_idx, contrast_idx, top_k, with_maps, primary)
+        results = []
+        for n, (expl, row) in enumerate(explanations):
+            started = time.perf_counter()
+            result = self._response(expl, row, selected, primary, heatmaps, heatmap_kind)
+            render_ms = 1e3 * (time.perf_counter() - started)
+            result["timings_ms"] = {
+                "preprocess": preprocess_ms / len(images),
+                "forward": expl.timings_ms["forward"] / len(images),
+                "backward": expl.timings_ms["backward"] / len(images),
+                "render": render_ms,
+            }
+            results.append(result)
+            del n
+        return results
+
+    def _explain_grouped(self, batch, target_idx, contrast_idx, top_k, with_maps, primary):
+        """Explain the batch; images with a contrast are explained in their own call (contrast is all-or-none)."""
+        n = batch.shape[0]
+        out: list[tuple[Explanation, int] | None] = [None] * n
+        groups: dict[bool, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(contrast_idx[i] is not None, []).append(i)
+        for has_contrast, rows in groups.items():
+            targets = [target_idx[i] for i in rows]
+            target_arg = None if all(t is None for t in targets) else targets
+            if target_arg is not None and any(t is None for t in targets):
+                # mix of explicit and default targets: resolve the defaults from a plain forward pass
+                with torch.no_grad():
+                    predicted = self.model(batch[rows]).argmax(dim=1).tolist()
+                target_arg = [p if t is None else t for t, p in zip(targets, predicted, strict=True)]
+            expl = self.model.explain(
+                batch[rows],
+                target=target_arg,
+                contrast=[contrast_idx[i] for i in rows] if has_contrast else None,
+                top_k=top_k,
+                maps=with_maps,
+                map_kinds=("concepts",),
+                map_layers=(primary,),
+            )
+            for j, i in enumerate(rows):
+                out[i] = (expl, j)
+        return out
+
+    def _heatmap(self, weights: torch.Tensor, inputs: torch.Tensor, heatmaps: str, kind: str) -> dict[str, Any]:
+        contribution = (inputs * weights).sum(dim=0)  # (H, W)
+        if heatmaps == "array":
+            return {"format": "array", "kind": "contribution", "shape": list(contribution.shape),
+                    "data": contribution.tolist()}  # fmt: skip
+        if kind == "bcos":
+            rgba = render.bcos_colour(weights, inputs)
+        else:
+            rgba = render.signed_heatmap(contribution, inputs[:3])
+        png = render.to_png(rgba.cpu())
+        return {
+            "format": "png",
+            "kind": kind,
+            "size": list(contribution.shape),
+            "png_base64": base64.b64encode(png).decode(),
+        }
+
+    def _response(self, expl: Explanation, n: int, selected, primary: str, heatmaps: str, kind: str) -> dict[str, Any]:
+        logits, probabilities = expl.logits[n], expl.probabilities[n]
+        predicted = int(logits.argmax())
+        order = logits.argsort(descending=True)[:TOP_CLASSES].tolist()
+        contributions = expl.contributions[primary][n]
+        positive = float(contributions.clamp(min=0).sum())
+        ids = expl.top_ids[primary][n].tolist()
+        lower = selected[-2] if len(selected) > 1 else None
+        trace = next((t for t in expl.traces if t.upper == primary and t.lower == lower), None)
+        concepts = []
+        for rank, concept in enumerate(ids):
+            value = float(contributions[concept])
+            entry: dict[str, Any] = {
+                "layer": primary,
+                "id": concept,
+                "contribution": value,
+                "share": value / positive if positive > 0 else 0.0,
+                "activation": float(expl.activations[primary][n, concept]),
+                "heatmap": None,
+                "children": [],
+            }
+            if heatmaps != "none" and expl.maps is not None:
+                entry["heatmap"] = self._heatmap(
+                    expl.maps.concepts[primary][n, rank], expl.maps.inputs[n], heatmaps, kind
+                )
+            if trace is not None:
+                child_contrib = trace.contributions[n, rank]
+                top_children = child_contrib.topk(min(3, child_contrib.numel()))
+                entry["children"] = [
+                    {"layer": lower, "id": int(i), "contribution": float(c)}
+                    for c, i in zip(top_children.values.tolist(), top_children.indices.tolist(), strict=True)
+                ]
+            concepts.append(entry)
+        explained = float(expl.explained[n])
+        residual = float(expl.residuals[primary][n])
+        scale = float(contributions.abs().sum())
+        target = int(expl.target[n])
+        return {
+            "prediction": self._class_entry(logits, probabilities, predicted),
+            "top_classes": [self._class_entry(logits, probabilities, c) for c in order],
+            "target": {"index": target, "name": self.model.class_names[target]},
+            "contrast": None
+            if expl.contrast is None
+            else {"index": int(expl.contrast[n]), "name": self.model.class_names[int(expl.contrast[n])]},
+            "explained": explained,
+            "logit_bias": expl.logit_bias,
+            "layer": primary,
+            "concepts": concepts,
+            "other": {"contribution": float(expl.other_contribution[primary][n])},
+            "completeness": {
+                "residual": residual,
+                "relative_residual": residual / scale if scale > 0 else 0.0,
+                "sum_of_contributions": float(contributions.sum()),
+            },
+            "active_concepts": {name: int((expl.activations[name][n] > 0).sum()) for name in selected},
+            "faithfulness": {"method": "fact", "exact": True},
+            "model": self.model_identity,
+        }
+
+    # ------------------------------------------------------------------ model and concept cards
+    def model_summary(self) -> dict[str, Any]:
+        return {
+            **self.model_identity,
+            "architecture": self.model.config.backbone,
+            "classes": list(self.model.class_names),
+            "concept_layers": [
+                {"name": i.name, "num_concepts": i.num_concepts, "k": i.k, "channels": i.in_features}
+                for i in self.model.concept_layers
+            ],
+            "input_size": self.model.config.preprocessing.input_size,
+            "preprocessing": self.manifest["model"]["preprocessing"],
+            "output_activation": self.model.config.output_activation,
+            "logit_bias": self.model.logit_bias,
+            "device": self.device,
+            "evaluation": None
+            if self.evaluation is None
+            else {
+                k: self.evaluation[k] for k in ("backbone_accuracy", "fact_accuracy", "images") if k in self.evaluation
+            },
+            "concept_statistics": self.stats_meta is not None,
+            "runtime": {"predict": "pytorch", "explain": "pytorch"},
+        }
+
+    def _check_concept(self, layer: str, concept: int | None = None) -> None:
+        if layer not in self.layer_names:
+            raise RequestError(
+                404, "unknown_layer", f"no concept layer {layer!r}; concept layers: {list(self.layer_names)}"
+            )
+        if self.stats is None:
+            raise RequestError(404, "no_statistics", "this model has no concept statistics (run `fact stats`)")
+        if concept is not None:
+            k = self.model.concept_layer(layer).num_concepts
+            if not 0 <= concept < k:
+                raise RequestError(
+                    404, "unknown_concept", f"concept id {concept} is out of range [0, {k - 1}] for {layer!r}"
+                )
+
+    def concept_list(self, layer: str) -> dict[str, Any]:
+        self._check_concept(layer)
+        frequency = self.stats[f"{layer}/frequency"]
+        class_means = self.stats[f"{layer}/class_mean_contributions"]  # (classes, K)
+        best_class = class_means.argmax(dim=0)
+        return {
+            "layer": layer,
+            "concepts": [
+                {
+                    "id": k,
+                    "frequency": float(frequency[k]),
+                    "top_class": self.model.class_names[int(best_class[k])],
+                    "top_class_mean_contribution": float(class_means[best_class[k], k]),
+                }
+                for k in range(len(frequency))
+            ],
+        }
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 (one engine per worker; bounded)
+    def concept_card(self, layer: str, concept: int, examples: int = 6) -> dict[str, Any]:
+        self._check_concept(layer, concept)
+        stats = self.stats
+        class_means = stats[f"{layer}/class_mean_contributions"][:, concept]
+        supports = [
+            {"index": c, "name": self.model.class_names[c], "mean_contribution": float(class_means[c])}
+            for c in class_means.argsort(descending=True).tolist()
+            if float(class_means[c]) > 0
+        ]
+        top_indices = stats[f"{layer}/top_indices"][concept, :examples].tolist()
+        top_activations = stats[f"{layer}/top_activations"][concept, :examples].tolist()
+        examples_out = []
+        images = self._example_images(top_indices)
+        if images is not None:
+            batch = self.model.preprocess(images)
+            maps, x6 = concept_input_maps(self.model, batch, layer, torch.full((len(images), 1), concept))
+            for i, (index, activation) in enumerate(zip(top_indices, top_activations, strict=True)):
+                png_image = render.to_png(render.overlay(torch.zeros(*batch.shape[-2:], 4), batch[i]))
+                rgba = render.bcos_colour(maps[i, 0], x6[i])
+                examples_out.append(
+                    {
+                        "index": index,
+                        "activation": activation,
+                        "image_png_base64": base64.b64encode(png_image).decode(),
+                        "heatmap_png_base64": base64.b64encode(render.to_png(rgba)).decode(),
+                    }
+                )
+        else:
+            examples_out = [{"index": i, "activation": a} for i, a in zip(top_indices, top_activations, strict=True)]
+        return {
+            "layer": layer,
+            "id": concept,
+            "frequency": float(stats[f"{layer}/frequency"][concept]),
+            "supports": supports,
+            "examples": examples_out,
+            "dataset": (self.stats_meta or {}).get("data"),
+        }
+
+    def _example_images(self, indices: list[int]) -> list[Image.Image] | None:
+        """The statistics' dataset images by index, when they can be regenerated or read here."""
+        description = (self.stats_meta or {}).get("data") or {}
+        if description.get("dataset") == "synthetic":
+            from fact_model.data.synthetic import SyntheticConfig, render_sample
+
+            fields = {k: description[k] for k in ("image_size", "seed", "train", "val", "test", "max_distractors")}
+            config = SyntheticConfig(**fields)
+            return [Image.fromarray(render_sample(config, description["split"], i)[0]) for i in indices]
+        return None

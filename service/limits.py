@@ -1,0 +1,87 @@
+"""ASGI middleware: refuse request bodies over a byte limit with HTTP 413, before anything parses them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["BodySizeLimit"]
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Reject bodies larger than ``max_bytes`` (by ``Content-Length`` or while streaming).
+
+    Args:
+        app: the wrapped ASGI app.
+        max_bytes: the limit.
+        on_reject: called with the request path when a request is refused (metrics).
+    """
+
+    SKIP = frozenset({"/metrics", "/healthz", "/livez", "/readyz"})
+
+    def __init__(self, app: Any, max_bytes: int, on_reject: Callable[[str], None] | None = None) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.on_reject = on_reject
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        if self.on_reject is not None:
+            self.on_reject(scope.get("path", ""))
+        body = json.dumps(
+            {"error": f"request body exceeds the limit of {self.max_bytes} bytes", "reason": "too_large", "status": 413}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.SKIP:
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await self._refuse(scope, send)
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(scope, send)

@@ -1,0 +1,85 @@
+"""Service settings from environment variables (documented in the README).
+
+=============================  ==========================  ==========================================
+variable                       default                     meaning
+=============================  ==========================  ==========================================
+``FACT_MODEL_TAG``             ``fact-default:latest``     model in the BentoML model store
+``FACT_ARTIFACT``              (unset)                     artifact directory to serve instead
+``FACT_DEVICE``                ``auto``                    ``auto`` (CUDA when present), ``cpu``, ``cuda``
+``FACT_WORKERS``               ``1``                       worker processes
+``FACT_MAX_REQUEST_BYTES``     ``10485760`` (10 MiB)       larger request bodies get HTTP 413
+``FACT_MAX_PIXELS``            ``25000000``                larger decoded images are refused (bombs)
+``FACT_MAX_TOP_K``             ``20``                      upper bound of ``top_k``
+``FACT_MAX_BATCH_ITEMS``       ``16``                      upper bound of ``/explain_batch`` items
+``FACT_REQUEST_TIMEOUT``       ``30``                      seconds before a request gets HTTP 504
+``FACT_PREDICT_MAX_BATCH``     ``32``                      adaptive batching: largest ``/predict`` batch
+``FACT_PREDICT_MAX_LATENCY``   ``50``                      adaptive batching: latency budget (ms)
+=============================  ==========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["SETTINGS", "Settings"]
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"environment variable {name} must be ≥ 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_tag: str
+    artifact: str | None
+    device: str
+    workers: int
+    max_request_bytes: int
+    max_pixels: int
+    max_top_k: int
+    max_batch_items: int
+    request_timeout: int
+    predict_max_batch: int
+    predict_max_latency_ms: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        device = os.environ.get("FACT_DEVICE", "auto")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"FACT_DEVICE must be auto, cpu or cuda, got {device!r}")
+        return cls(
+            model_tag=os.environ.get("FACT_MODEL_TAG", "fact-default:latest"),
+            artifact=os.environ.get("FACT_ARTIFACT") or None,
+            device=device,
+            workers=_int("FACT_WORKERS", 1),
+            max_request_bytes=_int("FACT_MAX_REQUEST_BYTES", 10 * 1024 * 1024),
+            max_pixels=_int("FACT_MAX_PIXELS", 25_000_000),
+            max_top_k=_int("FACT_MAX_TOP_K", 20),
+            max_batch_items=_int("FACT_MAX_BATCH_ITEMS", 16),
+            request_timeout=_int("FACT_REQUEST_TIMEOUT", 30),
+            predict_max_batch=_int("FACT_PREDICT_MAX_BATCH", 32),
+            predict_max_latency_ms=_int("FACT_PREDICT_MAX_LATENCY", 50),
+        )
+
+    def resolve_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("FACT_DEVICE=cuda but no CUDA device is available")
+        return self.device
+
+
+SETTINGS = Settings.from_env()
+"""Read once at import, in every worker (the environment is the configuration)."""
