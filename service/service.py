@@ -152,7 +152,7 @@ class FaCTService:
     @bentoml.api(route="/explain")
     def explain(
         self,
-        image: Path = None,  # type: ignore[assignment]  # (a union would defeat BentoML's upload handling)
+        image: Path = None,  # noqa: RUF013  (a Path | None union would defeat BentoML's upload handling)
         image_base64: str | None = None,
         target: int | str | None = None,
         contrast: int | str | None = None,
