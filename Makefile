@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench lint clean model
+.PHONY: install run demo bento test bench lint clean model
 
 install: $(VENV)/.installed
 
@@ -15,8 +15,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The main job: serve the shipped default model on http://127.0.0.1:3000 (Ctrl-C stops it).
+HOST ?= 127.0.0.1
+PORT ?= 3000
 run: install
+	$(PY) -m service.store
+	$(VENV)/bin/bentoml serve service.service:FaCTService --host $(HOST) --port $(PORT)
+
+demo: install
 	$(PY) -m fact_model.demo
+
+bento: install
+	$(PY) -m service.store
+	$(VENV)/bin/bentoml build
 
 test: install
 	$(PY) -m pytest -q

@@ -44,10 +44,12 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            if isinstance(err, UnidentifiedImageError):
-                raise RequestError(400, "not_an_image", "the data is not a readable JPEG, PNG or WebP image") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise RequestError(400, "too_many_pixels", f"the image has too many pixels: {err}") from None
+        except UnidentifiedImageError:
+            raise RequestError(400, "not_an_image", "the data is not a readable JPEG, PNG or WebP image") from None
+        except (OSError, SyntaxError, ValueError) as err:  # e.g. a header cut short
+            raise RequestError(400, "corrupt_image", f"the image is truncated or corrupt: {err}") from None
         if image.format not in ALLOWED_FORMATS:
             raise RequestError(
                 400, "unsupported_format", f"image format {image.format} is not accepted; send JPEG, PNG or WebP"

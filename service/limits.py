@@ -28,6 +28,16 @@ class BodySizeLimit:
     """
 
     SKIP = frozenset({"/metrics", "/healthz", "/livez", "/readyz"})
+    DRAIN_FACTOR = 8
+    """Bodies up to this many times the limit are read and discarded before the 413, so that the
+    client, still sending, sees the response instead of a connection reset; larger ones are cut off."""
+
+    @staticmethod
+    async def _drain(receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
     def __init__(self, app: Any, max_bytes: int, on_reject: Callable[[str], None] | None = None) -> None:
         self.app = app
@@ -60,6 +70,8 @@ class BodySizeLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
+                    if declared <= self.DRAIN_FACTOR * self.max_bytes:
+                        await self._drain(receive)
                     await self._refuse(scope, send)
                     return
         received = 0

@@ -102,7 +102,8 @@ class FaCTService:
 
     def __init__(self) -> None:
         self._ready = False
-        stored = self.model_ref.stored if self.model_ref is not None else None
+        # Inside the service BentoML hands the reference over resolved (a stored Model with .path and .tag).
+        stored = getattr(self.model_ref, "stored", self.model_ref)
         if SETTINGS.artifact:
             path, name, version = Path(SETTINGS.artifact), Path(SETTINGS.artifact).name, "local"
         elif stored is not None:

@@ -13,7 +13,7 @@ variable                       default                     meaning
 ``FACT_MAX_BATCH_ITEMS``       ``16``                      upper bound of ``/explain_batch`` items
 ``FACT_REQUEST_TIMEOUT``       ``30``                      seconds before a request gets HTTP 504
 ``FACT_PREDICT_MAX_BATCH``     ``32``                      adaptive batching: largest ``/predict`` batch
-``FACT_PREDICT_MAX_LATENCY``   ``50``                      adaptive batching: latency budget (ms)
+``FACT_PREDICT_MAX_LATENCY``   ``500``                     adaptive batching: latency budget (ms); over it → 503
 =============================  ==========================  ==========================================
 """
 
@@ -68,7 +68,7 @@ class Settings:
             max_batch_items=_int("FACT_MAX_BATCH_ITEMS", 16),
             request_timeout=_int("FACT_REQUEST_TIMEOUT", 30),
             predict_max_batch=_int("FACT_PREDICT_MAX_BATCH", 32),
-            predict_max_latency_ms=_int("FACT_PREDICT_MAX_LATENCY", 50),
+            predict_max_latency_ms=_int("FACT_PREDICT_MAX_LATENCY", 500),
         )
 
     def resolve_device(self) -> str:

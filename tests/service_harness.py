@@ -1,0 +1,98 @@
+"""Start and stop a real ``bentoml serve`` of the service on a free loopback port (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
+    """``(status, parsed JSON or raw bytes)`` of one request (HTTP errors are returned, not raised)."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, data = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, data = err.code, err.read()
+    try:
+        return status, json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return status, data
+
+
+def post_json(url: str, payload: object, timeout: float = 30):
+    return http("POST", url, json.dumps(payload).encode(), {"Content-Type": "application/json"}, timeout)
+
+
+def post_multipart(url: str, fields: dict[str, str], file_field: str, filename: str, data: bytes, timeout: float = 30):
+    boundary = "----factboundary7MA4YWxkTrZu0gW"
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return http("POST", url, b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout)
+
+
+@contextlib.contextmanager
+def running_server(
+    bentoml_home: Path, env: dict[str, str] | None = None, startup_timeout: float = 120
+) -> Iterator[str]:
+    """Yield the base URL of a ready server; always stop it (the whole process group) afterwards."""
+    port = free_port()
+    environment = {**os.environ, "BENTOML_HOME": str(bentoml_home), "PYTHONPATH": str(REPO), **(env or {})}
+    environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = open(bentoml_home / f"server-{port}.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service.service:FaCTService", "--host", "127.0.0.1",
+         "--port", str(port)],
+        cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}: {log.name}")
+            try:
+                if http("GET", f"{url}/readyz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {startup_timeout}s: {log.name}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        log.close()
