@@ -371,5 +371,5 @@ def to_png(rgba: Tensor | np.ndarray, size: int | tuple[int, int] | None = None)
         height, width = _check_size(size)
         picture = picture.resize((width, height), resample=Image.Resampling.NEAREST)
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    picture.save(buffer, format="PNG", compress_level=1)  # small maps: speed over a few bytes
     return buffer.getvalue()

@@ -247,22 +247,27 @@ class Engine:
                 out[i] = (expl, j)
         return out
 
-    def _heatmap(self, weights: torch.Tensor, inputs: torch.Tensor, heatmaps: str, kind: str) -> dict[str, Any]:
-        contribution = (inputs * weights).sum(dim=0)  # (H, W)
+    def _heatmaps(self, weights: torch.Tensor, inputs: torch.Tensor, heatmaps: str, kind: str) -> list[dict[str, Any]]:
+        """One heatmap per map in ``weights`` ``(R, 6, H, W)`` of one image ``inputs`` ``(6, H, W)``."""
+        contributions = (inputs[None] * weights).sum(dim=1)  # (R, H, W)
         if heatmaps == "array":
-            return {"format": "array", "kind": "contribution", "shape": list(contribution.shape),
-                    "data": contribution.tolist()}  # fmt: skip
-        if kind == "bcos":
-            rgba = render.bcos_colour(weights, inputs)
+            return [
+                {"format": "array", "kind": "contribution", "shape": list(c.shape), "data": c.tolist()}
+                for c in contributions
+            ]
+        if kind == "bcos":  # all maps of the image in one call
+            rgba = render.bcos_colour(weights, inputs[None].expand_as(weights))
         else:
-            rgba = render.signed_heatmap(contribution, inputs[:3])
-        png = render.to_png(rgba.cpu())
-        return {
-            "format": "png",
-            "kind": kind,
-            "size": list(contribution.shape),
-            "png_base64": base64.b64encode(png).decode(),
-        }
+            rgba = torch.stack([render.signed_heatmap(c, inputs[:3]) for c in contributions])
+        return [
+            {
+                "format": "png",
+                "kind": kind,
+                "size": list(contributions.shape[1:]),
+                "png_base64": base64.b64encode(render.to_png(image.cpu())).decode(),
+            }
+            for image in rgba
+        ]
 
     def _response(self, expl: Explanation, n: int, selected, primary: str, heatmaps: str, kind: str) -> dict[str, Any]:
         logits, probabilities = expl.logits[n], expl.probabilities[n]
@@ -274,6 +279,9 @@ class Engine:
         lower = selected[-2] if len(selected) > 1 else None
         trace = next((t for t in expl.traces if t.upper == primary and t.lower == lower), None)
         concepts = []
+        maps = None
+        if heatmaps != "none" and expl.maps is not None and ids:
+            maps = self._heatmaps(expl.maps.concepts[primary][n], expl.maps.inputs[n], heatmaps, kind)
         for rank, concept in enumerate(ids):
             value = float(contributions[concept])
             entry: dict[str, Any] = {
@@ -282,13 +290,9 @@ class Engine:
                 "contribution": value,
                 "share": value / positive if positive > 0 else 0.0,
                 "activation": float(expl.activations[primary][n, concept]),
-                "heatmap": None,
+                "heatmap": maps[rank] if maps is not None else None,
                 "children": [],
             }
-            if heatmaps != "none" and expl.maps is not None:
-                entry["heatmap"] = self._heatmap(
-                    expl.maps.concepts[primary][n, rank], expl.maps.inputs[n], heatmaps, kind
-                )
             if trace is not None:
                 child_contrib = trace.contributions[n, rank]
                 top_children = child_contrib.topk(min(3, child_contrib.numel()))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fact_model.data.synthetic import CLASS_NAMES, SyntheticConfig, render_sample
-from tests.service_harness import REPO, http, post_json, post_multipart, running_server
+from service.harness import REPO, http, post_json, post_multipart, running_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

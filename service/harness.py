@@ -1,4 +1,4 @@
-"""Start and stop a real ``bentoml serve`` of the service on a free loopback port (tests and benchmarks)."""
+"""Start and stop a real ``bentoml serve`` of the service on a free loopback port (tests, benchmarks, load tests)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+"""The repository root (the server runs there, with it on PYTHONPATH)."""
 
 
 def free_port() -> int:
