@@ -48,6 +48,8 @@ class Engine:
 
     def __init__(self, artifact_dir: str | Path, settings: Settings, name: str, version: str) -> None:
         self.settings = settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.artifact_dir = Path(artifact_dir)
         self.device = settings.resolve_device()
         self.model: FaCTModel = load(self.artifact_dir, device=self.device)
@@ -342,6 +344,7 @@ class Engine:
             "output_activation": self.model.config.output_activation,
             "logit_bias": self.model.logit_bias,
             "device": self.device,
+            "torch_threads": torch.get_num_threads(),
             "evaluation": None
             if self.evaluation is None
             else {

@@ -13,6 +13,7 @@ variable                       default                     meaning
 ``FACT_MAX_BATCH_ITEMS``       ``16``                      upper bound of ``/explain_batch`` items
 ``FACT_REQUEST_TIMEOUT``       ``30``                      seconds before a request gets HTTP 504
 ``FACT_PREDICT_MAX_BATCH``     ``32``                      adaptive batching: largest ``/predict`` batch
+``FACT_TORCH_THREADS``         (torch default)             intra-op threads of the model thread
 ``FACT_PREDICT_MAX_LATENCY``   ``500``                     adaptive batching: latency budget (ms); over it → 503
 =============================  ==========================  ==========================================
 """
@@ -51,6 +52,7 @@ class Settings:
     request_timeout: int
     predict_max_batch: int
     predict_max_latency_ms: int
+    torch_threads: int | None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -69,6 +71,7 @@ class Settings:
             request_timeout=_int("FACT_REQUEST_TIMEOUT", 30),
             predict_max_batch=_int("FACT_PREDICT_MAX_BATCH", 32),
             predict_max_latency_ms=_int("FACT_PREDICT_MAX_LATENCY", 500),
+            torch_threads=_int("FACT_TORCH_THREADS", 1) if os.environ.get("FACT_TORCH_THREADS") else None,
         )
 
     def resolve_device(self) -> str:
