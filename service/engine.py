@@ -207,7 +207,7 @@ class Engine:
         with_maps = heatmaps != "none"
         explanations = self._explain_grouped(batch, target_idx, contrast_idx, top_k, with_maps, primary)
         results = []
-        for n, (expl, row) in enumerate(explanations):
+        for expl, row in explanations:
             started = time.perf_counter()
             result = self._response(expl, row, selected, primary, heatmaps, heatmap_kind)
             render_ms = 1e3 * (time.perf_counter() - started)
@@ -218,10 +218,17 @@ class Engine:
                 "render": render_ms,
             }
             results.append(result)
-            del n
         return results
 
-    def _explain_grouped(self, batch, target_idx, contrast_idx, top_k, with_maps, primary):
+    def _explain_grouped(
+        self,
+        batch: torch.Tensor,
+        target_idx: list[int | None],
+        contrast_idx: list[int | None],
+        top_k: int,
+        with_maps: bool,
+        primary: str,
+    ) -> list[tuple[Explanation, int]]:
         """Explain the batch; images with a contrast are explained in their own call (contrast is all-or-none)."""
         n = batch.shape[0]
         out: list[tuple[Explanation, int] | None] = [None] * n
@@ -247,7 +254,7 @@ class Engine:
             )
             for j, i in enumerate(rows):
                 out[i] = (expl, j)
-        return out
+        return out  # type: ignore[return-value]  (every row was filled)
 
     def _heatmaps(self, weights: torch.Tensor, inputs: torch.Tensor, heatmaps: str, kind: str) -> list[dict[str, Any]]:
         """One heatmap per map in ``weights`` ``(R, 6, H, W)`` of one image ``inputs`` ``(6, H, W)``."""
@@ -271,7 +278,9 @@ class Engine:
             for image in rgba
         ]
 
-    def _response(self, expl: Explanation, n: int, selected, primary: str, heatmaps: str, kind: str) -> dict[str, Any]:
+    def _response(
+        self, expl: Explanation, n: int, selected: tuple[str, ...], primary: str, heatmaps: str, kind: str
+    ) -> dict[str, Any]:
         logits, probabilities = expl.logits[n], expl.probabilities[n]
         predicted = int(logits.argmax())
         order = logits.argsort(descending=True)[:TOP_CLASSES].tolist()

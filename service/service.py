@@ -12,9 +12,10 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import bentoml
 from starlette.applications import Starlette
@@ -36,6 +37,8 @@ with bentoml.importing():
     from service.images import decode_base64
 
 log = logging.getLogger("fact.service")
+
+T = TypeVar("T")
 
 
 def _model_reference() -> bentoml.models.BentoModel | None:
@@ -137,7 +140,8 @@ class FaCTService:
     def __is_ready__(self) -> bool:
         return self._ready
 
-    async def _on_model_thread(self, fn, *args):
+    async def _on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, functools.partial(fn, *args))
 
     def _update_gpu_memory(self) -> None:
