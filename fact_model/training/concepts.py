@@ -140,7 +140,7 @@ def train_sae(
     layer = ConceptLayer(dim, k_total, spec.k)
     norm_factor = (dim / shards.mean_squared_norm()) ** 0.5
     optimizer = torch.optim.Adam(layer.parameters(), lr=config.lr)
-    steps_per_epoch = sum(-(-len(s) // config.batch_size) for s in shards.iterate())
+    steps_per_epoch = shards.steps(config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     dead_after = config.dead_after or max(1, shards.count // 2)
     since_fired = torch.zeros(k_total, dtype=torch.long)

@@ -66,6 +66,12 @@ class FeatureShards:
     paths: tuple[Path, ...]
     count: int
     dim: int
+    sizes: tuple[int, ...] = ()
+
+    def steps(self, batch_size: int) -> int:
+        """Optimiser steps of one epoch in batches of ``batch_size`` (batches never span shards)."""
+        sizes = self.sizes or tuple(len(shard) for shard in self.iterate())
+        return sum(-(-size // batch_size) for size in sizes)
 
     def iterate(self, generator: torch.Generator | None = None) -> Iterator[Tensor]:
         """Yield shards (shuffled order, rows shuffled within) when ``generator`` is given."""
@@ -91,15 +97,17 @@ class FeatureShards:
         if not marker.is_file():
             raise FileNotFoundError(f"no finished feature collection at {directory}")
         meta = json.loads(marker.read_text())
-        return cls(directory, tuple(directory / p for p in meta["shards"]), meta["count"], meta["dim"])
+        paths = tuple(directory / p for p in meta["shards"])
+        return cls(directory, paths, meta["count"], meta["dim"], tuple(meta.get("sizes", ())))
 
 
-def _write_shard(directory: Path, index: int, rows: list[Tensor]) -> str:
+def _write_shard(directory: Path, index: int, rows: list[Tensor]) -> tuple[str, int]:
     name = f"shard_{index:05d}.safetensors"
     tmp = directory / f".{name}.tmp"
-    save_file({"features": torch.cat(rows).contiguous()}, str(tmp))
+    features = torch.cat(rows).contiguous()
+    save_file({"features": features}, str(tmp))
     os.replace(tmp, directory / name)
-    return name
+    return name, len(features)
 
 
 def collect_features(
@@ -132,7 +140,7 @@ def collect_features(
     generator = torch.Generator().manual_seed(seed)
     model.eval()
     pending: list[Tensor] = []
-    pending_rows, shard_names, count, dim = 0, [], 0, 0
+    pending_rows, shards, count, dim = 0, [], 0, 0
     for idx in tqdm(
         list(batches(len(images), batch_size)), desc=f"features @ {layer}", disable=not progress, leave=False
     ):
@@ -145,10 +153,16 @@ def collect_features(
         pending_rows += len(picked)
         count += len(picked)
         if pending_rows >= shard_size:
-            shard_names.append(_write_shard(out_dir, len(shard_names), pending))
+            shards.append(_write_shard(out_dir, len(shards), pending))
             pending, pending_rows = [], 0
     if pending:
-        shard_names.append(_write_shard(out_dir, len(shard_names), pending))
-    marker = {"shards": shard_names, "count": count, "dim": dim, "settings": settings}
+        shards.append(_write_shard(out_dir, len(shards), pending))
+    marker = {
+        "shards": [name for name, _ in shards],
+        "sizes": [size for _, size in shards],
+        "count": count,
+        "dim": dim,
+        "settings": settings,
+    }
     (out_dir / "done.json").write_text(json.dumps(marker, indent=2) + "\n")
     return FeatureShards.open(out_dir)
