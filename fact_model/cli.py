@@ -4,6 +4,7 @@
     fact train concepts   add and train concept layers (on a trained backbone or a B-cos-v2 checkpoint)
     fact evaluate         accuracy and concept figures (JSON + Markdown report)
     fact stats            per-concept dataset statistics, saved next to the model
+    fact quality          C²-score and ground-truth recovery: concepts vs raw channels vs random
     fact explain IMAGE…   explain images locally (table, JSON, PNG maps)
     fact data export      write embedded-dataset images as PNG folders
 
@@ -112,6 +113,18 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--model", required=True, help="artifact directory (the statistics are written into it)")
     stats.add_argument("--split", default=None, help="synthetic: default test; folder: all")
     stats.add_argument("--top", type=int, default=16, help="top-activating images kept per concept")
+
+    quality = commands.add_parser("quality", help="C²-score and ground-truth recovery of concepts vs channels")
+    _add_data_args(quality)
+    quality.add_argument("--model", default="default", help="artifact directory or 'default'")
+    quality.add_argument("--split", default="test", help="evaluation split (synthetic)")
+    quality.add_argument("--layer", action="append", default=None, help="concept layer (repeatable; default: all)")
+    quality.add_argument(
+        "--dinov2-weights",
+        default=None,
+        help="local DINOv2 ViT-S/14 weights (else $FACT_DINOV2_WEIGHTS, else built-in)",
+    )
+    quality.add_argument("--out", type=Path, required=True, help="where quality.json/.md go")
 
     explain = commands.add_parser("explain", help="explain image files with a model, locally")
     explain.add_argument("images", nargs="+", type=Path, help="image files (any size and mode)")
@@ -233,6 +246,43 @@ def _stats(args: argparse.Namespace, progress: bool) -> None:
     stats = compute_concept_stats(model, images, labels, top=args.top, progress=progress)
     path = save_concept_stats(resolve_artifact_path(args.model), stats, {"data": description, "top": args.top})
     print_summary("concept statistics", {"images": len(images), "layers": len(model.concept_layers), "file": str(path)})
+
+
+def _quality(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.analysis.encoders import OracleEncoder, reference_encoder
+    from fact_model.analysis.quality import concept_quality, quality_markdown
+    from fact_model.artifacts import load
+    from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES, SyntheticParts
+    from fact_model.training.common import print_summary
+
+    spec = _data_spec(args)
+    if not spec.is_synthetic:
+        raise ValueError("fact quality needs ground-truth part maps: use --data synthetic")
+    model = load(args.model)
+    images, _, part_maps = SyntheticParts(spec.synthetic_config(), args.split).tensors(progress=progress)
+    encoder, message = reference_encoder(args.dinov2_weights)
+    if message:
+        log.warning("%s", message)
+    encoders = [OracleEncoder(part_maps, len(PART_NAMES)), encoder]
+    class_parts = sorted({p + 1 for parts in CLASS_PARTS for p in parts})
+    layers = args.layer or [info.name for info in model.concept_layers]
+    reports = []
+    for layer in layers:
+        for source in ("fact", "channels"):
+            reports.append(
+                concept_quality(
+                    model, images, layer, encoders, source, part_maps, PART_NAMES, class_parts, progress=progress
+                )
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
+    (args.out / "quality.md").write_text(quality_markdown(reports))
+    rows: dict[str, object] = {}
+    for r in reports:
+        for key, value in r.summary().items():
+            if key not in ("layer", "source"):
+                rows[f"{r.layer} {r.source}: {key}"] = value
+    print_summary("concept quality", rows)
 
 
 def _explain(args: argparse.Namespace, progress: bool) -> None:
@@ -367,6 +417,7 @@ _COMMANDS = {
     ("train", "concepts"): _train_concepts,
     ("evaluate", None): _evaluate,
     ("stats", None): _stats,
+    ("quality", None): _quality,
     ("explain", None): _explain,
     ("data", "export"): _export,
 }

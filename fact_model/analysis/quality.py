@@ -211,3 +211,21 @@ def concept_quality(
         part_names=list(part_names),
         class_part_labels=list(class_part_labels),
     )
+
+
+def quality_markdown(reports: Sequence[QualityReport], title: str = "Concept quality") -> str:
+    """A Markdown table per layer: FaCT concepts vs raw channels vs the random concept."""
+    lines = [f"# {title}", ""]
+    for layer in dict.fromkeys(r.layer for r in reports):
+        rows = [r for r in reports if r.layer == layer]
+        encoders = rows[0].encoders
+        header = "| units | scored / total | mean purity | coverage | " + " | ".join(f"C² {e}" for e in encoders) + " |"
+        lines += [f"## {layer}", "", header, "|---|---|---:|---:|" + "---:|" * len(encoders)]
+        for r in rows:
+            label = "FaCT concepts" if r.source == "fact" else "raw B-cos channels"
+            c2 = " | ".join(f"{r.mean_c2(e):.3f}" for e in encoders)
+            lines.append(f"| {label} | {len(r.scores)} / {r.units} | {r.mean_purity:.3f} | {r.coverage:.0%} | {c2} |")
+        random = " | ".join(f"{rows[0].random_c2[e]:.4f}" for e in encoders)
+        lines.append(f"| random concept | – | – | – | {random} |")
+        lines.append("")
+    return "\n".join(lines)
