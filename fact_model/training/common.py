@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import Tensor
 
@@ -88,5 +89,6 @@ def print_summary(title: str, rows: dict[str, object], console: Console | None =
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in rows.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(escape(key), escape(text))  # keys may contain [brackets] (encoder names)
     (console or Console(stderr=True)).print(table)
