@@ -75,3 +75,21 @@ def test_quality_command(tmp_path):
     assert [(r["layer"], r["source"]) for r in data] == [("layer3", "fact"), ("layer3", "channels")]
     assert "## layer3" in (out / "quality.md").read_text()
     assert main(["-q", "quality", "--data", str(tmp_path), "--out", str(out)]) == 2  # needs ground truth
+
+
+def test_report_command_writes_html_with_valid_images(tmp_path):
+    import re
+
+    from PIL import Image
+
+    out = tmp_path / "report"
+    assert main(["-q", "report", "--test-size", "60", "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert any(name.startswith("gallery_") for name in images) and any(name.startswith("example_") for name in images)
+    assert any(name.startswith("c2_histogram_") for name in images)
+    for name in images:
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+    assert "FaCT concepts" in page and "raw B-cos channels" in page and "random concept, per class" in page
+    assert "https://" not in page.replace("https://dl.fbaipublicfiles", "")  # nothing fetched when opened
