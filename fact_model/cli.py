@@ -7,6 +7,7 @@
     fact quality          C²-score and ground-truth recovery: concepts vs raw channels vs random
     fact report           HTML report: evaluation, concept quality, galleries, example decisions
     fact explain IMAGE…   explain images locally (table, JSON, PNG maps)
+    fact export-onnx      ONNX graph of the prediction and last-layer concept decomposition
     fact data export      write embedded-dataset images as PNG folders
 
 The CLI only parses arguments into configs; the work is in :mod:`fact_model.training`,
@@ -133,6 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--split", default="test", help="evaluation split (synthetic)")
     report.add_argument("--dinov2-weights", default=None, help="local DINOv2 ViT-S/14 weights (else built-in)")
     report.add_argument("--out", type=Path, required=True, help="directory for report.html and its PNGs")
+
+    onnx_export = commands.add_parser("export-onnx", help="export prediction + concept decomposition to ONNX")
+    onnx_export.add_argument("--model", required=True, help="artifact directory (model.onnx is written into it)")
+    onnx_export.add_argument("--top-k", type=int, default=5, help="top concepts returned per image")
 
     explain = commands.add_parser("explain", help="explain image files with a model, locally")
     explain.add_argument("images", nargs="+", type=Path, help="image files (any size and mode)")
@@ -352,6 +357,14 @@ def _report(args: argparse.Namespace, progress: bool) -> None:
     print_summary("report", {"html": str(path), "files": len(list(args.out.iterdir()))})
 
 
+def _export_onnx(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.onnx_export import export_onnx
+    from fact_model.training.common import print_summary
+
+    entry = export_onnx(args.model, top_k=args.top_k)
+    print_summary("ONNX export", {k: str(v) for k, v in entry.items()})
+
+
 def _explain(args: argparse.Namespace, progress: bool) -> None:
     from PIL import Image, UnidentifiedImageError
 
@@ -486,6 +499,7 @@ _COMMANDS = {
     ("stats", None): _stats,
     ("quality", None): _quality,
     ("report", None): _report,
+    ("export-onnx", None): _export_onnx,
     ("explain", None): _explain,
     ("data", "export"): _export,
 }

@@ -144,6 +144,10 @@ class ConceptLayer(nn.Module):
     def decode(self, codes: ConceptCodes) -> Tensor:
         """Reconstruction ``f̂ = D u`` in the input layout (``(N, C, h, w)`` or ``(N, T, C)``)."""
         n, p, k = codes.values.shape
+        if torch.compiler.is_exporting():
+            # Same sum for graph export: ONNX has no EmbeddingBag, and its decomposition loops per bag.
+            recon = (codes.values.unsqueeze(-1) * self.decoder[codes.indices]).sum(dim=-2)
+            return self._to_layout(recon, codes)
         # Gather-sum of k decoder columns per position (never a dense (N·P, K) code).
         recon = F.embedding_bag(
             codes.indices.reshape(n * p, k),
@@ -151,8 +155,12 @@ class ConceptLayer(nn.Module):
             per_sample_weights=codes.values.reshape(n * p, k),
             mode="sum",
         ).view(n, p, self.in_features)
+        return self._to_layout(recon, codes)
+
+    def _to_layout(self, recon: Tensor, codes: ConceptCodes) -> Tensor:
+        """``(N, P, C)`` → the input's layout (``(N, C, h, w)`` or ``(N, T, C)``)."""
         if len(codes.spatial_shape) == 2:
-            return recon.transpose(1, 2).reshape(n, self.in_features, *codes.spatial_shape)
+            return recon.transpose(1, 2).reshape(recon.shape[0], self.in_features, *codes.spatial_shape)
         return recon
 
     def encoder_vjp(self, codes: ConceptCodes, seed: Tensor) -> Tensor:

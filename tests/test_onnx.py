@@ -1,0 +1,120 @@
+"""ONNX export and ONNX Runtime parity with PyTorch (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import fact_model
+from fact_model.artifacts import ArtifactError, resolve_artifact_path
+from fact_model.data.synthetic import SyntheticConfig, SyntheticParts
+from fact_model.onnx_export import PredictionGraph, export_onnx
+from fact_model.onnx_runtime import OnnxPredictor, choose_providers
+from tests.conftest import make_model
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    default = root / "default"
+    shutil.copytree(resolve_artifact_path("default"), default)
+    fresh = fact_model.save(make_model([("layer2", 16, 4), ("layer3", 32, 4)], seed=5), root / "fresh")
+    return {"default": (default, export_onnx(default)), "fresh": (fresh, export_onnx(fresh, top_k=3))}
+
+
+def _near_topk_tie(model: fact_model.FaCTModel, images: torch.Tensor, relative_gap: float = 1e-6) -> torch.Tensor:
+    """``(N,)``: some position has its k-th and (k+1)-th pre-activations within rounding of each other."""
+    from fact_model.bcos.encoding import encode_rgb
+
+    tied = torch.zeros(len(images), dtype=torch.bool)
+    with torch.no_grad():
+        x6 = encode_rgb(images)
+        for info in model.concept_layers:
+            layer = model.concept_layer(info.name)
+            pre = layer.pre_activations(model.features_at(x6, info.name))  # (N, P, K)
+            top = pre.topk(min(info.k + 1, info.num_concepts), dim=-1).values
+            gap = (top[..., -2] - top[..., -1]) / top[..., 0].clamp_min(1e-12)
+            tied |= ((gap < relative_gap) & (top[..., -2] > 0)).any(dim=1)
+    return tied
+
+
+def _real_images(n: int) -> torch.Tensor:
+    images, _, _ = SyntheticParts(SyntheticConfig(test=n), "test").tensors()
+    return images.float() / 255
+
+
+@pytest.mark.parametrize("name", ["default", "fresh"])
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("kind", ["random", "real"])
+def test_parity_with_pytorch(exported, name, batch, kind):
+    directory, entry = exported[name]
+    model = fact_model.load(directory)
+    size = model.config.preprocessing.input_size
+    if kind == "real" and size == 48:
+        images = _real_images(batch)
+    else:
+        images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    outputs = OnnxPredictor(directory, device="cpu").run(images)
+    with torch.no_grad():
+        reference = [t.numpy() for t in PredictionGraph(model, entry["top_k"]).eval()(images)]
+    logits, ids, contributions, totals, residual = (outputs[k] for k in entry["outputs"])
+    # Different kernels round differently; where two candidates of a position's TopK are within
+    # rounding of each other, either choice is correct and the outputs legitimately differ.
+    tied = _near_topk_tie(model, images)
+    assert tied.float().mean() <= 0.2, "near-ties should be rare"
+    keep = (~tied).numpy()
+    scale = np.abs(reference[0]).max() + 1.0
+    assert np.abs(logits - reference[0])[keep].max(initial=0) <= 1e-4 * scale
+    assert (ids == reference[1])[keep].all()
+    assert np.abs(contributions - reference[2])[keep].max(initial=0) <= 1e-4 * (np.abs(reference[2]).max() + 1e-3)
+    assert np.abs(totals - reference[3])[keep].max(initial=0) <= 1e-4 * (np.abs(reference[3]).max() + 1e-3)
+    # exported contributions sum to logit − bias: the residual output, against an independent explain()
+    explanation = model.explain(images, top_k=entry["top_k"])
+    explained = explanation.explained.numpy()
+    assert (residual <= 1e-4 * (np.abs(explained) + np.abs(contributions).sum(1) + 1e-6)).all()
+    from_explain = explanation.contributions[entry["layer"]].gather(1, torch.from_numpy(ids)).numpy()
+    assert np.abs(contributions - from_explain)[keep].max(initial=0) <= 1e-4 * (np.abs(from_explain).max() + 1e-3)
+
+
+def test_manifest_records_the_export(exported):
+    directory, entry = exported["default"]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["onnx"] == entry and entry["opset"] >= 18
+    fact_model.load(directory)  # the extra manifest field does not disturb loading
+
+
+def test_corrupted_or_mismatched_onnx_is_refused(exported, tmp_path):
+    source, _ = exported["default"]
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(source, corrupted)
+    data = bytearray((corrupted / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupted / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        OnnxPredictor(corrupted)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(source, mismatched)
+    shutil.copy(exported["fresh"][0] / "model.onnx", mismatched / "model.onnx")
+    with pytest.raises(ArtifactError, match="another model"):
+        OnnxPredictor(mismatched)
+    with pytest.raises(ArtifactError, match="no ONNX export"):
+        OnnxPredictor(resolve_artifact_path("default"))
+
+
+def test_cpu_only_machine_gets_a_quiet_cpu_session():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert choose_providers("auto") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="cuda"):
+        choose_providers("cuda")
+
+
+def test_model_without_closed_form_is_refused():
+    with pytest.raises(ValueError, match="closed-form"):
+        PredictionGraph(make_model([("layer2", 16, 4)]), 5)
