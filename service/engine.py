@@ -62,6 +62,11 @@ class Engine:
         evaluation = self.artifact_dir / "evaluation.json"
         self.evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else None
         self.closed_form = closed_form_applies(self.model)
+        self.onnx = None
+        if settings.runtime == "onnx":
+            from fact_model.onnx_runtime import OnnxPredictor
+
+            self.onnx = OnnxPredictor(self.artifact_dir, device=self.device, threads=settings.torch_threads)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -130,6 +135,8 @@ class Engine:
         """Classes, probabilities and the last concept layer's top contributions (closed form)."""
         batch = self.model.preprocess(images).to(self.device)
         top_layer = self.layer_names[-1]
+        if self.onnx is not None:
+            return self._predict_onnx(batch, top_k, top_layer)
         if self.closed_form:
             with torch.no_grad():
                 from fact_model.bcos.encoding import encode_rgb
@@ -154,6 +161,28 @@ class Engine:
                     "concepts": [
                         {"layer": top_layer, "id": int(i), "contribution": float(c)}
                         for c, i in zip(top.values[n].tolist(), top.indices[n].tolist(), strict=True)
+                    ],
+                    "logit_bias": self.model.logit_bias,
+                    "model": self.model_identity,
+                }
+            )
+        return results
+
+    def _predict_onnx(self, batch: torch.Tensor, top_k: int, top_layer: str) -> list[dict[str, Any]]:
+        outputs = self.onnx.run(batch)
+        logits = torch.from_numpy(outputs["logits"])
+        probabilities = self.model.probabilities(logits)
+        k = min(top_k, outputs["top_ids"].shape[1])
+        results = []
+        for n in range(len(batch)):
+            order = logits[n].argsort(descending=True)[:TOP_CLASSES].tolist()
+            results.append(
+                {
+                    "prediction": self._class_entry(logits[n], probabilities[n], int(logits[n].argmax())),
+                    "top_classes": [self._class_entry(logits[n], probabilities[n], c) for c in order],
+                    "concepts": [
+                        {"layer": top_layer, "id": int(i), "contribution": float(c)}
+                        for i, c in zip(outputs["top_ids"][n, :k], outputs["top_contributions"][n, :k], strict=True)
                     ],
                     "logit_bias": self.model.logit_bias,
                     "model": self.model_identity,
@@ -360,7 +389,11 @@ class Engine:
                 k: self.evaluation[k] for k in ("backbone_accuracy", "fact_accuracy", "images") if k in self.evaluation
             },
             "concept_statistics": self.stats_meta is not None,
-            "runtime": {"predict": "pytorch", "explain": "pytorch"},
+            "runtime": {
+                "predict": "onnxruntime" if self.onnx is not None else "pytorch",
+                "explain": "pytorch",
+                **({"onnx_providers": self.onnx.providers} if self.onnx is not None else {}),
+            },
         }
 
     def _check_concept(self, layer: str, concept: int | None = None) -> None:

@@ -13,6 +13,7 @@ variable                       default                     meaning
 ``FACT_MAX_BATCH_ITEMS``       ``16``                      upper bound of ``/explain_batch`` items
 ``FACT_REQUEST_TIMEOUT``       ``30``                      seconds before a request gets HTTP 504
 ``FACT_PREDICT_MAX_BATCH``     ``32``                      adaptive batching: largest ``/predict`` batch
+``FACT_RUNTIME``               ``pytorch``                 ``/predict`` runtime: ``pytorch`` or ``onnx``
 ``FACT_TORCH_THREADS``         (torch default)             intra-op threads of the model thread
 ``FACT_PREDICT_MAX_LATENCY``   ``500``                     adaptive batching: latency budget (ms); over it → 503
 =============================  ==========================  ==========================================
@@ -53,12 +54,16 @@ class Settings:
     predict_max_batch: int
     predict_max_latency_ms: int
     torch_threads: int | None
+    runtime: str
 
     @classmethod
     def from_env(cls) -> Settings:
         device = os.environ.get("FACT_DEVICE", "auto")
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"FACT_DEVICE must be auto, cpu or cuda, got {device!r}")
+        runtime = os.environ.get("FACT_RUNTIME", "pytorch")
+        if runtime not in ("pytorch", "onnx"):
+            raise ValueError(f"FACT_RUNTIME must be pytorch or onnx, got {runtime!r}")
         return cls(
             model_tag=os.environ.get("FACT_MODEL_TAG", "fact-default:latest"),
             artifact=os.environ.get("FACT_ARTIFACT") or None,
@@ -72,6 +77,7 @@ class Settings:
             predict_max_batch=_int("FACT_PREDICT_MAX_BATCH", 32),
             predict_max_latency_ms=_int("FACT_PREDICT_MAX_LATENCY", 500),
             torch_threads=_int("FACT_TORCH_THREADS", 1) if os.environ.get("FACT_TORCH_THREADS") else None,
+            runtime=runtime,
         )
 
     def resolve_device(self) -> str:

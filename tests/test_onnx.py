@@ -118,3 +118,34 @@ def test_cpu_only_machine_gets_a_quiet_cpu_session():
 def test_model_without_closed_form_is_refused():
     with pytest.raises(ValueError, match="closed-form"):
         PredictionGraph(make_model([("layer2", 16, 4)]), 5)
+
+
+def test_service_serves_predict_through_onnx_runtime(exported, tmp_path):
+    import base64
+    import io
+    import os
+
+    from PIL import Image
+
+    from fact_model.data.synthetic import render_sample
+    from service.harness import http, post_json, running_server
+
+    directory, _ = exported["default"]
+    home = tmp_path / "bentoml"
+    home.mkdir()
+    env = {"FACT_ARTIFACT": str(directory), "FACT_RUNTIME": "onnx", "FACT_MODEL_TAG": "absent:latest"}
+    config = SyntheticConfig()
+    with running_server(home, env={**env, "PATH": os.environ.get("PATH", "")}) as url:
+        assert http("GET", f"{url}/model")[1]["runtime"]["predict"] == "onnxruntime"
+        correct = 0
+        for i in range(10):
+            image, _, label = render_sample(config, "test", i)
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            status, body = post_json(
+                f"{url}/predict", {"images": [{"image_base64": base64.b64encode(buffer.getvalue()).decode()}]}
+            )
+            assert status == 200, body
+            correct += body[0]["prediction"]["index"] == label
+            assert len(body[0]["concepts"]) == 5
+        assert correct >= 9
