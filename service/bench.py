@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="requests per (endpoint, concurrency)")
     parser.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
+    parser.add_argument("--runtime", choices=["pytorch", "onnx"], default="pytorch", help="/predict runtime")
+    parser.add_argument("--endpoints", default="predict,explain", help="comma-separated endpoints to measure")
     args = parser.parse_args(argv)
     images = _payloads(50)
     rows = {}
@@ -77,16 +79,27 @@ def main(argv: list[str] | None = None) -> None:
         else:
             subprocess.run([sys.executable, "-m", "service.store"], cwd=REPO, check=True, capture_output=True,
                            env={**__import__("os").environ, "BENTOML_HOME": home, "PYTHONPATH": str(REPO)})  # fmt: skip
-            url_context = running_server(Path(home))
+            env = None
+            if args.runtime == "onnx":
+                import shutil
+
+                from fact_model.artifacts import resolve_artifact_path
+                from fact_model.onnx_export import export_onnx
+
+                artifact = Path(home) / "onnx_model"
+                shutil.copytree(resolve_artifact_path("default"), artifact)
+                export_onnx(artifact)
+                env = {"FACT_ARTIFACT": str(artifact), "FACT_RUNTIME": "onnx"}
+            url_context = running_server(Path(home), env=env)
             url = url_context.__enter__()
         try:
             for clients in (1, 8):
-                for endpoint in ("predict", "explain"):
+                for endpoint in args.endpoints.split(","):
                     rows[(endpoint, clients)] = _run(url, endpoint, images, clients, args.requests)
         finally:
             if url_context is not None:
                 url_context.__exit__(None, None, None)
-    table = Table(title=f"service latency — default model, {args.requests} requests per row, loopback")
+    table = Table(title=f"service latency — default model ({args.runtime}), {args.requests} requests per row")
     for column in ("endpoint", "clients", "p50 ms", "p95 ms", "requests/s"):
         table.add_column(column, justify="right")
     for (endpoint, clients), r in rows.items():
@@ -95,8 +108,10 @@ def main(argv: list[str] | None = None) -> None:
         )
     console = Console()
     console.print(table)
-    ratio = rows[("explain", 1)]["p50_ms"] / rows[("predict", 1)]["p50_ms"]
-    console.print(f"/explain ÷ /predict (p50, 1 client): {ratio:.2f}")
+    console.print(f"/predict runtime: {args.runtime}")
+    if ("explain", 1) in rows and ("predict", 1) in rows:
+        ratio = rows[("explain", 1)]["p50_ms"] / rows[("predict", 1)]["p50_ms"]
+        console.print(f"/explain ÷ /predict (p50, 1 client): {ratio:.2f}")
 
 
 if __name__ == "__main__":
