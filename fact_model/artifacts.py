@@ -45,6 +45,7 @@ __all__ = [
     "ArtifactError",
     "load",
     "read_manifest",
+    "read_recorded_file",
     "resolve_artifact_path",
     "save",
     "weights_sha256",
@@ -296,23 +297,36 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_verified_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Read the weights file once, check its sha256 against the manifest, then parse those bytes."""
-    record = manifest["weights"]
-    weights_path = directory / record["file"]
-    if not weights_path.is_file():
-        raise ArtifactError(f"weights file {weights_path} not found (listed in {directory / MANIFEST_FILE})")
-    # Hash and parse the very same bytes, so the file cannot change between the check and the load.
-    data = weights_path.read_bytes()
+def read_recorded_file(directory: Path, record: dict[str, Any], what: str, remedy: str) -> bytes:
+    """The bytes of a file the manifest records (``file``, ``sha256``, optional ``bytes``), verified.
+
+    The very bytes that were hashed are returned, so the file cannot change between the
+    check and its use.
+
+    Raises:
+        ArtifactError: the file is missing or its sha256 differs (the message ends with ``remedy``).
+    """
+    path = directory / record["file"]
+    if not path.is_file():
+        raise ArtifactError(f"{what} {path} not found (listed in {directory / MANIFEST_FILE})")
+    data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != record["sha256"]:
         size = ""
         if isinstance(record.get("bytes"), int) and record["bytes"] != len(data):
             size = f" (and is {len(data)} bytes, not {record['bytes']})"
         raise ArtifactError(
-            f"weights file {weights_path} has sha256 {actual} but the manifest records {record['sha256']}{size}: "
-            "the file was modified or corrupted; refusing to load"
+            f"{what} {path} has sha256 {actual} but the manifest records {record['sha256']}{size}: {remedy}"
         )
+    return data
+
+
+def _read_verified_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Read the weights file once, check its sha256 against the manifest, then parse those bytes."""
+    weights_path = directory / manifest["weights"]["file"]
+    data = read_recorded_file(
+        directory, manifest["weights"], "weights file", "the file was modified or corrupted; refusing to load"
+    )
     try:
         return _safetensors_load(data)
     except Exception as err:  # safetensors raises its own error types

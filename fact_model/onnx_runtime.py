@@ -8,7 +8,6 @@ returns the same quantities as :class:`~fact_model.onnx_export.PredictionGraph`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fact_model.artifacts import ArtifactError, read_manifest, resolve_artifact_path
+from fact_model.artifacts import ArtifactError, read_manifest, read_recorded_file, resolve_artifact_path
 
 __all__ = ["OnnxPredictor", "choose_providers"]
 
@@ -53,16 +52,12 @@ class OnnxPredictor:
         entry = manifest.get("onnx")
         if not isinstance(entry, dict):
             raise ArtifactError(f"{directory} has no ONNX export: run `fact export-onnx --model {directory}`")
-        path = directory / entry["file"]
-        if not path.is_file():
-            raise ArtifactError(f"ONNX file {path} listed in the manifest is missing")
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            raise ArtifactError(
-                f"ONNX file {path} has sha256 {digest} but the manifest records {entry['sha256']}: "
-                "it was modified, corrupted or belongs to another model; re-export it with `fact export-onnx`"
-            )
+        data = read_recorded_file(
+            directory,
+            entry,
+            "ONNX file",
+            "it was modified, corrupted or belongs to another model; re-export it with `fact export-onnx`",
+        )
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: no provider warnings on CPU-only machines
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
