@@ -19,6 +19,25 @@ REPO = Path(__file__).resolve().parents[1]
 """The repository root (the server runs there, with it on PYTHONPATH)."""
 
 
+class ServerURL(str):
+    """The base URL of a running server, with the process-group id of its processes as ``pid``."""
+
+    pid: int
+
+
+def process_group_rss(pgid: int) -> int:
+    """Resident memory, in bytes, of every process in process group ``pgid`` (Linux ``/proc``)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of /proc/PID/stat: process group
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: RSS in pages
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,6 +56,12 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict | None 
         return status, json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return status, data
+
+
+def metrics_text_of(url: str) -> str:
+    """The server's ``/metrics`` page as text."""
+    status, body = http("GET", f"{url}/metrics")
+    return body.decode() if isinstance(body, bytes) else str(body)
 
 
 def post_json(url: str, payload: object, timeout: float = 30):
@@ -61,7 +86,7 @@ def post_multipart(url: str, fields: dict[str, str], file_field: str, filename: 
 @contextlib.contextmanager
 def running_server(
     bentoml_home: Path, env: dict[str, str] | None = None, startup_timeout: float = 120
-) -> Iterator[str]:
+) -> Iterator[ServerURL]:
     """Yield the base URL of a ready server; always stop it (the whole process group) afterwards."""
     port = free_port()
     environment = {**os.environ, "BENTOML_HOME": str(bentoml_home), "PYTHONPATH": str(REPO), **(env or {})}
@@ -72,7 +97,8 @@ def running_server(
          "--port", str(port)],
         cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.pid = process.pid
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
