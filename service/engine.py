@@ -133,6 +133,8 @@ class Engine:
     # ------------------------------------------------------------------ predict
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[dict[str, Any]]:
         """Classes, probabilities and the last concept layer's top contributions (closed form)."""
+        if not images:
+            return []
         batch = self.model.preprocess(images).to(self.device)
         top_layer = self.layer_names[-1]
         if self.onnx is not None:

@@ -258,10 +258,10 @@ class FaCTService:
         return results
 
 
-def _count_oversized(path: str) -> None:
-    METRICS.rejected.labels(endpoint=path.strip("/") or "root", reason="too_large").inc()
+def _count_rejection(path: str, reason: str) -> None:
+    METRICS.rejected.labels(endpoint=path.strip("/") or "root", reason=reason).inc()
 
 
-FaCTService.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_request_bytes, on_reject=_count_oversized)
+FaCTService.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_request_bytes, on_reject=_count_rejection)
 
 __all__ = ["FaCTService"]

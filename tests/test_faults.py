@@ -125,3 +125,30 @@ def test_memory_returns_near_baseline_and_rejections_are_counted(server):
     assert rss <= 1.2 * baseline, (rss, baseline)
     metrics = metrics_text_of(url)
     assert 'fact_rejected_requests_total{endpoint="explain",reason="too_large"}' in metrics
+
+
+def test_schema_fuzzing_finds_no_server_error(server):
+    """schemathesis against the service's own OpenAPI schema, bounded: zero 5xx allowed."""
+    pytest.importorskip("schemathesis")
+    url, _ = server
+    result = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/docs.json", "--checks", "not_a_server_error",
+         "--max-examples", "30", "--request-timeout", "30", "--phases", "examples,fuzzing", "--no-color",
+         "--seed", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+    _assert_serves_correctly(url)
+
+
+def test_malformed_multipart_is_a_400(server):
+    url, _ = server
+    boundary = "b0undary"
+    status, body = http(
+        "POST",
+        f"{url}/explain",
+        f"--{boundary}\r\n[]--{boundary}--\r\n".encode(),
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert status == 400 and body["reason"] == "malformed_multipart"
+    assert post_json(f"{url}/predict", {"images": []}) == (200, [])
