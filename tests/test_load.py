@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("locust")
+# Locust runs in its own process; importing it here would gevent-patch ssl inside pytest.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust is not installed")
 
 
 def test_short_load_run_has_no_failures(tmp_path):
