@@ -20,6 +20,7 @@ from PIL import Image
 from fact_model import render
 from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
 from fact_model.artifacts import load, read_manifest
+from fact_model.bcos.encoding import encode_rgb
 from fact_model.explain import closed_form_applies, closed_form_code_gradient, concept_input_maps
 from fact_model.explanation import Explanation
 from fact_model.model import FaCTModel
@@ -141,8 +142,6 @@ class Engine:
             return self._predict_onnx(batch, top_k, top_layer)
         if self.closed_form:
             with torch.no_grad():
-                from fact_model.bcos.encoding import encode_rgb
-
                 record = self.model.forward_encoded(encode_rgb(batch))
             logits = record.logits
             predicted = logits.argmax(dim=1)
