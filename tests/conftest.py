@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (at import), so switch the CPU
+# interpreter on before any test imports kernels/: without a GPU the kernels run there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
 from fact_model.model import FaCTModel

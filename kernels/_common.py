@@ -1,0 +1,114 @@
+"""What every kernel file shares: the on/off switch, where Triton may run, input checks.
+
+Kernels run on CUDA tensors. On the CPU they run only under Triton's interpreter
+(``TRITON_INTERPRET=1``, set before :mod:`triton` is first imported), which is how the
+test suite checks them on a machine without a GPU. Everywhere else the PyTorch
+reference of each kernel file is used.
+
+``FACT_KERNELS`` selects the implementation the model layers use:
+
+* ``auto`` (default) — Triton kernels on CUDA tensors, the PyTorch reference elsewhere;
+* ``triton`` — Triton kernels on CUDA, and on the CPU too when the interpreter is on;
+* ``torch`` — always the PyTorch reference (the kernels are off).
+
+The variable is read at each call, so a process can switch it for an A/B comparison.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KERNELS_ENV",
+    "KernelInputError",
+    "check_same_device",
+    "check_tensor",
+    "interpreting",
+    "kernels_mode",
+    "triton_runs_on",
+]
+
+KERNELS_ENV = "FACT_KERNELS"
+_MODES = ("auto", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class KernelInputError(ValueError):
+    """A launcher refused its arguments (wrong device, dtype, shape or layout)."""
+
+
+def kernels_mode() -> str:
+    """The value of ``FACT_KERNELS`` (``auto``, ``triton`` or ``torch``)."""
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"{KERNELS_ENV} must be one of {list(_MODES)}, got {mode!r}")
+    return mode
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(tensor: Tensor) -> bool:
+    """Whether the model layers should use the Triton kernels for ``tensor``."""
+    mode = kernels_mode()
+    if mode == "torch":
+        return False
+    if tensor.is_cuda:
+        return True
+    return mode == "triton" and tensor.device.type == "cpu" and interpreting()
+
+
+def check_tensor(
+    name: str,
+    tensor: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Iterable[torch.dtype] = FLOAT_DTYPES,
+    contiguous: bool = True,
+    channels_last: bool = False,
+) -> Tensor:
+    """Refuse ``tensor`` unless a kernel can read it; the message names the argument.
+
+    Args:
+        name: the argument's name, quoted in the error.
+        ndim: required number of dimensions (any when ``None``).
+        dtypes: accepted dtypes.
+        contiguous: require a dense row-major (or, with ``channels_last``, NHWC) layout.
+        channels_last: the layout required when ``contiguous`` is set, for 4-d tensors.
+
+    Raises:
+        KernelInputError: on any mismatch.
+    """
+    if not isinstance(tensor, Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not (tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())):
+        raise KernelInputError(
+            f"{name} is on {tensor.device}: Triton kernels need CUDA tensors "
+            "(or CPU tensors under TRITON_INTERPRET=1); use the PyTorch reference instead"
+        )
+    dtypes = tuple(dtypes)
+    if tensor.dtype not in dtypes:
+        raise KernelInputError(f"{name} has dtype {tensor.dtype}; supported: {[str(d) for d in dtypes]}")
+    if ndim is not None and tensor.ndim != ndim:
+        raise KernelInputError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if contiguous:
+        if channels_last and tensor.ndim == 4:
+            if not tensor.is_contiguous(memory_format=torch.channels_last):
+                raise KernelInputError(f"{name} must be channels_last (NHWC) contiguous, got strides {tensor.stride()}")
+        elif not tensor.is_contiguous():
+            raise KernelInputError(f"{name} must be contiguous, got strides {tensor.stride()}")
+    return tensor
+
+
+def check_same_device(**tensors: Tensor) -> None:
+    """Refuse tensors that live on different devices; the message names them all."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise KernelInputError(f"all tensors must be on one device: {listing}")
