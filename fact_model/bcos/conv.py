@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fact_model.bcos.explanation_mode import Detachable
 from fact_model.bcos.functional import bcos_combine, patch_norms, unit_norm_rows
+from fact_model.bcos.kernel_dispatch import KernelWeightsCache, triton_runs_on
 
 __all__ = ["BcosConv2d", "NormedConv2d"]
 
@@ -37,7 +38,7 @@ class NormedConv2d(nn.Conv2d):
         return self._conv_forward(x, weight, None)
 
 
-class BcosConv2d(Detachable, nn.Module):
+class BcosConv2d(KernelWeightsCache, Detachable, nn.Module):
     """``out = |cos(x, ŵ)|^(B-1) · (ŵ·x)`` over every receptive-field patch.
 
     Args:
@@ -123,6 +124,8 @@ class BcosConv2d(Detachable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, in, H, W)`` → ``(N, out, H', W')``: ``|cos|^(B-1) · (ŵ·x)``."""
+        if self.b != 1 and triton_runs_on(x):
+            return self._forward_kernels(x)
         out = self.linear_out(x)
         if self.b == 1:
             return out
@@ -133,6 +136,17 @@ class BcosConv2d(Detachable, nn.Module):
         grouped = out.view(n, g, o // g, h, w)
         norms = self.patch_norms(x).unsqueeze(2)
         return bcos_combine(grouped, norms, self.b, self.detach_dynamic).view(n, o, h, w)
+
+    def _forward_kernels(self, x: Tensor) -> Tensor:
+        """The same function on the Triton kernels of ``kernels/`` (CUDA; see :mod:`kernels.bcos_layer`)."""
+        from kernels.bcos_layer import bcos_conv2d
+        from kernels.bcos_postop import ConvGeometry
+
+        geometry = ConvGeometry(
+            x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding, self.dilation, self.groups
+        )
+        weight_hat, weight_kc = self._weights_cache(x.dtype)
+        return bcos_conv2d(x, weight_hat, geometry, self.b, self.max_out, self.detach_dynamic, weight_kc)
 
     def extra_repr(self) -> str:
         s = f"B={self.b}"

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fact_model.bcos.explanation_mode import Detachable
 from fact_model.bcos.functional import PATCH_NORM_EPS, bcos_combine, unit_norm_rows
+from fact_model.bcos.kernel_dispatch import KernelWeightsCache, triton_runs_on
 
 __all__ = ["BcosLinear", "NormedLinear"]
 
@@ -25,7 +26,7 @@ class NormedLinear(nn.Linear):
         return F.linear(x, unit_norm_rows(self.weight))
 
 
-class BcosLinear(Detachable, nn.Module):
+class BcosLinear(KernelWeightsCache, Detachable, nn.Module):
     """``out = |cos(x, ŵ)|^(B-1) · (ŵ·x)`` for vectors ``x`` of the last dimension.
 
     Args:
@@ -62,6 +63,11 @@ class BcosLinear(Detachable, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(*, in)`` → ``(*, out)``."""
+        if self.b != 1 and triton_runs_on(x):
+            from kernels.bcos_layer import bcos_linear
+
+            weight_hat, _ = self._weights_cache(x.dtype)
+            return bcos_linear(x, weight_hat, self.b, self.max_out, self.detach_dynamic)
         out = self.linear(x)
         if self.max_out > 1:
             out = out.unflatten(-1, (self.out_features, self.max_out)).amax(dim=-1)

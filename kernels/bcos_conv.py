@@ -1,0 +1,179 @@
+"""Fused B-cos convolution: implicit GEMM (NHWC) with the patch norm and the B-cos scale in the epilogue.
+
+One kernel computes ``out = |cos(x, ŵ)|^(B-1) · (ŵ·x)`` for a whole layer:
+
+* the GEMM is ``(P, kh·kw·C) @ (kh·kw·C, O)`` with ``P = N·H'·W'`` output pixels, the
+  ``A`` tiles gathered from the NHWC input (implicit im2col, zero padding by masks);
+* every ``A`` tile is also squared and summed along its row, so the patch norm
+  ``‖x_patch‖² = Σ_patch x²`` accumulates from the very tiles the GEMM loads — no
+  second read of the input, no ``Σx²`` map;
+* the epilogue applies ``|cos|^(B-1)`` (B = 2 without a power) and writes the output,
+  optionally the detached scale for explanation mode.
+
+Filters arrive unit-norm (``ŵ``): normalising the ``(O, C, kh, kw)`` weight is a tiny
+operation done once per forward by PyTorch (cached in inference by the layer), and
+keeping it outside the kernel keeps its gradient in autograd's hands.
+
+Grouped convolutions and MaxOut are not fused here: :mod:`kernels.bcos_layer` sends
+them to cuDNN + :mod:`kernels.bcos_postop`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting
+from kernels.bcos_postop import ConvGeometry, b_mode
+
+__all__ = ["fused_weight_layout", "launch_fused_conv"]
+
+# A few tile shapes; autotuning picks one per (pixels, channels, kernel) key on the GPU.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+_INTERPRETER_CONFIG = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+
+
+def _configs() -> list[triton.Config]:
+    return _INTERPRETER_CONFIG if interpreting() else _CONFIGS
+
+
+@triton.jit
+def _fused_conv_body(
+    x_ptr, w_ptr, out_ptr, scale_ptr,
+    P, H, W, C, HO, WO, O, SH, SW, PH, PW, DH, DW, b,
+    KH: tl.constexpr, KW: tl.constexpr, B_MODE: tl.constexpr, WRITE_SCALE: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Output-channel blocks vary fastest, so programs that share an input tile run together (L2 reuse).
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < P
+    mask_n = offs_n < O
+    image = offs_m // (HO * WO)
+    rem = offs_m % (HO * WO)
+    ho = rem // WO
+    wo = rem % WO
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    # One flat loop over (tap, channel block) so the pipeliner overlaps loads across taps.
+    for it in range(KH * KW * c_blocks):
+        tap = it // c_blocks
+        c0 = (it % c_blocks) * BLOCK_K
+        r = tap // KW
+        s = tap % KW
+        ih = ho * SH - PH + r * DH
+        iw = wo * SW - PW + s * DW
+        valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offs_k = c0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C
+        a = tl.load(
+            x_ptr + (((image * H + ih) * W + iw) * C)[:, None] + offs_k[None, :],
+            mask=valid[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + (tap * C + offs_k)[:, None] * O + offs_n[None, :],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        a32 = a.to(tl.float32)
+        sumsq += tl.sum(a32 * a32, axis=1)
+        if FP32_DOT:  # the interpreter's low-precision dot is wrong: compute it in float32 there
+            acc += tl.dot(a32, w.to(tl.float32))
+        else:
+            acc += tl.dot(a, w)
+    out_offs = offs_m[:, None] * O + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if B_MODE == 0:
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        norm = tl.sqrt(sumsq + 1e-6)[:, None]
+        if B_MODE == 1:
+            scale = tl.abs(acc) / norm
+        else:
+            scale = tl.exp2((b - 1.0) * tl.log2(tl.abs(acc) / norm + 1e-6))
+        tl.store(out_ptr + out_offs, (scale * acc).to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_SCALE:
+            tl.store(scale_ptr + out_offs, scale.to(scale_ptr.dtype.element_ty), mask=mask)
+
+
+_autotuned = triton.autotune(configs=_CONFIGS, key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE"])(
+    _fused_conv_body
+)
+
+
+def fused_weight_layout(weight_hat: Tensor) -> Tensor:
+    """``(O, C, kh, kw)`` unit-norm filters → the kernel's ``(kh·kw·C, O)`` row-major operand."""
+    o, c, kh, kw = weight_hat.shape
+    return weight_hat.permute(2, 3, 1, 0).reshape(kh * kw * c, o).contiguous()
+
+
+def launch_fused_conv(
+    x: Tensor, weight_kc: Tensor, geometry: ConvGeometry, b: float, write_scale: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The whole B-cos convolution (groups = 1, no MaxOut) in one kernel.
+
+    Args:
+        x: ``(N, C, H, W)`` channels_last input.
+        weight_kc: ``(kh·kw·C, O)`` unit-norm filters from :func:`fused_weight_layout`,
+            in ``x``'s dtype.
+        geometry: the convolution's geometry (``groups`` must be 1).
+        b: the B-cos exponent (≥ 1).
+        write_scale: also return the scale ``|cos|^(B-1)`` (``None`` when B = 1).
+
+    Returns:
+        ``(out, scale)``: ``(N, O, H', W')`` channels_last in ``x``'s dtype.
+    """
+    check_tensor("x", x, ndim=4, channels_last=True)
+    check_tensor("weight_kc", weight_kc, ndim=2)
+    check_same_device(x=x, weight_kc=weight_kc)
+    if weight_kc.dtype != x.dtype:
+        raise KernelInputError(f"weight_kc has dtype {weight_kc.dtype} but x has {x.dtype}; they must match")
+    n, c, h, w = x.shape
+    if (h, w) != (geometry.height, geometry.width):
+        expected = (geometry.height, geometry.width)
+        raise KernelInputError(f"x's spatial size {(h, w)} does not match the geometry's {expected}")
+    if geometry.groups != 1:
+        raise KernelInputError(f"the fused convolution supports groups=1 only, got groups={geometry.groups}")
+    kh, kw = geometry.kernel_size
+    if weight_kc.shape[0] != kh * kw * c:
+        raise KernelInputError(
+            f"weight_kc must have kh·kw·C = {kh * kw * c} rows for x's {c} channels and a {kh}×{kw} kernel, "
+            f"got {tuple(weight_kc.shape)}"
+        )
+    if not (isinstance(b, int | float) and b >= 1):
+        raise KernelInputError(f"b must be a real number ≥ 1, got {b!r}")
+    o = weight_kc.shape[1]
+    ho, wo = geometry.out_height, geometry.out_width
+    if ho < 1 or wo < 1:
+        raise KernelInputError(f"the kernel does not fit the input: output size {(ho, wo)}")
+    out = torch.empty((n, o, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    mode = b_mode(b)
+    scale = torch.empty_like(out) if write_scale and mode else None
+    p = n * ho * wo
+    args = (x, weight_kc, out, scale if scale is not None else out, p, h, w, c, ho, wo, o,
+            *geometry.stride, *geometry.padding, *geometry.dilation, float(b))  # fmt: skip
+    meta = {"KH": kh, "KW": kw, "B_MODE": mode, "WRITE_SCALE": scale is not None}
+    fp32_dot = interpreting() and x.dtype != torch.float32
+    if interpreting():
+        config = _INTERPRETER_CONFIG[0].kwargs
+        grid = (triton.cdiv(o, config["BLOCK_N"]), triton.cdiv(p, config["BLOCK_M"]))
+        wrap_triton(_fused_conv_body)[grid](*args, **meta, FP32_DOT=fp32_dot, **config)
+    else:
+
+        def grid(config: dict) -> tuple[int, int]:
+            return (triton.cdiv(o, config["BLOCK_N"]), triton.cdiv(p, config["BLOCK_M"]))
+
+        wrap_triton(_autotuned)[grid](*args, **meta, FP32_DOT=False)
+    return out, scale

@@ -1,0 +1,238 @@
+"""B-cos convolution and linear layers on the kernels, with autograd and per-shape dispatch.
+
+:func:`bcos_conv2d` is what :class:`fact_model.bcos.BcosConv2d` calls on CUDA when the
+kernels are on. It computes the same function as the PyTorch layer, by one of two paths:
+
+* ``fused`` — :mod:`kernels.bcos_conv`: implicit GEMM with the patch norm and the scale
+  in the epilogue (groups = 1, no MaxOut, not for training);
+* ``cudnn`` — PyTorch's convolution (cuDNN) followed by the fused post-op of
+  :mod:`kernels.bcos_postop` (every case, training included).
+
+``FACT_BCOS_CONV_PATH`` = ``auto`` (default) | ``fused`` | ``cudnn`` picks the path; in
+``auto`` the first call of each layer shape on a GPU times both paths and remembers
+the faster (:class:`PathTable`).
+
+Autograd: training differentiates through the dynamic scale and the patch norm (the
+post-op backward kernel, then cuDNN's data and weight gradients); in explanation mode
+(``detach_scale``) the scale is a constant and the backward is
+``dx = conv_transpose(g ⊙ scale, ŵ)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.bcos_conv import fused_weight_layout
+from kernels.bcos_ops import geometry_to_list
+from kernels.bcos_postop import ConvGeometry, window_sum_norms
+
+__all__ = ["PATHS", "PathTable", "bcos_conv2d", "bcos_linear", "conv_path", "path_table"]
+
+log = logging.getLogger(__name__)
+
+PATH_ENV = "FACT_BCOS_CONV_PATH"
+PATHS = ("auto", "fused", "cudnn")
+CL = torch.channels_last
+
+
+def conv_path() -> str:
+    """The value of ``FACT_BCOS_CONV_PATH``."""
+    path = os.environ.get(PATH_ENV, "auto").strip().lower() or "auto"
+    if path not in PATHS:
+        raise ValueError(f"{PATH_ENV} must be one of {list(PATHS)}, got {path!r}")
+    return path
+
+
+class PathTable:
+    """Per layer shape, the faster of the ``fused`` and ``cudnn`` paths, measured once on the GPU."""
+
+    def __init__(self, warmup: int = 2, repeats: int = 5) -> None:
+        self.warmup = warmup
+        self.repeats = repeats
+        self.choices: dict[tuple, str] = {}
+        self.timings_ms: dict[tuple, dict[str, float]] = {}
+
+    def choose(self, key: tuple, candidates: dict[str, Callable[[], object]]) -> str:
+        """The name of the fastest candidate for ``key`` (timed with CUDA events at first sight)."""
+        if key in self.choices:
+            return self.choices[key]
+        timings = {name: self._median_ms(run) for name, run in candidates.items()}
+        best = min(timings, key=timings.__getitem__)
+        self.choices[key] = best
+        self.timings_ms[key] = timings
+        log.debug("B-cos conv %s: %s → %s", key, timings, best)
+        return best
+
+    def _median_ms(self, run: Callable[[], object]) -> float:
+        with torch.no_grad():
+            for _ in range(self.warmup):
+                run()
+            times = []
+            for _ in range(self.repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def clear(self) -> None:
+        """Forget every measured choice."""
+        self.choices.clear()
+        self.timings_ms.clear()
+
+
+path_table = PathTable()
+
+
+def _cudnn_forward(x: Tensor, weight_hat: Tensor, geometry: ConvGeometry, b: float, max_out: int, write_scale: bool):
+    y = F.conv2d(x, weight_hat, None, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+    y = y.contiguous(memory_format=CL)
+    q = torch.ops.fact.bcos_sumsq(x, geometry.groups)
+    out, scale = torch.ops.fact.bcos_postop(y, q, geometry_to_list(geometry), float(b), max_out, write_scale)
+    return out, scale, y, q
+
+
+def _fused_forward(x: Tensor, weight_kc: Tensor, geometry: ConvGeometry, b: float, write_scale: bool):
+    return torch.ops.fact.bcos_fused_conv(x, weight_kc, geometry_to_list(geometry), float(b), write_scale)
+
+
+def _data_grad(dy: Tensor, weight_hat: Tensor, input_shape: torch.Size, geometry: ConvGeometry) -> Tensor:
+    return torch.nn.grad.conv2d_input(
+        input_shape, weight_hat, dy, geometry.stride, geometry.padding, geometry.dilation, geometry.groups
+    )
+
+
+def _weight_grad(dy: Tensor, x: Tensor, weight_shape: torch.Size, geometry: ConvGeometry) -> Tensor:
+    return torch.nn.grad.conv2d_weight(
+        x, weight_shape, dy, geometry.stride, geometry.padding, geometry.dilation, geometry.groups
+    )
+
+
+class _BcosConvFunction(torch.autograd.Function):
+    """One B-cos convolution on the kernels (see the module docstring for the paths)."""
+
+    @staticmethod
+    def forward(ctx, x, weight_hat, weight_kc, geometry, b, max_out, detach_scale, path):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.geometry, ctx.b, ctx.max_out = geometry, b, max_out
+        ctx.x_shape = x.shape
+        ctx.training_backward = needs_grad and not detach_scale
+        if path == "fused":
+            out, scale = _fused_forward(x, weight_kc, geometry, b, write_scale=needs_grad)
+            y = q = None
+        else:
+            out, scale, y, q = _cudnn_forward(x, weight_hat, geometry, b, max_out, write_scale=needs_grad)
+        if ctx.training_backward:
+            ctx.save_for_backward(x, weight_hat, y, q)
+        elif needs_grad:
+            keep_x = x if ctx.needs_input_grad[1] else None
+            ctx.save_for_backward(keep_x, weight_hat, y if max_out > 1 else None, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        geometry = ctx.geometry
+        grad = grad.contiguous(memory_format=CL)
+        geo = geometry_to_list(geometry)
+        if ctx.training_backward:
+            x, weight_hat, y, q = ctx.saved_tensors
+            dy, dnorm = torch.ops.fact.bcos_postop_backward(grad, y, q, geo, float(ctx.b), ctx.max_out)
+            dy = dy.to(x.dtype)
+            dx = dw = None
+            if ctx.needs_input_grad[0]:
+                norms = window_sum_norms(q, geometry)
+                # ‖x‖ = sqrt(Σ_window q + ε) → ∂/∂q = 1/(2‖x‖) summed back over every window holding the pixel.
+                ones = q.new_ones(geometry.groups, 1, *geometry.kernel_size)
+                dq = torch.nn.grad.conv2d_input(
+                    q.shape, ones, dnorm / (2 * norms), geometry.stride, geometry.padding, geometry.dilation,
+                    geometry.groups,
+                )  # fmt: skip
+                n, c, h, w = x.shape
+                g = geometry.groups
+                d_norm_x = (2 * x.float().view(n, g, c // g, h, w) * dq.unsqueeze(2)).view(n, c, h, w)
+                dx = (_data_grad(dy, weight_hat, x.shape, geometry).float() + d_norm_x).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                dw = _weight_grad(dy, x, weight_hat.shape, geometry)
+            return dx, dw, None, None, None, None, None, None
+        x, weight_hat, y, scale = ctx.saved_tensors
+        if scale is None:  # B = 1 never reaches here; kept for safety
+            raise RuntimeError("explanation-mode backward without a saved scale")
+        dy = torch.ops.fact.bcos_scale_grad(grad, scale, y if y is not None else scale, ctx.max_out)
+        dx = _data_grad(dy, weight_hat, ctx.x_shape, geometry) if ctx.needs_input_grad[0] else None
+        dw = _weight_grad(dy, x, weight_hat.shape, geometry) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None, None, None, None
+
+
+def _choose_path(
+    x: Tensor,
+    weight_hat: Tensor,
+    weight_kc: Tensor | None,
+    geometry: ConvGeometry,
+    b: float,
+    max_out: int,
+    training: bool,
+) -> str:
+    fusable = geometry.groups == 1 and max_out == 1 and not training
+    requested = conv_path()
+    if not fusable or requested == "cudnn":
+        return "cudnn"
+    if requested == "fused" or not x.is_cuda or torch.compiler.is_compiling():
+        return "fused"
+    key = (tuple(x.shape), x.dtype, tuple(weight_hat.shape), geometry, b)
+    return path_table.choose(
+        key,
+        {
+            "fused": lambda: _fused_forward(x, weight_kc, geometry, b, False),
+            "cudnn": lambda: _cudnn_forward(x, weight_hat, geometry, b, max_out, False),
+        },
+    )
+
+
+def bcos_conv2d(
+    x: Tensor,
+    weight_hat: Tensor,
+    geometry: ConvGeometry,
+    b: float,
+    max_out: int = 1,
+    detach_scale: bool = False,
+    weight_kc: Tensor | None = None,
+) -> Tensor:
+    """``|cos(x, ŵ)|^(B-1) · (ŵ·x)`` over every patch, on the kernels (B > 1).
+
+    Args:
+        x: ``(N, C, H, W)``; made channels_last if it is not.
+        weight_hat: ``(O·max_out, C/groups, kh, kw)`` unit-norm filters (in autograd's graph when training).
+        geometry: the convolution's geometry (``height``/``width`` must be ``x``'s).
+        b: the B-cos exponent (> 1; B = 1 is a plain convolution and needs no kernel).
+        max_out: MaxOut units per output channel.
+        detach_scale: explanation mode: the scale is a constant for autograd.
+        weight_kc: ``fused_weight_layout(weight_hat)`` if the caller caches it.
+
+    Returns:
+        ``(N, O, H', W')`` channels_last in ``x``'s dtype.
+    """
+    x = x.contiguous(memory_format=CL)
+    weight_hat = weight_hat.to(x.dtype)
+    training = torch.is_grad_enabled() and not detach_scale and (x.requires_grad or weight_hat.requires_grad)
+    if weight_kc is None and geometry.groups == 1 and max_out == 1 and not training:
+        weight_kc = fused_weight_layout(weight_hat.detach())
+    path = _choose_path(x, weight_hat, weight_kc, geometry, b, max_out, training)
+    return _BcosConvFunction.apply(x, weight_hat, weight_kc, geometry, b, max_out, detach_scale, path)
+
+
+def bcos_linear(x: Tensor, weight_hat: Tensor, b: float, max_out: int = 1, detach_scale: bool = False) -> Tensor:
+    """The B-cos linear layer ``(*, C)`` → ``(*, O)`` as a 1×1 B-cos convolution over ``N = Π(*)`` pixels."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1], 1, 1)
+    geometry = ConvGeometry(1, 1, (1, 1))
+    out = bcos_conv2d(rows, weight_hat[:, :, None, None], geometry, b, max_out, detach_scale)
+    return out.reshape(*lead, out.shape[1])
