@@ -11,6 +11,9 @@ network dynamic-linear and every explanation identity exact.
 
 ``u`` is kept sparse: ``k`` values and their concept ids per position
 (:class:`ConceptCodes`); decoding is a gather-sum of ``k`` decoder columns.
+With Triton kernels on (``FACT_KERNELS``, see :mod:`kernels._common`) encode, decode
+and :meth:`ConceptLayer.encoder_vjp` run the fused kernels of
+:mod:`kernels.concept_encode` / :mod:`kernels.concept_decode` (same results).
 The ``decoder`` parameter holds ``Dᵀ`` (``(K, C)``: row k is concept k's
 direction), so that decoding gathers contiguous rows.
 During training ``D``'s columns are kept unit-norm; the global feature-norm
@@ -134,12 +137,45 @@ class ConceptLayer(nn.Module):
         positions, _ = self._positions(features)
         return F.relu(positions @ self.encoder.t())
 
+    def _use_kernels(self, tensor: Tensor) -> bool:
+        """Whether the Triton concept kernels serve this call (``FACT_KERNELS``, device, dtype, ``k``).
+
+        :mod:`kernels` is imported lazily: with the kernels off, ``import fact_model``
+        never imports Triton. Graph export keeps the plain PyTorch ops.
+        """
+        if torch.compiler.is_exporting():
+            return False
+        from kernels._common import FLOAT_DTYPES, triton_runs_on
+
+        if not triton_runs_on(tensor):
+            return False
+        from kernels.concept_encode import MAX_K
+
+        return tensor.dtype in FLOAT_DTYPES and self.encoder.dtype == tensor.dtype and self.k <= MAX_K
+
     def encode(self, features: Tensor) -> ConceptCodes:
         """Sparse codes ``u = TopK_k(ReLU(E f))`` of every position."""
         positions, spatial_shape = self._positions(features)
+        if self._use_kernels(positions):
+            # Fused GEMM → ReLU → top-k (kernels/concept_encode.py): no dense (N, P, K) tensor.
+            import kernels.concept_encode  # noqa: F401  (registers torch.ops.fact.concept_encode)
+
+            n, p, c = positions.shape
+            values, indices = torch.ops.fact.concept_encode(
+                positions.reshape(n * p, c).contiguous(), self.encoder.contiguous(), self.k
+            )
+            return ConceptCodes(values.view(n, p, self.k), indices.view(n, p, self.k), spatial_shape, self.num_concepts)
         pre = F.relu(positions @ self.encoder.t())  # (N, P, K)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return ConceptCodes(values, indices, spatial_shape, self.num_concepts)
+
+    def _gather_sum(self, weights: Tensor, indices: Tensor, table: Tensor) -> Tensor:
+        """``Σ_j weights[m, j] · table[indices[m, j]]`` for ``(M, k)`` slots → ``(M, C)``, never a dense code."""
+        if self._use_kernels(weights) and table.dtype == weights.dtype:
+            import kernels.concept_decode  # noqa: F401  (registers torch.ops.fact.concept_decode)
+
+            return torch.ops.fact.concept_decode(weights.contiguous(), indices.contiguous(), table.contiguous())
+        return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
 
     def decode(self, codes: ConceptCodes) -> Tensor:
         """Reconstruction ``f̂ = D u`` in the input layout (``(N, C, h, w)`` or ``(N, T, C)``)."""
@@ -149,12 +185,8 @@ class ConceptLayer(nn.Module):
             recon = (codes.values.unsqueeze(-1) * self.decoder[codes.indices]).sum(dim=-2)
             return self._to_layout(recon, codes)
         # Gather-sum of k decoder columns per position (never a dense (N·P, K) code).
-        recon = F.embedding_bag(
-            codes.indices.reshape(n * p, k),
-            self.decoder,
-            per_sample_weights=codes.values.reshape(n * p, k),
-            mode="sum",
-        ).view(n, p, self.in_features)
+        recon = self._gather_sum(codes.values.reshape(n * p, k), codes.indices.reshape(n * p, k), self.decoder)
+        recon = recon.view(n, p, self.in_features)
         return self._to_layout(recon, codes)
 
     def _to_layout(self, recon: Tensor, codes: ConceptCodes) -> Tensor:
@@ -179,11 +211,8 @@ class ConceptLayer(nn.Module):
         """
         n, p, k = codes.indices.shape
         active = (codes.values.detach() > 0).to(seed.dtype)
-        grad = F.embedding_bag(
-            codes.indices.reshape(n * p, k),
-            self.encoder.detach(),
-            per_sample_weights=(seed * active).reshape(n * p, k),
-            mode="sum",
+        grad = self._gather_sum(
+            (seed * active).reshape(n * p, k), codes.indices.reshape(n * p, k), self.encoder.detach()
         ).view(n, p, self.in_features)
         if len(codes.spatial_shape) == 2:
             return grad.transpose(1, 2).reshape(n, self.in_features, *codes.spatial_shape)
