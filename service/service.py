@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /explain`` (multipart upload or JSON base64), ``POST /explain_batch``,
 ``POST /predict`` (adaptive batching), ``GET /model``, ``GET /concepts/{layer}``,
-``GET /concepts/{layer}/{id}``, plus BentoML's ``/readyz``, ``/livez``, ``/metrics``.
+``GET /concepts/{layer}/{id}``, the explorer page at ``GET /`` (``service/explorer.py``), plus BentoML's
+``/readyz``, ``/livez``, ``/metrics``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.errors import RequestError
+from service.explorer import routes as explorer_routes
 from service.limits import BodySizeLimit
 from service.metrics import METRICS
 from service.schemas import ExplainItem, HeatmapFormat, HeatmapKind, PredictItem
@@ -92,6 +94,7 @@ info_app = Starlette(
         Route("/model", _model_info, methods=["GET"]),
         Route("/concepts/{layer}", _concept_list, methods=["GET"]),
         Route("/concepts/{layer}/{concept:int}", _concept_card, methods=["GET"]),
+        *explorer_routes(),  # the explorer page at / (service/static/) and its sample images
     ]
 )
 
