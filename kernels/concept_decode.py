@@ -269,7 +269,7 @@ def gather_dot(grad: Tensor, indices: Tensor, table: Tensor, *, out: Tensor | No
     out = _check_out(out, (m, k), grad)
     if m == 0 or k == 0:
         return out
-    kp = _next_pow2(k)
+    kp = max(2, _next_pow2(k))
     block_m = max(1, min(16, 256 // kp))
     block_c = max(1, min(64, _next_pow2(c), 16384 // (block_m * kp)))
     grid = (triton.cdiv(m, block_m),)

@@ -253,7 +253,7 @@ def encode_candidates(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_C=cfg.block_c,
-        KP=_next_pow2(k),
+        KP=max(2, _next_pow2(k)),
         EVEN_C=c % cfg.block_c == 0,
         USE_TF32=use_tf32,
         UPCAST=interpreting(),
