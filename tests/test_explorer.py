@@ -13,8 +13,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -76,11 +74,9 @@ def record(name: str, value: object) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("bentoml_home")
-    env = {**os.environ, "BENTOML_HOME": str(home), "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    with running_server(home) as url:
+    # An empty BentoML home: the service serves the shipped default artifact (the same model
+    # `make run` imports into the store; tests/test_service.py covers the store path). Saves CI time.
+    with running_server(tmp_path_factory.mktemp("bentoml_home")) as url:
         yield url
 
 
@@ -216,7 +212,11 @@ def test_upload_shows_what_the_api_returns(page, server):
     wait_explained(page)
     first = page.evaluate("() => performance.getEntriesByName('fact:first-result').map(e => e.duration)")
     assert len(first) == 1 and first[0] > 0
-    record("first_result_ms_after_upload", round(first[0], 1))
+    record("first_result_ms_after_upload", round(first[0], 1))  # reported, not asserted (a timing)
+    request = page.evaluate(
+        "() => performance.getEntriesByType('resource').filter(e => e.name.endsWith('/explain')).map(e => e.duration)"
+    )
+    record("of_which_explain_request_ms", round(request[0], 1))
     status, api = post_multipart(f"{server}/explain", {"top_k": "5", "heatmap_kind": "bcos"}, "image", "3.png", data)
     assert status == 200, api
     shown = displayed(page)
