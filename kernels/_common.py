@@ -55,9 +55,9 @@ def interpreting() -> bool:
 
 
 def triton_runs_on(tensor: Tensor) -> bool:
-    """Whether the model layers should use the Triton kernels for ``tensor``."""
+    """Whether the model layers should use the Triton kernels for ``tensor`` (float32/16, bfloat16 only)."""
     mode = kernels_mode()
-    if mode == "torch":
+    if mode == "torch" or tensor.dtype not in FLOAT_DTYPES:  # e.g. float64 checks run the reference
         return False
     if tensor.is_cuda:
         return True

@@ -32,11 +32,10 @@ from kernels.bcos_postop import ConvGeometry, b_mode
 __all__ = ["fused_weight_layout", "launch_fused_conv"]
 
 # A few tile shapes; autotuning picks one per (pixels, channels, kernel) key on the GPU.
+# Few on purpose: every config is one more compilation per kernel size and dtype.
 _CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
 _INTERPRETER_CONFIG = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
 
@@ -45,7 +44,7 @@ def _configs() -> list[triton.Config]:
     return _INTERPRETER_CONFIG if interpreting() else _CONFIGS
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "H", "W", "HO", "WO", "SH", "SW", "PH", "PW", "DH", "DW"])
 def _fused_conv_body(
     x_ptr, w_ptr, out_ptr, scale_ptr,
     P, H, W, C, HO, WO, O, SH, SW, PH, PW, DH, DW, b,
