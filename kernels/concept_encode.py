@@ -129,6 +129,25 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _best_split(num_tiles: int, row_blocks: int, concurrent: int) -> int:
+    """Number of ``K`` splits minimising a simple cost model of the launch.
+
+    A program costs its tiles plus ~2 tiles for filling its running top-k from empty
+    (k insertions); programs run in waves of ``concurrent`` (assumed 2 per SM: an
+    8-warp 64×128 tile with its int64 keys needs over half an SM's registers).
+    Cost = waves × (tiles per split + 2); ties go to fewer splits (smaller merge).
+    """
+    best, best_cost = 1, None
+    for splits in range(1, num_tiles + 1):
+        per_split = triton.cdiv(num_tiles, splits)
+        used = triton.cdiv(num_tiles, per_split)
+        cost = triton.cdiv(row_blocks * used, concurrent) * (per_split + 2)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = used, cost
+    return best
+
+
 class EncodeConfig:
     """Block sizes and the ``K`` split of one encode launch (chosen by simple rules)."""
 
@@ -157,7 +176,7 @@ def encode_config(
     block_n: int | None = None,
     splits: int | None = None,
 ) -> EncodeConfig:
-    """Tile sizes (``tl.dot`` needs ≥ 16) and a ``K`` split giving ≥ 4 programs per SM on CUDA.
+    """Tile sizes (``tl.dot`` needs ≥ 16) and a ``K`` split that fills the GPU (see :func:`_best_split`).
 
     ``block_m``, ``block_n`` (powers of two ≥ 16) and ``splits`` override the rules (tests
     use them to exercise several tiles and splits at tiny shapes).
@@ -173,8 +192,8 @@ def encode_config(
     num_tiles = triton.cdiv(num_concepts, bn)
     row_blocks = triton.cdiv(m, bm)
     if splits is None:
-        programs = 4 * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
-        splits = max(1, triton.cdiv(programs, row_blocks))
+        concurrent = 2 * (_sm_count(device.index or 0) if device.type == "cuda" else 2)
+        splits = _best_split(num_tiles, row_blocks, concurrent)
     splits = min(splits, num_tiles)
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
@@ -257,7 +276,7 @@ def encode_candidates(
         EVEN_C=c % cfg.block_c == 0,
         USE_TF32=use_tf32,
         UPCAST=interpreting(),
-        num_warps=4,
+        num_warps=8,
         num_stages=3,
     )
     return out
