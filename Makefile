@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run demo bento test bench lint clean model
+.PHONY: install run demo bento test bench lint clean model soak
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: install
 
 bench: install
 	$(PY) -m fact_model.bench
+
+# Soak (not in CI): 10 minutes at about half the sustainable mixed rate (6 users × 4 tasks/s ≈ 24 req/s),
+# with per-minute req/s, p50/p95/p99 and server RSS in runs/soak/summary.json (docs/LOAD.md).
+soak: install
+	loadtests/run --users 6 --spawn-rate 6 --duration 10m --mix mixed --throughput 4 --sample-every 60 --out runs/soak
 
 # Reproduce the shipped default model (fact_model/weights/default) from scratch with the fact CLI.
 DEFAULT_RUN := runs/default
