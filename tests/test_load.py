@@ -21,10 +21,19 @@ def test_short_load_run_has_no_failures(tmp_path):
     # The latency goal is checked by the documented runs (docs/LOAD.md), not here: a shared CI
     # machine's timings are not a test. Failures (including any 5xx) are.
     status = load_run.main(
-        ["--users", "3", "--spawn-rate", "3", "--duration", "12s", "--out", str(tmp_path), "--p95-goal-ms", "1e9"]
-    )
+        ["--users", "3", "--spawn-rate", "3", "--duration", "12s", "--out", str(tmp_path), "--p95-goal-ms", "1e9",
+         "--sample-every", "4"]
+    )  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())
-    total = summary["endpoints"]["Aggregated"]
+    endpoints = summary["endpoints"]
+    total = endpoints["Aggregated"]
     assert status == 0, summary
     assert total["requests"] > 20 and total["failures"] == 0
-    assert {"/predict", "/explain [png]"} <= set(summary["endpoints"])
+    assert {"/predict", "/explain [png]"} <= set(endpoints)
+    # Natural photographs (scikit-image's) went out alongside the dataset images, and passed the content checks.
+    photos = [e for name, e in endpoints.items() if "photo" in name]
+    assert photos and sum(e["requests"] for e in photos) > 0 and all(e["failures"] == 0 for e in photos)
+    # The soak's per-window table: every request in a window, each window with the server's RSS.
+    windows = summary["windows"]
+    assert len(windows) >= 3 and sum(w["requests"] for w in windows) >= total["requests"]  # + ones finishing at stop
+    assert all(w["rss_mib"] > 100 and w["p50_ms"] <= w["p95_ms"] for w in windows)
