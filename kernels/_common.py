@@ -29,6 +29,7 @@ __all__ = [
     "check_tensor",
     "interpreting",
     "kernels_mode",
+    "launchable",
     "triton_runs_on",
 ]
 
@@ -112,3 +113,20 @@ def check_same_device(**tensors: Tensor) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise KernelInputError(f"all tensors must be on one device: {listing}")
+
+
+def launchable(kernel: object, tensor: Tensor) -> object:
+    """``kernel`` as the launcher should call it for ``tensor``.
+
+    While ``torch.compile``/``torch.export`` traces (or on FakeTensors), the kernel goes
+    through :func:`torch.library.wrap_triton` so the tracer records it. Eagerly, the
+    plain kernel: ``wrap_triton`` would route every launch through a higher-order
+    operator, which costs more than a small kernel runs.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if torch.compiler.is_compiling() or isinstance(tensor, FakeTensor):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel

@@ -24,9 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting
+from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
 from kernels.bcos_postop import ConvGeometry, b_mode
 
 __all__ = ["fused_weight_layout", "launch_fused_conv"]
@@ -168,11 +167,11 @@ def launch_fused_conv(
     if interpreting():
         config = _INTERPRETER_CONFIG[0].kwargs
         grid = (triton.cdiv(o, config["BLOCK_N"]), triton.cdiv(p, config["BLOCK_M"]))
-        wrap_triton(_fused_conv_body)[grid](*args, **meta, FP32_DOT=fp32_dot, **config)
+        launchable(_fused_conv_body, x)[grid](*args, **meta, FP32_DOT=fp32_dot, **config)
     else:
 
         def grid(config: dict) -> tuple[int, int]:
             return (triton.cdiv(o, config["BLOCK_N"]), triton.cdiv(p, config["BLOCK_M"]))
 
-        wrap_triton(_autotuned)[grid](*args, **meta, FP32_DOT=False)
+        launchable(_autotuned, x)[grid](*args, **meta, FP32_DOT=False)
     return out, scale

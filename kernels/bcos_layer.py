@@ -78,14 +78,26 @@ class PathTable:
         return best
 
     def _median_ms(self, run: Callable[[], object]) -> float:
+        """GPU time of ``run``: replays of a captured CUDA graph, so Python's launch cost doesn't decide."""
         with torch.no_grad():
-            for _ in range(self.warmup):
-                run()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    run()
+                replay: Callable[[], object] = graph.replay
+            except RuntimeError:  # not capturable here: time the eager calls instead
+                replay = run
             times = []
             for _ in range(self.repeats):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                run()
+                replay()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))

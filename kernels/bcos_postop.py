@@ -31,10 +31,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from fact_model.bcos.functional import COS_EPS, PATCH_NORM_EPS, dynamic_scale, patch_norms
-from kernels._common import KernelInputError, check_same_device, check_tensor
+from kernels._common import KernelInputError, check_same_device, check_tensor, launchable
 
 __all__ = [
     "ConvGeometry",
@@ -261,7 +260,7 @@ def launch_sumsq(x: Tensor, groups: int = 1) -> Tensor:
     q = _nhwc_empty(n, groups, h, w, x, torch.float32)
     p = n * h * w
     grid = (triton.cdiv(p, BLOCK_P), groups)
-    wrap_triton(_sumsq_kernel)[grid](x, q, p, c, c // groups, groups, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    launchable(_sumsq_kernel, x)[grid](x, q, p, c, c // groups, groups, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     return q
 
 
@@ -317,7 +316,7 @@ def launch_postop(
     p, g = n * ho * wo, geometry.groups
     og = o // g
     grid = (triton.cdiv(p, BLOCK_P), g, triton.cdiv(og, BLOCK_C))
-    wrap_triton(_postop_kernel)[grid](
+    launchable(_postop_kernel, y)[grid](
         y, q, out, scale if scale is not None else out,
         p, geometry.height, geometry.width, ho, wo, o, og, g, *_geometry_args(geometry), float(b),
         KH=geometry.kernel_size[0], KW=geometry.kernel_size[1], MAX_OUT=max_out, B_MODE=mode,
@@ -351,7 +350,7 @@ def launch_postop_backward(
     dy = _nhwc_empty(n, o * max_out, ho, wo, y, torch.float32)
     dnorm = _nhwc_empty(n, g, ho, wo, y, torch.float32)
     p = n * ho * wo
-    wrap_triton(_postop_backward_kernel)[(triton.cdiv(p, BLOCK_P), g)](
+    launchable(_postop_backward_kernel, y)[(triton.cdiv(p, BLOCK_P), g)](
         grad, y, q, dy, dnorm,
         p, geometry.height, geometry.width, ho, wo, o, o // g, g, *_geometry_args(geometry), float(b),
         KH=geometry.kernel_size[0], KW=geometry.kernel_size[1], MAX_OUT=max_out, B_MODE=b_mode(b),
@@ -385,7 +384,7 @@ def launch_scale_grad(grad: Tensor, scale: Tensor, y: Tensor | None = None, max_
             raise KernelInputError(f"y must have shape {(n, o * max_out, ho, wo)}, got {tuple(y.shape)}")
     dy = _nhwc_empty(n, o * max_out, ho, wo, grad)
     p = n * ho * wo
-    wrap_triton(_scale_grad_kernel)[(triton.cdiv(p, BLOCK_P), triton.cdiv(o, BLOCK_C))](
+    launchable(_scale_grad_kernel, grad)[(triton.cdiv(p, BLOCK_P), triton.cdiv(o, BLOCK_C))](
         grad, scale, y if y is not None else grad, dy, p, o, MAX_OUT=max_out, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C
     )
     return dy

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting
+from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
 
 __all__ = [
     "gather_dot",
@@ -234,7 +234,7 @@ def gather_sum(weights: Tensor, indices: Tensor, table: Tensor, *, out: Tensor |
     block_m = 32
     block_c = min(256 if table.element_size() <= 2 else 128, max(16, _next_pow2(c)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
-    wrap_triton(_gather_sum_kernel)[grid](
+    launchable(_gather_sum_kernel, table)[grid](
         weights, indices, table, out, m, c, num_rows, k, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4
     )
     return out
@@ -273,7 +273,7 @@ def gather_dot(grad: Tensor, indices: Tensor, table: Tensor, *, out: Tensor | No
     block_m = max(1, min(16, 256 // kp))
     block_c = max(1, min(64, _next_pow2(c), 16384 // (block_m * kp)))
     grid = (triton.cdiv(m, block_m),)
-    wrap_triton(_gather_dot_kernel)[grid](
+    launchable(_gather_dot_kernel, table)[grid](
         grad, indices, table, out, m, c, num_rows, k, BLOCK_M=block_m, KP=kp, BLOCK_C=block_c, num_warps=4
     )
     return out
@@ -314,7 +314,7 @@ def scatter_rows(weights: Tensor, indices: Tensor, rows: Tensor, num_rows: int) 
         block_m = 32
         block_c = min(256 if rows.element_size() <= 2 else 128, max(16, _next_pow2(c)))
         grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
-        wrap_triton(_scatter_rows_kernel)[grid](
+        launchable(_scatter_rows_kernel, rows)[grid](
             weights, indices, rows, acc, m, c, num_rows, k, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4
         )
     return acc.to(rows.dtype)

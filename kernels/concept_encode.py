@@ -38,9 +38,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting
+from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
 from kernels.concept_decode import _next_pow2
 
 __all__ = ["MAX_K", "EncodeConfig", "encode_candidates", "encode_config", "encode_topk", "encode_topk_reference"]
@@ -259,7 +259,7 @@ def encode_candidates(
         return out.copy_(torch.arange(k, device=x.device).expand(shape))
     use_tf32 = x.dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest"
     grid = (triton.cdiv(m, cfg.block_m), cfg.splits)
-    wrap_triton(_encode_topk_kernel)[grid](
+    launchable(_encode_topk_kernel, x)[grid](
         x,
         encoder,
         out,
