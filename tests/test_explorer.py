@@ -267,6 +267,10 @@ def test_upload_shows_what_the_api_returns(page, server):
     wait_explained(page)
     page.set_viewport_size(DESKTOP)
     shot(page, "04-signed-heatmaps")
+    page.uncheck("#show-maps")  # hide the maps: the plain image under each concept, no request
+    assert page.locator("#heatmaps img.map").count() == 0 and page.locator("#heatmaps img.under").count() == 5
+    page.check("#show-maps")
+    assert page.locator("#heatmaps img.map").count() == 5
 
 
 def test_concept_card_opens_and_closes_by_keyboard(page, server):

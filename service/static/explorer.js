@@ -347,7 +347,9 @@
     const width = scale > 0 ? Math.min(50, (50 * Math.abs(value)) / scale) : 0;
     const side = value >= 0 ? "left:50%" : `left:${(50 - width).toFixed(2)}%`;
     const cls = kind || (value >= 0 ? "pos" : "neg");
-    return el("div.bar", { "aria-hidden": "true" }, el(`span.${cls}`, { style: `${side};width:${width.toFixed(2)}%` }));
+    const clipped = Math.abs(value) > scale ? (value >= 0 ? ".cut-right" : ".cut-left") : ""; // beyond the scale: faded end
+    const title = clipped ? "cut: longer than the chart's scale" : null;
+    return el("div.bar", { "aria-hidden": "true", title }, el(`span.${cls}${clipped}`, { style: `${side};width:${width.toFixed(2)}%` }));
   }
 
   function renderContributions(r) {
@@ -371,7 +373,8 @@
     $("equation").textContent = eq;
 
     const rows = r.concepts.map((c) => ({ c, value: c.contribution, share: c.share }));
-    const scale = Math.max(1e-12, ...rows.map((x) => Math.abs(x.value)), Math.abs(r.other.contribution), Math.abs(r.logit_bias));
+    // Bars share one scale, set by the concepts, the remainder and the sum (a larger bias bar is clipped).
+    const scale = Math.max(1e-12, ...rows.map((x) => Math.abs(x.value)), Math.abs(r.other.contribution), Math.abs(sum));
     const body = $("contributions").tBodies[0];
     const tableRows = [
       ...rows.map(({ c, value, share }) =>
