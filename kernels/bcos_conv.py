@@ -48,7 +48,7 @@ def _fused_conv_body(
     x_ptr, w_ptr, out_ptr, scale_ptr,
     P, H, W, C, HO, WO, O, SH, SW, PH, PW, DH, DW, b,
     KH: tl.constexpr, KW: tl.constexpr, B_MODE: tl.constexpr, WRITE_SCALE: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Output-channel blocks vary fastest, so programs that share an input tile run together (L2 reuse).
     pid_n = tl.program_id(0)
@@ -89,6 +89,8 @@ def _fused_conv_body(
         sumsq += tl.sum(a32 * a32, axis=1)
         if FP32_DOT:  # the interpreter's low-precision dot is wrong: compute it in float32 there
             acc += tl.dot(a32, w.to(tl.float32))
+        elif IEEE:  # float32 with TF32 switched off in PyTorch: full-precision products, as cuDNN then does
+            acc += tl.dot(a, w, input_precision="ieee")
         else:
             acc += tl.dot(a, w)
     out_offs = offs_m[:, None] * O + offs_n[None, :]
@@ -106,7 +108,7 @@ def _fused_conv_body(
             tl.store(scale_ptr + out_offs, scale.to(scale_ptr.dtype.element_ty), mask=mask)
 
 
-_autotuned = triton.autotune(configs=_CONFIGS, key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE"])(
+_autotuned = triton.autotune(configs=_CONFIGS, key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE", "IEEE"])(
     _fused_conv_body
 )
 
@@ -164,14 +166,15 @@ def launch_fused_conv(
             *geometry.stride, *geometry.padding, *geometry.dilation, float(b))  # fmt: skip
     meta = {"KH": kh, "KW": kw, "B_MODE": mode, "WRITE_SCALE": scale is not None}
     fp32_dot = interpreting() and x.dtype != torch.float32
+    ieee = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
     if interpreting():
         config = _INTERPRETER_CONFIG[0].kwargs
         grid = (triton.cdiv(o, config["BLOCK_N"]), triton.cdiv(p, config["BLOCK_M"]))
-        launchable(_fused_conv_body, x)[grid](*args, **meta, FP32_DOT=fp32_dot, **config)
+        launchable(_fused_conv_body, x)[grid](*args, **meta, FP32_DOT=fp32_dot, IEEE=ieee, **config)
     else:
 
         def grid(config: dict) -> tuple[int, int]:
             return (triton.cdiv(o, config["BLOCK_N"]), triton.cdiv(p, config["BLOCK_M"]))
 
-        launchable(_autotuned, x)[grid](*args, **meta, FP32_DOT=False)
+        launchable(_autotuned, x)[grid](*args, **meta, FP32_DOT=False, IEEE=ieee)
     return out, scale

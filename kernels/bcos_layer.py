@@ -240,7 +240,8 @@ def _choose_path(
         return "cudnn"
     if requested == "fused" or not x.is_cuda or torch.compiler.is_compiling():
         return "fused"
-    key = (tuple(x.shape), x.dtype, tuple(weight_hat.shape), geometry, b)
+    # TF32 on/off changes both paths' speed (and the fused kernel follows cuDNN's setting), so it is part of the key.
+    key = (tuple(x.shape), x.dtype, tuple(weight_hat.shape), geometry, b, torch.backends.cudnn.allow_tf32)
     return path_table.choose(
         key,
         {
