@@ -61,6 +61,11 @@ class BcosLinear(KernelWeightsCache, Detachable, nn.Module):
         self.max_out = max_out
         self.linear = NormedLinear(in_features, out_features * max_out, bias=False, device=device, dtype=dtype)
 
+    @property
+    def weight(self) -> Tensor:
+        """The raw (not normalised) weight ``(out_features·max_out, in_features)``."""
+        return self.linear.weight
+
     def forward(self, x: Tensor) -> Tensor:
         """``(*, in)`` → ``(*, out)``."""
         if self.b != 1 and triton_runs_on(x):
