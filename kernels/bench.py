@@ -213,7 +213,7 @@ def network_conv_shapes(arch: str, size: int, smoke: bool) -> list[ConvShape]:
     from fact_model.backbones import create_backbone
     from fact_model.bcos.conv import BcosConv2d
 
-    kwargs: dict[str, Any] = {"num_classes": 10, "width": 8} if smoke else {"num_classes": 1000}
+    kwargs: dict[str, Any] = {"num_classes": 10, "width": 4} if smoke else {"num_classes": 1000}
     backbone = create_backbone(arch, **kwargs).eval()
     seen: dict[tuple, ConvShape] = {}
 
@@ -364,7 +364,7 @@ def end_to_end(device: str, smoke: bool, batch: int, repeats: int, top: int = 5)
 
     torch.manual_seed(0)
     if smoke:
-        arch, size, kwargs, layer, k_total, k = "bcos_resnet8", 32, {"width": 8}, "layer3", 64, 4
+        arch, size, kwargs, layer, k_total, k = "bcos_resnet8", 16, {"width": 4}, "layer3", 32, 4
     else:
         arch, size, kwargs, layer, k_total, k = "bcos_v2_resnet50", 224, {}, "layer4", 16384, 16
     classes = 10 if smoke else 1000
@@ -578,8 +578,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     if "layers" in sections:
-        size = 32 if args.smoke else 224
+        size = 16 if args.smoke else 224
         resnet = network_conv_shapes("bcos_resnet8" if args.smoke else "bcos_v2_resnet50", size, args.smoke)
+        if args.smoke:
+            resnet = _spread(resnet, 3)
         densenet = [] if args.smoke else _spread(network_conv_shapes("bcos_v2_densenet121", size, False), 8)
         report["layers"] = []
         for dtype_name in dtypes:
