@@ -7,8 +7,12 @@ reference of each kernel file is used.
 
 ``FACT_KERNELS`` selects the implementation the model layers use:
 
-* ``auto`` (default) — Triton kernels on CUDA tensors, the PyTorch reference elsewhere;
-* ``triton`` — Triton kernels on CUDA, and on the CPU too when the interpreter is on;
+* ``auto`` (default) — Triton kernels for CUDA tensors in inference (no autograd graph being
+  recorded: ``/predict``, ``fact evaluate``), the PyTorch reference elsewhere. Passes that record
+  a graph (explanations, training) stay on PyTorch by default because that is what measured
+  faster on the H100 (``docs/BENCHMARKS.md``: forward 1.24× faster with the kernels, explain
+  0.70× — the kernels' backward runs per layer from Python);
+* ``triton`` — Triton kernels on CUDA for every pass, and on the CPU too when the interpreter is on;
 * ``torch`` — always the PyTorch reference (the kernels are off).
 
 The variable is read at each call, so a process can switch it for an A/B comparison.
@@ -60,9 +64,9 @@ def triton_runs_on(tensor: Tensor) -> bool:
     mode = kernels_mode()
     if mode == "torch" or tensor.dtype not in FLOAT_DTYPES:  # e.g. float64 checks run the reference
         return False
-    if tensor.is_cuda:
-        return True
-    return mode == "triton" and tensor.device.type == "cpu" and interpreting()
+    if mode == "auto":
+        return tensor.is_cuda and not torch.is_grad_enabled()
+    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
 
 
 def check_tensor(

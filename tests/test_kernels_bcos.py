@@ -177,6 +177,8 @@ def test_switches():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FACT_KERNELS", "torch")
         assert not triton_runs_on(x)
+        mp.setenv("FACT_KERNELS", "auto")  # auto: CUDA inference only, never the CPU
+        assert not triton_runs_on(x)
         mp.setenv("FACT_KERNELS", "triton")
         assert triton_runs_on(x) and not triton_runs_on(x.double())  # float64 stays on the reference
         mp.setenv("FACT_KERNELS", "fast")
