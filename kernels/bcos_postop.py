@@ -129,6 +129,18 @@ def _scale_of(y, norm, b, B_MODE: tl.constexpr):
 
 
 @triton.jit
+def _max_out(y_rows, mask, MAX_OUT: tl.constexpr):
+    """MaxOut over the ``MAX_OUT`` adjacent units at ``y_rows``: (float32 values, int32 winning unit)."""
+    y = tl.load(y_rows, mask=mask, other=0.0).to(tl.float32)
+    best = tl.zeros(y.shape, dtype=tl.int32)
+    for m in range(1, MAX_OUT):
+        candidate = tl.load(y_rows + m, mask=mask, other=0.0).to(tl.float32)
+        best = tl.where(candidate > y, m, best)
+        y = tl.maximum(y, candidate)
+    return y, best
+
+
+@triton.jit
 def _postop_kernel(
     y_ptr, q_ptr, out_ptr, scale_ptr,
     P, H, W, HO, WO, O, OG, G, SH, SW, PH, PW, DH, DW, b,
@@ -143,9 +155,7 @@ def _postop_kernel(
     offs_o = g * OG + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = mask_p[:, None] & ((pid_c * BLOCK_C + tl.arange(0, BLOCK_C)) < OG)[None, :]
     y_rows = y_ptr + offs_p[:, None] * (O * MAX_OUT) + offs_o[None, :] * MAX_OUT
-    y = tl.load(y_rows, mask=mask, other=0.0).to(tl.float32)
-    for m in range(1, MAX_OUT):
-        y = tl.maximum(y, tl.load(y_rows + m, mask=mask, other=0.0).to(tl.float32))
+    y, _ = _max_out(y_rows, mask, MAX_OUT)
     out_offs = offs_p[:, None] * O + offs_o[None, :]
     if B_MODE == 0:
         tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -174,12 +184,7 @@ def _postop_backward_kernel(
         offs_o = grp * OG + c0 + tl.arange(0, BLOCK_C)
         mask = mask_p[:, None] & ((c0 + tl.arange(0, BLOCK_C)) < OG)[None, :]
         y_rows = y_ptr + offs_p[:, None] * (O * MAX_OUT) + offs_o[None, :] * MAX_OUT
-        y = tl.load(y_rows, mask=mask, other=0.0).to(tl.float32)
-        best = tl.zeros(y.shape, dtype=tl.int32)
-        for m in range(1, MAX_OUT):
-            candidate = tl.load(y_rows + m, mask=mask, other=0.0).to(tl.float32)
-            best = tl.where(candidate > y, m, best)
-            y = tl.maximum(y, candidate)
+        y, best = _max_out(y_rows, mask, MAX_OUT)
         grad = tl.load(g_ptr + offs_p[:, None] * O + offs_o[None, :], mask=mask, other=0.0).to(tl.float32)
         ratio = tl.abs(y) / norm[:, None]  # |cos|
         if B_MODE == 1:
@@ -216,12 +221,7 @@ def _scale_grad_kernel(
         tl.store(dy_ptr + offs, scaled.to(dy_ptr.dtype.element_ty), mask=mask)
     else:
         y_rows = y_ptr + offs_p[:, None] * (O * MAX_OUT) + offs_o[None, :] * MAX_OUT
-        y = tl.load(y_rows, mask=mask, other=0.0).to(tl.float32)
-        best = tl.zeros(y.shape, dtype=tl.int32)
-        for m in range(1, MAX_OUT):
-            candidate = tl.load(y_rows + m, mask=mask, other=0.0).to(tl.float32)
-            best = tl.where(candidate > y, m, best)
-            y = tl.maximum(y, candidate)
+        y, best = _max_out(y_rows, mask, MAX_OUT)
         dy_rows = dy_ptr + offs_p[:, None] * (O * MAX_OUT) + offs_o[None, :] * MAX_OUT
         for m in range(MAX_OUT):
             tl.store(dy_rows + m, tl.where(best == m, scaled, 0.0).to(dy_ptr.dtype.element_ty), mask=mask)
