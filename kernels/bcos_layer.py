@@ -88,7 +88,7 @@ class PathTable:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
                     run()
                 replay: Callable[[], object] = graph.replay
             except RuntimeError:  # not capturable here: time the eager calls instead
@@ -241,7 +241,9 @@ def _choose_path(
     if requested == "fused" or not x.is_cuda or torch.compiler.is_compiling():
         return "fused"
     # TF32 on/off changes both paths' speed (and the fused kernel follows cuDNN's setting), so it is part of the key.
-    key = (tuple(x.shape), x.dtype, tuple(weight_hat.shape), geometry, b, torch.backends.cudnn.allow_tf32)
+    # Batch sizes share a choice per power-of-two bucket: a server batching 1…32 requests measures 6 buckets, not 32.
+    bucket = 1 << (x.shape[0] - 1).bit_length()
+    key = (bucket, *x.shape[1:], x.dtype, tuple(weight_hat.shape), geometry, b, torch.backends.cudnn.allow_tf32)
     return path_table.choose(
         key,
         {

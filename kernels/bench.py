@@ -338,8 +338,8 @@ def _time_shape(
         row["dispatch_path"] = "fused" if weight_kc is not None else "cudnn"
         if device == "cuda" and not smoke and weight_kc is not None:
             ours("auto")()
-            mine = (tuple(x.shape), dtype)
-            chosen = [v for k, v in path_table.choices.items() if k[:2] == mine and k[3] == geometry]
+            mine = (batch, *x.shape[1:], dtype)
+            chosen = [v for k, v in path_table.choices.items() if k[:5] == mine and k[6] == geometry]
             row["dispatch_path"] = chosen[-1] if chosen else "cudnn"
         # Wall time per call from Python (launch overhead included), ours vs the bcos layer.
         row["ours_call_ms"] = _median_ms(ours(row["dispatch_path"]), device, smoke)
