@@ -29,9 +29,34 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.harness import http, process_group_rss, running_server  # noqa: E402
+from service.harness import http, running_server  # noqa: E402
 
 log = logging.getLogger("loadtests.run")
+
+
+def server_rss(pid: int) -> int:
+    """Resident memory, in bytes, of process ``pid`` and all its descendants (Linux ``/proc``).
+
+    Not ``service.harness.process_group_rss``: BentoML starts its worker (the process that
+    loads the model and serves the requests) in a session and process group of its own, so
+    the server's process group holds only the ``bentoml serve`` arbiter.
+    """
+    parent_of, rss_of = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        process = int(stat.parent.name)
+        parent_of[process] = int(fields[1])  # field 4 of /proc/PID/stat: parent pid
+        rss_of[process] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: RSS in pages
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [process for process, ppid in parent_of.items() if ppid == parent and process not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(rss_of.get(process, 0) for process in tree)
 
 
 def _metrics(url: str) -> str:
@@ -39,10 +64,10 @@ def _metrics(url: str) -> str:
     return body.decode() if isinstance(body, bytes) else str(body)
 
 
-def _run_locust(command: list[str], env: dict, sample_every: float | None, server_pgid: int) -> tuple:
+def _run_locust(command: list[str], env: dict, sample_every: float | None, server_pid: int) -> tuple:
     """Run Locust to completion; every ``sample_every`` s record the server's RSS. → (process, output, samples)."""
     started = time.monotonic()
-    samples = [{"t_s": 0.0, "rss_bytes": process_group_rss(server_pgid)}]
+    samples = [{"t_s": 0.0, "rss_bytes": server_rss(server_pid)}]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not sample_every:
         output, _ = process.communicate()
@@ -52,9 +77,9 @@ def _run_locust(command: list[str], env: dict, sample_every: float | None, serve
             output, _ = process.communicate(timeout=sample_every - (time.monotonic() - started) % sample_every)
             break
         except subprocess.TimeoutExpired:
-            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_bytes": process_group_rss(server_pgid)})
+            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_bytes": server_rss(server_pid)})
             log.info("t=%.0f s: server RSS %.0f MiB", samples[-1]["t_s"], samples[-1]["rss_bytes"] / 2**20)
-    samples.append({"t_s": round(time.monotonic() - started, 1), "rss_bytes": process_group_rss(server_pgid)})
+    samples.append({"t_s": round(time.monotonic() - started, 1), "rss_bytes": server_rss(server_pid)})
     return process, output, samples
 
 

@@ -14,12 +14,14 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from fact_model.data.synthetic import SyntheticConfig, render_sample
-from service.harness import REPO, http, metrics_text_of, post_json, process_group_rss, running_server
+from loadtests.run import server_rss  # all the server's processes (its worker has a process group of its own)
+from service.harness import REPO, http, metrics_text_of, post_json, running_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -51,7 +53,14 @@ def server(tmp_path_factory):
     with running_server(home, env={"FACT_PREDICT_MAX_LATENCY": "30"}) as url:
         for _ in range(5):  # warm up before the memory baseline
             _assert_serves_correctly(url)
-        yield url, process_group_rss(url.pid)
+        yield url, server_rss(url.pid)
+
+
+def test_memory_is_measured_over_all_the_servers_processes(server):
+    """The worker that holds the model has a process group of its own: it must be counted too."""
+    url, _ = server
+    arbiter = int(Path(f"/proc/{url.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert server_rss(url.pid) > 1.5 * arbiter  # the arbiter plus a worker at least as large
 
 
 def test_slow_loris_partial_upload_does_not_block_others(server):
@@ -124,7 +133,7 @@ def test_memory_returns_near_baseline_and_rejections_are_counted(server):
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda _: post_json(f"{url}/explain", {"image_base64": image}), range(60)))
     _assert_serves_correctly(url)
-    rss = process_group_rss(url.pid)
+    rss = server_rss(url.pid)
     assert rss <= 1.2 * baseline, (rss, baseline)
     metrics = metrics_text_of(url)
     assert 'fact_rejected_requests_total{endpoint="explain",reason="too_large"}' in metrics
@@ -182,15 +191,25 @@ async def _storm(url: str, body: bytes, rate: float, seconds: float, timeout: fl
     host, port = url.removeprefix("http://").split(":")
     head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
     request = head.encode() + b"\r\n\r\n" + body
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # (..., when it became idle)
     waits: list[float] = []  # seconds from sending to the whole answer, of the answered requests
+
+    def reuse() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The most recently idle connection; idle 1 s or more (the server may close it: keep-alive
+        timeout) or closed, it is dropped."""
+        while idle:
+            reader, writer, since = idle.pop()
+            if loop.time() - since < 1 and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return None
 
     async def one() -> int | str:
         connection = None
         sent = loop.time()
         try:
             async with asyncio.timeout(timeout):
-                connection = idle.pop() if idle else await asyncio.open_connection(host, int(port))
+                connection = reuse() or await asyncio.open_connection(host, int(port))
                 reader, writer = connection
                 writer.write(request)
                 await writer.drain()
@@ -199,8 +218,9 @@ async def _storm(url: str, body: bytes, rate: float, seconds: float, timeout: fl
                 if length is None:
                     return "no content-length"
                 await reader.readexactly(int(length.group(1)))
-            idle.append(connection)
-            connection = None
+            if not re.search(rb"(?im)^connection: *close", header):
+                idle.append((reader, writer, loop.time()))
+                connection = None
             waits.append(loop.time() - sent)
             return int(header.split(b" ", 2)[1])
         except TimeoutError:
@@ -220,7 +240,7 @@ async def _storm(url: str, body: bytes, rate: float, seconds: float, timeout: fl
         tasks.append(asyncio.create_task(one()))
     sending = loop.time() - started
     results = await asyncio.gather(*tasks)
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
     return results, sending, sorted(waits)
 
@@ -232,7 +252,7 @@ def test_request_storm_at_4x_the_sustainable_rate(server):
     url, _ = server
     image, _ = _image(11)
     body = json.dumps({"images": [{"image_base64": image}]}).encode()
-    rss_before, refused_before = process_group_rss(url.pid), _predict_503s(url)
+    rss_before, refused_before = server_rss(url.pid), _predict_503s(url)
     started = time.monotonic()
     results, sending, waits = asyncio.run(_storm(url, body, STORM_RATE, STORM_SECONDS, REQUEST_TIMEOUT + 5))
     elapsed = time.monotonic() - started
@@ -248,7 +268,7 @@ def test_request_storm_at_4x_the_sustainable_rate(server):
     assert outcome[503] > 0, outcome  # 4× the sustainable rate is refused in part
     time.sleep(1)
     _assert_serves_correctly(url)
-    rss_after, refused = process_group_rss(url.pid), _predict_503s(url) - refused_before
+    rss_after, refused = server_rss(url.pid), _predict_503s(url) - refused_before
     print(
         f"storm: server RSS {rss_before / 2**20:.0f} → {rss_after / 2**20:.0f} MiB; /metrics counts {refused:.0f} 503s"
     )
