@@ -29,34 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.harness import http, running_server  # noqa: E402
+from service.harness import http, running_server, server_rss  # noqa: E402
 
 log = logging.getLogger("loadtests.run")
-
-
-def server_rss(pid: int) -> int:
-    """Resident memory, in bytes, of process ``pid`` and all its descendants (Linux ``/proc``).
-
-    Not ``service.harness.process_group_rss``: BentoML starts its worker (the process that
-    loads the model and serves the requests) in a session and process group of its own, so
-    the server's process group holds only the ``bentoml serve`` arbiter.
-    """
-    parent_of, rss_of = {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        process = int(stat.parent.name)
-        parent_of[process] = int(fields[1])  # field 4 of /proc/PID/stat: parent pid
-        rss_of[process] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: RSS in pages
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [process for process, ppid in parent_of.items() if ppid == parent and process not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(rss_of.get(process, 0) for process in tree)
 
 
 def _metrics(url: str) -> str:

@@ -20,22 +20,51 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class ServerURL(str):
-    """The base URL of a running server, with the process-group id of its processes as ``pid``."""
+    """The base URL of a running server, with the pid of its ``bentoml serve`` process as ``pid``."""
 
     pid: int
 
 
-def process_group_rss(pgid: int) -> int:
-    """Resident memory, in bytes, of every process in process group ``pgid`` (Linux ``/proc``)."""
-    total = 0
+def _process_table() -> dict[int, tuple[int, int]]:
+    """``pid → (parent pid, RSS bytes)`` of every process (Linux ``/proc``)."""
+    table = {}
+    page = os.sysconf("SC_PAGE_SIZE")
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        if int(fields[2]) == pgid:  # field 5 of /proc/PID/stat: process group
-            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # field 24: RSS in pages
-    return total
+            continue  # the process ended meanwhile
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[21]) * page)  # fields 4 and 24 of /proc/PID/stat
+    return table
+
+
+def process_tree(pid: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
+    """``pid`` and all its descendants.
+
+    BentoML starts its worker (the process that loads the model and serves requests) in a
+    session and process group of its own, so a server's process *group* holds only the
+    ``bentoml serve`` arbiter: memory and cleanup must follow the process *tree*.
+    """
+    table = _process_table() if table is None else table
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, (ppid, _) in table.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return tree
+
+
+def server_rss(pid: int) -> int:
+    """Resident memory, in bytes, of process ``pid`` and all its descendants."""
+    table = _process_table()
+    return sum(table[p][1] for p in process_tree(pid, table) if p in table)
+
+
+def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 def free_port() -> int:
@@ -87,7 +116,7 @@ def post_multipart(url: str, fields: dict[str, str], file_field: str, filename: 
 def running_server(
     bentoml_home: Path, env: dict[str, str] | None = None, startup_timeout: float = 120
 ) -> Iterator[ServerURL]:
-    """Yield the base URL of a ready server; always stop it (the whole process group) afterwards."""
+    """Yield the base URL of a ready server; always stop it (its process group and every descendant) afterwards."""
     port = free_port()
     environment = {**os.environ, "BENTOML_HOME": str(bentoml_home), "PYTHONPATH": str(REPO), **(env or {})}
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -114,6 +143,8 @@ def running_server(
             time.sleep(0.5)
         yield url
     finally:
+        # The tree is read before anything stops: once the arbiter is gone its worker is re-parented.
+        tree = process_tree(process.pid) - {process.pid}
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -122,4 +153,8 @@ def running_server(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (alive := {p for p in tree if Path(f"/proc/{p}").exists()}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal_all(alive, signal.SIGKILL)  # a worker the arbiter did not stop in time
         log.close()

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from service.errors import RequestError
 from service.explorer import routes as explorer_routes
-from service.limits import BodySizeLimit
+from service.limits import BodySizeLimit, ConcurrencyLimit
 from service.metrics import METRICS
 from service.schemas import ExplainItem, HeatmapFormat, HeatmapKind, PredictItem
 from service.settings import SETTINGS
@@ -265,6 +265,8 @@ def _count_rejection(path: str, reason: str) -> None:
     METRICS.rejected.labels(endpoint=path.strip("/") or "root", reason=reason).inc()
 
 
+# Outermost first: shed load before anything reads a body.
+FaCTService.add_asgi_middleware(ConcurrencyLimit, max_in_flight=SETTINGS.max_concurrency, on_reject=_count_rejection)
 FaCTService.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_request_bytes, on_reject=_count_rejection)
 
 __all__ = ["FaCTService"]

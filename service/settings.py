@@ -12,6 +12,7 @@ variable                       default                     meaning
 ``FACT_MAX_TOP_K``             ``20``                      upper bound of ``top_k``
 ``FACT_MAX_BATCH_ITEMS``       ``16``                      upper bound of ``/explain_batch`` items
 ``FACT_REQUEST_TIMEOUT``       ``30``                      seconds before a request gets HTTP 504
+``FACT_MAX_CONCURRENCY``       ``64``                      requests in flight per worker; more get HTTP 429 at once
 ``FACT_PREDICT_MAX_BATCH``     ``32``                      adaptive batching: largest ``/predict`` batch
 ``FACT_RUNTIME``               ``pytorch``                 ``/predict`` runtime: ``pytorch`` or ``onnx``
 ``FACT_TORCH_THREADS``         (torch default)             intra-op threads of the model thread
@@ -51,6 +52,7 @@ class Settings:
     max_top_k: int
     max_batch_items: int
     request_timeout: int
+    max_concurrency: int
     predict_max_batch: int
     predict_max_latency_ms: int
     torch_threads: int | None
@@ -74,6 +76,7 @@ class Settings:
             max_top_k=_int("FACT_MAX_TOP_K", 20),
             max_batch_items=_int("FACT_MAX_BATCH_ITEMS", 16),
             request_timeout=_int("FACT_REQUEST_TIMEOUT", 30),
+            max_concurrency=_int("FACT_MAX_CONCURRENCY", 64),
             predict_max_batch=_int("FACT_PREDICT_MAX_BATCH", 32),
             predict_max_latency_ms=_int("FACT_PREDICT_MAX_LATENCY", 500),
             torch_threads=_int("FACT_TORCH_THREADS", 1) if os.environ.get("FACT_TORCH_THREADS") else None,
