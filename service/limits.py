@@ -12,7 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["BodySizeLimit", "ConcurrencyLimit"]
+__all__ = ["BodySizeLimit", "ConcurrencyLimit", "MediaTypeGuard"]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -77,6 +77,40 @@ class ConcurrencyLimit:
             await self.app(scope, receive, counting_send)
         finally:
             self.in_flight -= 1
+
+
+class MediaTypeGuard:
+    """Answer 415 with a clear message when a POST's ``Content-Type`` is not one its endpoint reads.
+
+    Without it, BentoML tries to parse e.g. a ``text/plain`` body as JSON and answers 400
+    "invalid JSON", which hides the real mistake. Requests without a ``Content-Type`` pass.
+
+    Args:
+        app: the wrapped ASGI app.
+        accepted: path → accepted media types (e.g. ``{"/predict": ("application/json",)}``).
+        on_reject: called with the request path and the reason of each refusal (metrics).
+    """
+
+    def __init__(
+        self, app: Any, accepted: dict[str, tuple[str, ...]], on_reject: Callable[[str, str], None] | None = None
+    ) -> None:
+        self.app = app
+        self.accepted = accepted
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope.get("method") == "POST" and path in self.accepted:
+            raw = dict(scope.get("headers", [])).get(b"content-type")
+            media_type = raw.decode("latin-1").split(";")[0].strip().lower() if raw else ""
+            if media_type and media_type not in self.accepted[path]:
+                if self.on_reject:
+                    self.on_reject(path, "unsupported_media_type")
+                wanted = " or ".join(self.accepted[path])
+                message = f"Content-Type {media_type!r} is not supported by {path}: send {wanted}"
+                await _json_response(send, 415, {"error": message, "reason": "unsupported_media_type", "status": 415})
+                return
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from service.errors import RequestError
 from service.explorer import routes as explorer_routes
-from service.limits import BodySizeLimit, ConcurrencyLimit
+from service.limits import BodySizeLimit, ConcurrencyLimit, MediaTypeGuard
 from service.metrics import METRICS
 from service.schemas import ExplainItem, HeatmapFormat, HeatmapKind, PredictItem
 from service.settings import SETTINGS
@@ -267,6 +267,15 @@ def _count_rejection(path: str, reason: str) -> None:
 
 # Outermost first: shed load before anything reads a body.
 FaCTService.add_asgi_middleware(ConcurrencyLimit, max_in_flight=SETTINGS.max_concurrency, on_reject=_count_rejection)
+FaCTService.add_asgi_middleware(
+    MediaTypeGuard,
+    accepted={
+        "/explain": ("application/json", "multipart/form-data"),
+        "/explain_batch": ("application/json",),
+        "/predict": ("application/json",),
+    },
+    on_reject=_count_rejection,
+)
 FaCTService.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_request_bytes, on_reject=_count_rejection)
 
 __all__ = ["FaCTService"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from service.limits import ConcurrencyLimit
+from service.limits import ConcurrencyLimit, MediaTypeGuard
 
 
-async def _call(middleware, path: str = "/predict") -> tuple[int, dict, dict]:
+async def _call(middleware, path: str = "/predict", headers: list | None = None) -> tuple[int, dict, dict]:
     sent = []
 
     async def receive():
@@ -17,7 +17,8 @@ async def _call(middleware, path: str = "/predict") -> tuple[int, dict, dict]:
     async def send(message):
         sent.append(message)
 
-    await middleware({"type": "http", "path": path, "headers": []}, receive, send)
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers or []}
+    await middleware(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return start["status"], dict(start["headers"]), json.loads(body) if body else {}
@@ -62,3 +63,25 @@ def test_probes_and_metrics_are_never_shed():
     for path in ("/readyz", "/livez", "/metrics"):
         assert asyncio.run(_call(limit, path))[0] == 200
     assert asyncio.run(_call(limit, "/explain"))[0] == 429
+
+
+def test_media_type_guard_names_what_the_endpoint_reads():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    rejections = []
+    guard = MediaTypeGuard(
+        app,
+        {"/predict": ("application/json",), "/explain": ("application/json", "multipart/form-data")},
+        on_reject=lambda path, reason: rejections.append((path, reason)),
+    )
+    status, _, body = asyncio.run(_call(guard, "/predict", [(b"content-type", b"text/plain; charset=utf-8")]))
+    assert status == 415 and body["reason"] == "unsupported_media_type"
+    assert "'text/plain'" in body["error"] and "application/json" in body["error"]
+    assert rejections == [("/predict", "unsupported_media_type")]
+    multipart = [(b"content-type", b"multipart/form-data; boundary=x")]
+    assert asyncio.run(_call(guard, "/explain", multipart))[0] == 200
+    assert asyncio.run(_call(guard, "/explain", [(b"content-type", b"Application/JSON")]))[0] == 200
+    assert asyncio.run(_call(guard, "/predict"))[0] == 200  # no Content-Type: left to the endpoint
+    assert asyncio.run(_call(guard, "/model", [(b"content-type", b"text/plain")]))[0] == 200  # not guarded

@@ -202,6 +202,7 @@ def test_bad_input_gets_clear_4xx_and_server_keeps_serving(server):
         text = str(body)
         assert "error" in text, (name, body)
     assert cases["oversized"][0] == 413
+    assert cases["content type"][0] == 415 and "application/json" in cases["content type"][1]["error"]
     assert "GET /model" in cases["unknown class"][1]["error"]
     assert "layer3" in cases["layer"][1]["error"]
     assert "pixels" in cases["bomb"][1]["error"]
