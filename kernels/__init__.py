@@ -1,6 +1,13 @@
-"""Triton kernels for the B-cos layers and the concept layer (CUDA only).
+"""Triton kernels for the B-cos layers and the concept layer (README "Kernels").
 
-Not implemented yet (issue 5). Until then every device runs the PyTorch reference
-layers of :mod:`fact_model.bcos` and :mod:`fact_model.concept_layer`, which these
-kernels must match.
+* :mod:`kernels.bcos_postop` — Σx² map, fused B-cos post-op and its backward kernels;
+* :mod:`kernels.bcos_conv` — fused B-cos convolution (implicit GEMM, norm and scale in the epilogue);
+* :mod:`kernels.bcos_layer` — the B-cos layer on the kernels: autograd and per-shape path dispatch;
+* :mod:`kernels.bcos_ops` — the B-cos kernels as ``torch.ops.fact.*`` operators;
+* :mod:`kernels.concept_encode`, :mod:`kernels.concept_decode` — the concept layer's kernels and operators;
+* :mod:`kernels.bench` — correctness and speed on a GPU (``--smoke`` on the CPU interpreter).
+
+The layers of :mod:`fact_model` use them on CUDA according to ``FACT_KERNELS``
+(:mod:`kernels._common`); everywhere else the PyTorch layers, which these kernels match, run.
+Importing this package does not import Triton.
 """
