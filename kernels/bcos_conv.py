@@ -21,14 +21,16 @@ them to cuDNN + :mod:`kernels.bcos_postop`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import triton_op
 
 from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
-from kernels.bcos_postop import ConvGeometry, b_mode
+from kernels.bcos_postop import ConvGeometry, b_mode, geometry_from_list, reference_postop
 
-__all__ = ["fused_weight_layout", "launch_fused_conv"]
+__all__ = ["bcos_fused_conv", "fused_weight_layout", "launch_fused_conv"]
 
 # A few tile shapes; autotuning picks one per (pixels, channels, kernel) key on the GPU.
 # Few on purpose: every config is one more compilation per kernel size and dtype.
@@ -178,3 +180,34 @@ def launch_fused_conv(
 
         launchable(_autotuned, x)[grid](*args, **meta, FP32_DOT=False, IEEE=ieee)
     return out, scale
+
+
+# ----------------------------------------------------------------------------- operator
+# torch.ops.fact.bcos_fused_conv: see the operator notes in kernels/bcos_postop.py.
+
+
+@triton_op("fact::bcos_fused_conv", mutates_args=())
+def bcos_fused_conv(
+    x: Tensor, weight_kc: Tensor, geometry: list[int], b: float, write_scale: bool
+) -> tuple[Tensor, Tensor]:
+    """The whole B-cos convolution in one kernel (see :func:`launch_fused_conv`); ``scale`` empty unless asked."""
+    out, scale = launch_fused_conv(x, weight_kc, geometry_from_list(geometry), b, write_scale)
+    return out, scale if scale is not None else out.new_empty(0)
+
+
+@bcos_fused_conv.register_kernel("cpu")
+def _bcos_fused_conv_cpu(
+    x: Tensor, weight_kc: Tensor, geometry: list[int], b: float, write_scale: bool
+) -> tuple[Tensor, Tensor]:
+    geo = geometry_from_list(geometry)
+    if interpreting():
+        out, scale = launch_fused_conv(x, weight_kc, geo, b, write_scale)
+        return out, scale if scale is not None else out.new_empty(0)
+    kh, kw = geo.kernel_size
+    weight = weight_kc.view(kh, kw, x.shape[1], -1).permute(3, 2, 0, 1)
+    y = F.conv2d(x.float(), weight.float(), None, geo.stride, geo.padding, geo.dilation)
+    out, scale = reference_postop(y, x, geo, b)
+    out = out.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    if write_scale and scale is not None:
+        return out, scale.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    return out, out.new_empty(0)

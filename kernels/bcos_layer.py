@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.bcos_conv import fused_weight_layout, launch_fused_conv
-from kernels.bcos_ops import geometry_to_list
 from kernels.bcos_postop import (
     ConvGeometry,
+    geometry_to_list,
     launch_postop,
     launch_postop_backward,
     launch_scale_grad,
