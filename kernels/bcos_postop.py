@@ -461,7 +461,7 @@ def _or_empty(tensor: Tensor | None, like: Tensor) -> Tensor:
     return tensor if tensor is not None else like.new_empty(0)
 
 
-def _max_out(y: Tensor, max_out: int) -> tuple[Tensor, Tensor]:
+def _max_out_reference(y: Tensor, max_out: int) -> tuple[Tensor, Tensor]:
     """MaxOut over groups of ``max_out`` channels: ``(values, argmax)``."""
     units = y.unflatten(1, (y.shape[1] // max_out, max_out))
     values, best = units.max(dim=2)
@@ -470,7 +470,7 @@ def _max_out(y: Tensor, max_out: int) -> tuple[Tensor, Tensor]:
 
 def _reference_scale(y: Tensor, q: Tensor, geometry: ConvGeometry, b: float, max_out: int) -> tuple[Tensor, Tensor]:
     """float32 ``(after MaxOut, scale)`` from a conv output and a ``Σx²`` map."""
-    out = _max_out(y.float(), max_out)[0]
+    out = _max_out_reference(y.float(), max_out)[0]
     n, o, ho, wo = out.shape
     g = geometry.groups
     norms = window_sum_norms(q, geometry).unsqueeze(2)
@@ -532,7 +532,7 @@ def _bcos_postop_backward_cpu(
     with torch.enable_grad():
         y32 = y.detach().float().requires_grad_(True)
         norms = window_sum_norms(q, geo).detach().requires_grad_(True)
-        out = _max_out(y32, max_out)[0]
+        out = _max_out_reference(y32, max_out)[0]
         n, o, ho, wo = out.shape
         g = geo.groups
         combined = dynamic_scale(out.view(n, g, o // g, ho, wo), norms.unsqueeze(2), b) * out.view(n, g, o // g, ho, wo)
@@ -553,6 +553,6 @@ def _bcos_scale_grad_cpu(grad: Tensor, scale: Tensor, y: Tensor, max_out: int) -
     scaled = grad * scale
     if max_out == 1:
         return scaled.contiguous(memory_format=CL)
-    best = _max_out(y, max_out)[1]
+    best = _max_out_reference(y, max_out)[1]
     routed = F.one_hot(best, max_out).permute(0, 1, 4, 2, 3).to(grad.dtype) * scaled.unsqueeze(2)
     return routed.flatten(1, 2).contiguous(memory_format=CL)
