@@ -154,6 +154,8 @@ def check_bcos(device: str, dtype_name: str, smoke: bool) -> list[dict[str, Any]
 
     dtype = _dtype(dtype_name)
     threshold = (CPU_THRESHOLDS if smoke else GPU_THRESHOLDS)[dtype_name]
+    if smoke:
+        torch.manual_seed(0)  # CI: the same inputs every run; on the GPU every run draws afresh
     rows = []
     n, c, h, w, o = (2, 8, 9, 7, 8) if smoke else (4, 32, 20, 18, 48)
     for kernel, stride, padding, dilation, groups, b, max_out in _CORRECTNESS_CASES:
@@ -161,6 +163,12 @@ def check_bcos(device: str, dtype_name: str, smoke: bool) -> list[dict[str, Any]
         reference = reference.to(device=device, dtype=torch.float64)
         with torch.no_grad():  # the reference sees exactly the rounded weights and inputs the kernels get
             reference.linear.weight.copy_(reference.linear.weight.to(dtype))
+            if max_out == 2:
+                # Unit 1 = −unit 0, so MaxOut = |ŵ·x|: the units tie only where the output is ≈ 0. With
+                # independent units, near-ties (within TF32/bf16 rounding) route a gradient to the other
+                # unit in the kernel than in the float64 reference — a legitimate difference, not an error.
+                units = reference.linear.weight.view(o, 2, -1)
+                units[:, 1] = -units[:, 0]
         for path in ("fused", "cudnn"):
             if path == "fused" and (groups > 1 or max_out > 1):
                 continue
@@ -181,10 +189,6 @@ def check_bcos(device: str, dtype_name: str, smoke: bool) -> list[dict[str, Any]
                     ref_dx, ref_dw = torch.autograd.grad(ref, (x64, reference.weight), seed)
                     dx, dw = torch.autograd.grad(out, (x, weight), seed.to(dtype))
                     checks |= {"dx": (dx, ref_dx), "dw": (dw, ref_dw)}
-                # MaxOut in TF32/bf16: where two units are within rounding, the kernel and the float64
-                # reference may pick different ones (so does the PyTorch layer at that precision).
-                low_precision = dtype_name != "float32" or not smoke  # TF32 on the GPU
-                allowance = 2.0 if max_out > 1 and low_precision else 1.0
                 for what, (got, expected) in checks.items():
                     err = _rel(got, expected)
                     finite = bool(torch.isfinite(got).all())
@@ -194,9 +198,9 @@ def check_bcos(device: str, dtype_name: str, smoke: bool) -> list[dict[str, Any]
                             "case": f"k{kernel} s{stride} p{padding} d{dilation} g{groups} B{b} mo{max_out}",
                             "dtype": dtype_name,
                             "rel_err": err,
-                            "threshold": threshold * allowance,
+                            "threshold": threshold,
                             "all_written": finite,
-                            "ok": finite and err <= threshold * allowance,
+                            "ok": finite and err <= threshold,
                         }
                     )
     os.environ.pop("FACT_BCOS_CONV_PATH", None)
