@@ -180,11 +180,12 @@ class _BcosConvFunction(torch.autograd.Function):
         ctx.geometry, ctx.b, ctx.max_out = geometry, b, max_out
         ctx.x_shape = x.shape
         ctx.training_backward = needs_grad and not detach_scale
+        write_scale = needs_grad and detach_scale  # only the explanation backward reads the scale
         if path == "fused":
-            out, scale = _fused_forward(x, weight_kc, geometry, b, write_scale=needs_grad)
+            out, scale = _fused_forward(x, weight_kc, geometry, b, write_scale)
             y = q = None
         else:
-            out, scale, y, q = _cudnn_forward(x, weight_hat, geometry, b, max_out, write_scale=needs_grad)
+            out, scale, y, q = _cudnn_forward(x, weight_hat, geometry, b, max_out, write_scale)
         if ctx.training_backward:
             ctx.save_for_backward(x, weight_hat, y, q)
         elif needs_grad:
