@@ -64,6 +64,8 @@ def triton_runs_on(tensor: Tensor) -> bool:
     mode = kernels_mode()
     if mode == "torch" or tensor.dtype not in FLOAT_DTYPES:  # e.g. float64 checks run the reference
         return False
+    if torch.compiler.is_exporting():  # an exported graph (ONNX) must hold standard operators only
+        return False
     if mode == "auto":
         return tensor.is_cuda and not torch.is_grad_enabled()
     return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
