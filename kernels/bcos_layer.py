@@ -60,9 +60,13 @@ def conv_path() -> str:
 class PathTable:
     """Per layer shape, the faster of the ``fused`` and ``cudnn`` paths, measured once on the GPU."""
 
-    def __init__(self, warmup: int = 2, repeats: int = 5) -> None:
+    def __init__(
+        self, warmup: int = 2, repeats: int = 5, timer: Callable[[Callable[[], object]], float] | None = None
+    ) -> None:
+        """``timer`` replaces the CUDA-graph timing (milliseconds of one call of its argument), for tests."""
         self.warmup = warmup
         self.repeats = repeats
+        self.timer = timer or self._median_ms
         self.choices: dict[tuple, str] = {}
         self.timings_ms: dict[tuple, dict[str, float]] = {}
 
@@ -70,7 +74,7 @@ class PathTable:
         """The name of the fastest candidate for ``key`` (timed with CUDA events at first sight)."""
         if key in self.choices:
             return self.choices[key]
-        timings = {name: self._median_ms(run) for name, run in candidates.items()}
+        timings = {name: self.timer(run) for name, run in candidates.items()}
         best = min(timings, key=timings.__getitem__)
         self.choices[key] = best
         self.timings_ms[key] = timings

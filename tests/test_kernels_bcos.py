@@ -15,7 +15,7 @@ from fact_model.bcos.functional import unit_norm_rows
 from fact_model.bcos.linear import BcosLinear
 from kernels._common import KernelInputError, interpreting, triton_runs_on
 from kernels.bcos_conv import fused_weight_layout, launch_fused_conv
-from kernels.bcos_layer import bcos_conv2d
+from kernels.bcos_layer import PathTable, bcos_conv2d
 from kernels.bcos_postop import (
     ConvGeometry,
     launch_postop,
@@ -249,3 +249,21 @@ def test_fact_explanations_with_kernels_on_equal_kernels_off(monkeypatch):
     got_maps, want_maps = on.maps.concepts, off.maps.concepts
     for layer in want_maps:
         assert _rel(got_maps[layer], want_maps[layer]) <= 1e-4
+
+
+def test_path_table_keeps_the_faster_path_per_key_and_measures_once():
+    costs = {"fused": 2.0, "cudnn": 1.0}
+    calls = []
+
+    def timer(run):
+        calls.append(run())
+        return costs[calls[-1]]
+
+    table = PathTable(timer=timer)
+    candidates = {name: (lambda name=name: name) for name in costs}
+    assert table.choose(("a",), candidates) == "cudnn"
+    costs["fused"] = 0.5  # the table answers from memory: no new measurement for a known key
+    assert table.choose(("a",), candidates) == "cudnn" and len(calls) == 2
+    assert table.choose(("b",), candidates) == "fused" and table.timings_ms[("b",)] == {"fused": 0.5, "cudnn": 1.0}
+    table.clear()
+    assert table.choose(("a",), candidates) == "fused" and len(calls) == 6
