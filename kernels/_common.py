@@ -31,6 +31,7 @@ __all__ = [
     "KernelInputError",
     "check_same_device",
     "check_tensor",
+    "env_choice",
     "interpreting",
     "kernels_mode",
     "launchable",
@@ -46,12 +47,17 @@ class KernelInputError(ValueError):
     """A launcher refused its arguments (wrong device, dtype, shape or layout)."""
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``name``, one of ``choices`` (the first is the default)."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
 def kernels_mode() -> str:
     """The value of ``FACT_KERNELS`` (``auto``, ``triton`` or ``torch``)."""
-    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise ValueError(f"{KERNELS_ENV} must be one of {list(_MODES)}, got {mode!r}")
-    return mode
+    return env_choice(KERNELS_ENV, _MODES)
 
 
 def interpreting() -> bool:

@@ -21,7 +21,6 @@ post-op backward kernel, then cuDNN's data and weight gradients); in explanation
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 from collections.abc import Callable
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._common import env_choice
 from kernels.bcos_conv import fused_weight_layout, launch_fused_conv
 from kernels.bcos_postop import (
     ConvGeometry,
@@ -51,10 +51,7 @@ CL = torch.channels_last
 
 def conv_path() -> str:
     """The value of ``FACT_BCOS_CONV_PATH``."""
-    path = os.environ.get(PATH_ENV, "auto").strip().lower() or "auto"
-    if path not in PATHS:
-        raise ValueError(f"{PATH_ENV} must be one of {list(PATHS)}, got {path!r}")
-    return path
+    return env_choice(PATH_ENV, PATHS)
 
 
 class PathTable:

@@ -20,6 +20,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+PROBES = frozenset({"/metrics", "/healthz", "/livez", "/readyz"})
+"""Probe and metrics paths: never shed or size-checked."""
+
+
 class _TooLarge(Exception):
     pass
 
@@ -45,7 +49,7 @@ class ConcurrencyLimit:
         on_reject: called with the request path and the reason of each refusal (metrics).
     """
 
-    SKIP = frozenset({"/metrics", "/healthz", "/livez", "/readyz"})
+    SKIP = PROBES
 
     def __init__(self, app: Any, max_in_flight: int, on_reject: Callable[[str, str], None] | None = None) -> None:
         self.app = app
@@ -122,7 +126,7 @@ class BodySizeLimit:
         on_reject: called with the request path and the reason when a request is refused (metrics).
     """
 
-    SKIP = frozenset({"/metrics", "/healthz", "/livez", "/readyz"})
+    SKIP = PROBES
     DRAIN_FACTOR = 8
     """Bodies up to this many times the limit are read and discarded before the 413, so that the
     client, still sending, sees the response instead of a connection reset; larger ones are cut off."""
