@@ -30,7 +30,15 @@ from torch.library import triton_op
 from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
 from kernels.bcos_postop import ConvGeometry, b_mode, geometry_from_list, reference_postop
 
-__all__ = ["bcos_fused_conv", "fused_weight_layout", "launch_fused_conv"]
+__all__ = [
+    "WeightLayouts",
+    "bcos_fused_conv",
+    "dgrad_geometry",
+    "dgrad_weight_layout",
+    "fused_weight_layout",
+    "launch_explain_dgrad",
+    "launch_fused_conv",
+]
 
 # A few tile shapes; autotuning picks one per (pixels, channels, kernel) key on the GPU.
 # Few on purpose: every config is one more compilation per kernel size and dtype.
@@ -47,9 +55,9 @@ def _configs() -> list[triton.Config]:
 
 @triton.jit(do_not_specialize=["P", "H", "W", "HO", "WO", "SH", "SW", "PH", "PW", "DH", "DW"])
 def _fused_conv_body(
-    x_ptr, w_ptr, out_ptr, scale_ptr,
+    x_ptr, w_ptr, out_ptr, scale_ptr, a_scale_ptr,
     P, H, W, C, HO, WO, O, SH, SW, PH, PW, DH, DW, b,
-    KH: tl.constexpr, KW: tl.constexpr, B_MODE: tl.constexpr, WRITE_SCALE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, B_MODE: tl.constexpr, WRITE_SCALE: tl.constexpr, A_SCALE: tl.constexpr,
     FP32_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Output-channel blocks vary fastest, so programs that share an input tile run together (L2 reuse).
@@ -77,20 +85,22 @@ def _fused_conv_body(
         valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         offs_k = c0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C
-        a = tl.load(
-            x_ptr + (((image * H + ih) * W + iw) * C)[:, None] + offs_k[None, :],
-            mask=valid[:, None] & mask_k[None, :],
-            other=0.0,
-        )
+        a_offs = (((image * H + ih) * W + iw) * C)[:, None] + offs_k[None, :]
+        a_mask = valid[:, None] & mask_k[None, :]
+        a = tl.load(x_ptr + a_offs, mask=a_mask, other=0.0)
+        if A_SCALE:  # explanation backward: the operand is g ⊙ scale, multiplied as it is loaded
+            a_scale = tl.load(a_scale_ptr + a_offs, mask=a_mask, other=0.0)
+            a = (a.to(tl.float32) * a_scale.to(tl.float32)).to(a.dtype)
         w = tl.load(
             w_ptr + (tap * C + offs_k)[:, None] * O + offs_n[None, :],
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        a32 = a.to(tl.float32)
-        sumsq += tl.sum(a32 * a32, axis=1)
+        if B_MODE != 0:
+            a32 = a.to(tl.float32)
+            sumsq += tl.sum(a32 * a32, axis=1)
         if FP32_DOT:  # the interpreter's low-precision dot is wrong: compute it in float32 there
-            acc += tl.dot(a32, w.to(tl.float32))
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
         elif IEEE:  # float32 with TF32 switched off in PyTorch: full-precision products, as cuDNN then does
             acc += tl.dot(a, w, input_precision="ieee")
         else:
@@ -110,9 +120,9 @@ def _fused_conv_body(
             tl.store(scale_ptr + out_offs, scale.to(scale_ptr.dtype.element_ty), mask=mask)
 
 
-_autotuned = triton.autotune(configs=_CONFIGS, key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE", "IEEE"])(
-    _fused_conv_body
-)
+_autotuned = triton.autotune(
+    configs=_CONFIGS, key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE", "A_SCALE", "IEEE"]
+)(_fused_conv_body)
 
 
 def fused_weight_layout(weight_hat: Tensor) -> Tensor:
@@ -121,8 +131,69 @@ def fused_weight_layout(weight_hat: Tensor) -> Tensor:
     return weight_hat.permute(2, 3, 1, 0).reshape(kh * kw * c, o).contiguous()
 
 
+def dgrad_weight_layout(weight_hat: Tensor) -> Tensor:
+    """``(O, C, kh, kw)`` filters → the ``(kh·kw·O, C)`` operand of the data gradient's convolution.
+
+    The data gradient of a stride-1 convolution is a convolution of the output
+    gradient with the filters transposed (``O`` ↔ ``C``) and flipped in space.
+    """
+    return fused_weight_layout(weight_hat.transpose(0, 1).flip(2, 3))
+
+
+def dgrad_geometry(geometry: ConvGeometry) -> ConvGeometry | None:
+    """The geometry of ``dx = conv(dy, flipped ŵᵀ)`` for ``geometry``, or None where that is no plain convolution.
+
+    Only stride 1 and groups 1 qualify (a strided layer's data gradient is a transposed,
+    fractionally strided convolution), with ``padding ≤ dilation·(k − 1)`` so the
+    gradient's own padding is not negative.
+    """
+    if geometry.stride != (1, 1) or geometry.groups != 1:
+        return None
+    pads = tuple(
+        d * (k - 1) - p for d, k, p in zip(geometry.dilation, geometry.kernel_size, geometry.padding, strict=True)
+    )
+    if min(pads) < 0:
+        return None
+    return ConvGeometry(
+        geometry.out_height, geometry.out_width, geometry.kernel_size, (1, 1), pads, geometry.dilation, 1
+    )  # fmt: skip
+
+
+class WeightLayouts:
+    """The unit-norm filters ``ŵ`` and, made on first use, the layouts the kernels read.
+
+    A layer caches one of these at inference (its weight does not change), so the
+    re-layouts happen once per weight version instead of once per call.
+    """
+
+    def __init__(self, weight_hat: Tensor) -> None:
+        """``weight_hat``: ``(O, C/groups, kh, kw)`` unit-norm filters, in the activations' dtype."""
+        self.hat = weight_hat
+        self._fused: Tensor | None = None
+        self._dgrad: Tensor | None = None
+
+    @property
+    def fused(self) -> Tensor:
+        """:func:`fused_weight_layout` of ``ŵ`` (detached)."""
+        if self._fused is None:
+            self._fused = fused_weight_layout(self.hat.detach())
+        return self._fused
+
+    @property
+    def dgrad(self) -> Tensor:
+        """:func:`dgrad_weight_layout` of ``ŵ`` (detached)."""
+        if self._dgrad is None:
+            self._dgrad = dgrad_weight_layout(self.hat.detach())
+        return self._dgrad
+
+
 def launch_fused_conv(
-    x: Tensor, weight_kc: Tensor, geometry: ConvGeometry, b: float, write_scale: bool = False
+    x: Tensor,
+    weight_kc: Tensor,
+    geometry: ConvGeometry,
+    b: float,
+    write_scale: bool = False,
+    a_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The whole B-cos convolution (groups = 1, no MaxOut) in one kernel.
 
@@ -133,6 +204,8 @@ def launch_fused_conv(
         geometry: the convolution's geometry (``groups`` must be 1).
         b: the B-cos exponent (≥ 1).
         write_scale: also return the scale ``|cos|^(B-1)`` (``None`` when B = 1).
+        a_scale: convolve ``x ⊙ a_scale`` instead of ``x`` (same shape, channels_last),
+            multiplied as the operand is loaded (B = 1 only: the explanation backward).
 
     Returns:
         ``(out, scale)``: ``(N, O, H', W')`` channels_last in ``x``'s dtype.
@@ -142,6 +215,13 @@ def launch_fused_conv(
     check_same_device(x=x, weight_kc=weight_kc)
     if weight_kc.dtype != x.dtype:
         raise KernelInputError(f"weight_kc has dtype {weight_kc.dtype} but x has {x.dtype}; they must match")
+    if a_scale is not None:
+        check_tensor("a_scale", a_scale, ndim=4, channels_last=True)
+        check_same_device(x=x, a_scale=a_scale)
+        if a_scale.shape != x.shape:
+            raise KernelInputError(f"a_scale has shape {tuple(a_scale.shape)} but x has {tuple(x.shape)}")
+        if b != 1:
+            raise KernelInputError(f"a_scale is for the B = 1 data-gradient convolution only, got b={b!r}")
     n, c, h, w = x.shape
     if (h, w) != (geometry.height, geometry.width):
         expected = (geometry.height, geometry.width)
@@ -164,9 +244,9 @@ def launch_fused_conv(
     mode = b_mode(b)
     scale = torch.empty_like(out) if write_scale and mode else None
     p = n * ho * wo
-    args = (x, weight_kc, out, scale if scale is not None else out, p, h, w, c, ho, wo, o,
-            *geometry.stride, *geometry.padding, *geometry.dilation, float(b))  # fmt: skip
-    meta = {"KH": kh, "KW": kw, "B_MODE": mode, "WRITE_SCALE": scale is not None}
+    args = (x, weight_kc, out, scale if scale is not None else out, a_scale if a_scale is not None else x,
+            p, h, w, c, ho, wo, o, *geometry.stride, *geometry.padding, *geometry.dilation, float(b))  # fmt: skip
+    meta = {"KH": kh, "KW": kw, "B_MODE": mode, "WRITE_SCALE": scale is not None, "A_SCALE": a_scale is not None}
     fp32_dot = interpreting() and x.dtype != torch.float32
     ieee = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
     if interpreting():
@@ -180,6 +260,29 @@ def launch_fused_conv(
 
         launchable(_autotuned, x)[grid](*args, **meta, FP32_DOT=False, IEEE=ieee)
     return out, scale
+
+
+def launch_explain_dgrad(grad: Tensor, scale: Tensor, weight_dgrad: Tensor, geometry: ConvGeometry) -> Tensor:
+    """Explanation-mode data gradient ``dx = conv_transpose(g ⊙ scale, ŵ)`` in one kernel (stride 1).
+
+    Args:
+        grad: ``(N, O, H', W')`` channels_last gradient of the layer's output.
+        scale: the forward's detached B-cos scale, like ``grad``.
+        weight_dgrad: :func:`dgrad_weight_layout` of ``ŵ``, in ``grad``'s dtype.
+        geometry: the layer's geometry; :func:`dgrad_geometry` must accept it.
+
+    Returns:
+        ``(N, C, H, W)`` channels_last in ``grad``'s dtype.
+    """
+    transposed = dgrad_geometry(geometry)
+    if transposed is None:
+        raise KernelInputError(f"no stride-1 data-gradient convolution for {geometry}; use the cuDNN path")
+    if (grad.shape[2], grad.shape[3]) != (geometry.out_height, geometry.out_width):
+        raise KernelInputError(
+            f"grad's spatial size {tuple(grad.shape[2:])} is not the layer's output size "
+            f"{(geometry.out_height, geometry.out_width)}"
+        )
+    return launch_fused_conv(grad, weight_dgrad, transposed, 1, a_scale=scale)[0]
 
 
 # ----------------------------------------------------------------------------- operator

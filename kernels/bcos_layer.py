@@ -8,9 +8,14 @@ kernels are on. It computes the same function as the PyTorch layer, by one of tw
 * ``cudnn`` — PyTorch's convolution (cuDNN) followed by the fused post-op of
   :mod:`kernels.bcos_postop` (every case, training included).
 
+The explanation backward has the same two paths: ``fused`` is one implicit-GEMM kernel
+for ``dx = conv_transpose(g ⊙ scale, ŵ)`` with the product taken as the operand is
+loaded (stride-1 ungrouped layers without MaxOut); ``cudnn`` multiplies, then runs
+cuDNN's transposed convolution.
+
 ``FACT_BCOS_CONV_PATH`` = ``auto`` (default) | ``fused`` | ``cudnn`` picks the path; in
 ``auto`` the first call of each layer shape on a GPU times both paths and remembers
-the faster (:class:`PathTable`).
+the faster (:class:`PathTable`), separately for the forward and the explanation backward.
 
 Autograd: training differentiates through the dynamic scale and the patch norm (the
 post-op backward kernel, then cuDNN's data and weight gradients); in explanation mode
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels._common import env_choice
-from kernels.bcos_conv import fused_weight_layout, launch_fused_conv
+from kernels.bcos_conv import WeightLayouts, dgrad_geometry, launch_explain_dgrad, launch_fused_conv
 from kernels.bcos_postop import (
     ConvGeometry,
     geometry_to_list,
@@ -40,7 +45,18 @@ from kernels.bcos_postop import (
     window_sum_norms,
 )
 
-__all__ = ["PATHS", "PathTable", "bcos_conv2d", "bcos_linear", "conv_path", "path_table"]
+__all__ = [
+    "PATHS",
+    "PathTable",
+    "bcos_conv2d",
+    "bcos_linear",
+    "conv_data_grad",
+    "conv_path",
+    "dgrad_key",
+    "explain_data_grad",
+    "forward_key",
+    "path_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +176,20 @@ def _scale_grad(grad: Tensor, scale: Tensor, y: Tensor | None, max_out: int) -> 
     return launch_scale_grad(grad, scale, y, max_out)
 
 
-def _data_grad(dy: Tensor, weight_hat: Tensor, input_shape: torch.Size, geometry: ConvGeometry) -> Tensor:
-    return torch.nn.grad.conv2d_input(
-        input_shape, weight_hat, dy, geometry.stride, geometry.padding, geometry.dilation, geometry.groups
+def conv_data_grad(dy: Tensor, weight_hat: Tensor, input_shape: torch.Size, geometry: ConvGeometry) -> Tensor:
+    """``∂(Σ dy ⊙ conv(x, ŵ))/∂x``: ``(N, O, H', W')`` → ``input_shape``, channels_last like ``dy``."""
+    # conv_transpose2d rather than torch.nn.grad.conv2d_input: the latter's placeholder input has no
+    # memory format, so for 1×1 filters (ambiguous layout) cuDNN returns NCHW and every layer below
+    # then converts; the transposed convolution follows dy's channels_last.
+    output_padding = tuple(
+        size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+        for size, out, s, p, d, k in zip(
+            input_shape[2:], dy.shape[2:], geometry.stride, geometry.padding, geometry.dilation,
+            geometry.kernel_size, strict=True,
+        )
+    )  # fmt: skip
+    return F.conv_transpose2d(
+        dy, weight_hat, None, geometry.stride, geometry.padding, output_padding, geometry.groups, geometry.dilation
     )
 
 
@@ -176,83 +203,146 @@ class _BcosConvFunction(torch.autograd.Function):
     """One B-cos convolution on the kernels (see the module docstring for the paths)."""
 
     @staticmethod
-    def forward(ctx, x, weight_hat, weight_kc, geometry, b, max_out, detach_scale, path):
+    def forward(ctx, x, weight_hat, layouts, geometry, b, max_out, detach_scale, path):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.geometry, ctx.b, ctx.max_out = geometry, b, max_out
         ctx.x_shape = x.shape
         ctx.training_backward = needs_grad and not detach_scale
         write_scale = needs_grad and detach_scale  # only the explanation backward reads the scale
         if path == "fused":
-            out, scale = _fused_forward(x, weight_kc, geometry, b, write_scale)
+            out, scale = _fused_forward(x, layouts.fused, geometry, b, write_scale)
             y = q = None
         else:
             out, scale, y, q = _cudnn_forward(x, weight_hat, geometry, b, max_out, write_scale)
         if ctx.training_backward:
             ctx.save_for_backward(x, weight_hat, y, q)
         elif needs_grad:
+            ctx.layouts = layouts  # holds ŵ's data-gradient layout once made: made at most once per weight
             keep_x = x if ctx.needs_input_grad[1] else None
             ctx.save_for_backward(keep_x, weight_hat, y if max_out > 1 else None, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        geometry = ctx.geometry
         grad = grad.contiguous(memory_format=CL)
         if ctx.training_backward:
-            x, weight_hat, y, q = ctx.saved_tensors
-            dy, dnorm = _postop_backward(grad, y, q, geometry, ctx.b, ctx.max_out)
-            dy = dy.to(x.dtype)
-            dx = dw = None
-            if ctx.needs_input_grad[0]:
-                norms = window_sum_norms(q, geometry)
-                # ‖x‖ = sqrt(Σ_window q + ε) → ∂/∂q = 1/(2‖x‖) summed back over every window holding the pixel.
-                ones = q.new_ones(geometry.groups, 1, *geometry.kernel_size)
-                dq = torch.nn.grad.conv2d_input(
-                    q.shape, ones, dnorm / (2 * norms), geometry.stride, geometry.padding, geometry.dilation,
-                    geometry.groups,
-                )  # fmt: skip
-                n, c, h, w = x.shape
-                g = geometry.groups
-                d_norm_x = (2 * x.float().view(n, g, c // g, h, w) * dq.unsqueeze(2)).view(n, c, h, w)
-                dx = (_data_grad(dy, weight_hat, x.shape, geometry).float() + d_norm_x).to(x.dtype)
-            if ctx.needs_input_grad[1]:
-                dw = _weight_grad(dy, x, weight_hat.shape, geometry)
-            return dx, dw, None, None, None, None, None, None
+            return (*_training_backward(ctx, grad), None, None, None, None, None, None)
         x, weight_hat, y, scale = ctx.saved_tensors
         if scale is None:  # B = 1 never reaches here; kept for safety
             raise RuntimeError("explanation-mode backward without a saved scale")
-        dy = _scale_grad(grad, scale, y, ctx.max_out)
-        dx = _data_grad(dy, weight_hat, ctx.x_shape, geometry) if ctx.needs_input_grad[0] else None
-        dw = _weight_grad(dy, x, weight_hat.shape, geometry) if ctx.needs_input_grad[1] else None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = explain_data_grad(grad, scale, ctx.layouts, ctx.x_shape, ctx.geometry, y, ctx.max_out)
+        if ctx.needs_input_grad[1]:
+            dy = _scale_grad(grad, scale, y, ctx.max_out)
+            dw = _weight_grad(dy, x, weight_hat.shape, ctx.geometry)
         return dx, dw, None, None, None, None, None, None
 
 
+def _training_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[no-untyped-def]
+    """``(dx, dŵ)`` through the dynamic scale and the patch norm."""
+    geometry = ctx.geometry
+    x, weight_hat, y, q = ctx.saved_tensors
+    dy, dnorm = _postop_backward(grad, y, q, geometry, ctx.b, ctx.max_out)
+    dy = dy.to(x.dtype)
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        norms = window_sum_norms(q, geometry)
+        # ‖x‖ = sqrt(Σ_window q + ε) → ∂/∂q = 1/(2‖x‖) summed back over every window holding the pixel.
+        ones = q.new_ones(geometry.groups, 1, *geometry.kernel_size)
+        dq = torch.nn.grad.conv2d_input(
+            q.shape, ones, dnorm / (2 * norms), geometry.stride, geometry.padding, geometry.dilation,
+            geometry.groups,
+        )  # fmt: skip
+        n, c, h, w = x.shape
+        g = geometry.groups
+        d_norm_x = (2 * x.float().view(n, g, c // g, h, w) * dq.unsqueeze(2)).view(n, c, h, w)
+        dx = (conv_data_grad(dy, weight_hat, x.shape, geometry).float() + d_norm_x).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        dw = _weight_grad(dy, x, weight_hat.shape, geometry)
+    return dx, dw
+
+
+def _dispatch_key(kind: str, t: Tensor, weight_hat: Tensor, geometry: ConvGeometry, *extra: object) -> tuple:
+    """What a measured path choice depends on besides the data.
+
+    TF32 on/off changes both paths' speed (and the kernels follow cuDNN's setting). Batch
+    sizes share a choice per power-of-two bucket: a server batching 1…32 requests
+    measures 6 buckets, not 32.
+    """
+    bucket = 1 << (t.shape[0] - 1).bit_length()
+    shape = (*t.shape[1:], *weight_hat.shape)
+    return (kind, bucket, t.dtype, torch.backends.cudnn.allow_tf32, shape, geometry, *extra)
+
+
+def forward_key(x: Tensor, weight_hat: Tensor, geometry: ConvGeometry, b: float) -> tuple:
+    """The :data:`path_table` key of a forward with input ``x``."""
+    return _dispatch_key("forward", x, weight_hat, geometry, b)
+
+
+def dgrad_key(grad: Tensor, weight_hat: Tensor, geometry: ConvGeometry) -> tuple:
+    """The :data:`path_table` key of an explanation backward with output gradient ``grad``."""
+    return _dispatch_key("dgrad", grad, weight_hat, geometry)
+
+
 def _choose_path(
-    x: Tensor,
-    weight_hat: Tensor,
-    weight_kc: Tensor | None,
-    geometry: ConvGeometry,
-    b: float,
-    max_out: int,
-    training: bool,
+    x: Tensor, layouts: WeightLayouts, geometry: ConvGeometry, b: float, max_out: int, training: bool
 ) -> str:
+    """Forward: ``fused`` or ``cudnn`` (see the module docstring)."""
     fusable = geometry.groups == 1 and max_out == 1 and not training
     requested = conv_path()
     if not fusable or requested == "cudnn":
         return "cudnn"
     if requested == "fused" or not x.is_cuda or torch.compiler.is_compiling():
         return "fused"
-    # TF32 on/off changes both paths' speed (and the fused kernel follows cuDNN's setting), so it is part of the key.
-    # Batch sizes share a choice per power-of-two bucket: a server batching 1…32 requests measures 6 buckets, not 32.
-    bucket = 1 << (x.shape[0] - 1).bit_length()
-    key = (bucket, *x.shape[1:], x.dtype, tuple(weight_hat.shape), geometry, b, torch.backends.cudnn.allow_tf32)
     return path_table.choose(
-        key,
+        forward_key(x, layouts.hat, geometry, b),
         {
-            "fused": lambda: _fused_forward(x, weight_kc, geometry, b, False),
-            "cudnn": lambda: _cudnn_forward(x, weight_hat, geometry, b, max_out, False),
+            "fused": lambda: _fused_forward(x, layouts.fused, geometry, b, False),
+            "cudnn": lambda: _cudnn_forward(x, layouts.hat, geometry, b, max_out, False),
         },
     )
+
+
+def explain_data_grad(
+    grad: Tensor,
+    scale: Tensor,
+    layouts: WeightLayouts,
+    x_shape: torch.Size,
+    geometry: ConvGeometry,
+    y: Tensor | None = None,
+    max_out: int = 1,
+) -> Tensor:
+    """Explanation-mode ``dx = conv_transpose(g ⊙ scale, ŵ)`` by the ``fused`` or the ``cudnn`` path.
+
+    ``fused`` (one kernel, the product taken at the operand load) needs a stride-1,
+    ungrouped layer without MaxOut (:func:`kernels.bcos_conv.dgrad_geometry`); ``cudnn``
+    multiplies (routing through MaxOut by ``y``), then runs cuDNN's transposed convolution.
+    The path follows ``FACT_BCOS_CONV_PATH``; ``auto`` measures both per :func:`dgrad_key`.
+
+    Args:
+        grad, scale: ``(N, O·max_out or O, H', W')`` channels_last (``scale`` per linear unit for MaxOut).
+        layouts: the layer's filters.
+        x_shape: the layer input's shape ``(N, C, H, W)``.
+        y: the linear outputs (MaxOut routing), else None.
+
+    Returns:
+        ``(N, C, H, W)`` channels_last.
+    """
+    requested = conv_path()
+
+    def cudnn() -> Tensor:
+        return conv_data_grad(_scale_grad(grad, scale, y, max_out), layouts.hat, x_shape, geometry)
+
+    def fused() -> Tensor:
+        return launch_explain_dgrad(grad, scale, layouts.dgrad, geometry)
+
+    if max_out > 1 or dgrad_geometry(geometry) is None or requested == "cudnn" or torch.compiler.is_compiling():
+        return cudnn()
+    if requested == "fused" or not grad.is_cuda:
+        return fused()
+    choice = path_table.choose(dgrad_key(grad, layouts.hat, geometry), {"fused": fused, "cudnn": cudnn})
+    return fused() if choice == "fused" else cudnn()
 
 
 def bcos_conv2d(
@@ -262,7 +352,7 @@ def bcos_conv2d(
     b: float,
     max_out: int = 1,
     detach_scale: bool = False,
-    weight_kc: Tensor | None = None,
+    layouts: WeightLayouts | None = None,
 ) -> Tensor:
     """``|cos(x, ŵ)|^(B-1) · (ŵ·x)`` over every patch, on the kernels (B > 1).
 
@@ -273,7 +363,8 @@ def bcos_conv2d(
         b: the B-cos exponent (> 1; B = 1 is a plain convolution and needs no kernel).
         max_out: MaxOut units per output channel.
         detach_scale: explanation mode: the scale is a constant for autograd.
-        weight_kc: ``fused_weight_layout(weight_hat)`` if the caller caches it.
+        layouts: ``WeightLayouts(ŵ)`` if the caller caches the filters' kernel layouts
+            (``ŵ`` must then be ``weight_hat``, in ``x``'s dtype).
 
     Returns:
         ``(N, O, H', W')`` channels_last in ``x``'s dtype.
@@ -281,16 +372,27 @@ def bcos_conv2d(
     x = x.contiguous(memory_format=CL)
     weight_hat = weight_hat.to(x.dtype)
     training = torch.is_grad_enabled() and not detach_scale and (x.requires_grad or weight_hat.requires_grad)
-    if weight_kc is None and geometry.groups == 1 and max_out == 1 and not training:
-        weight_kc = fused_weight_layout(weight_hat.detach())
-    path = _choose_path(x, weight_hat, weight_kc, geometry, b, max_out, training)
-    return _BcosConvFunction.apply(x, weight_hat, weight_kc, geometry, b, max_out, detach_scale, path)
+    if layouts is None or layouts.hat.dtype != x.dtype:
+        layouts = WeightLayouts(weight_hat)
+    path = _choose_path(x, layouts, geometry, b, max_out, training)
+    return _BcosConvFunction.apply(x, weight_hat, layouts, geometry, b, max_out, detach_scale, path)
 
 
-def bcos_linear(x: Tensor, weight_hat: Tensor, b: float, max_out: int = 1, detach_scale: bool = False) -> Tensor:
-    """The B-cos linear layer ``(*, C)`` → ``(*, O)`` as a 1×1 B-cos convolution over ``N = Π(*)`` pixels."""
+def bcos_linear(
+    x: Tensor,
+    weight_hat: Tensor,
+    b: float,
+    max_out: int = 1,
+    detach_scale: bool = False,
+    layouts: WeightLayouts | None = None,
+) -> Tensor:
+    """The B-cos linear layer ``(*, C)`` → ``(*, O)`` as a 1×1 B-cos convolution over ``N = Π(*)`` pixels.
+
+    ``weight_hat`` is ``(O, C)`` or already ``(O, C, 1, 1)``; ``layouts`` as for :func:`bcos_conv2d`.
+    """
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1], 1, 1)
+    filters = weight_hat if weight_hat.ndim == 4 else weight_hat[:, :, None, None]
     geometry = ConvGeometry(1, 1, (1, 1))
-    out = bcos_conv2d(rows, weight_hat[:, :, None, None], geometry, b, max_out, detach_scale)
+    out = bcos_conv2d(rows, filters, geometry, b, max_out, detach_scale, layouts)
     return out.reshape(*lead, out.shape[1])

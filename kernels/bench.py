@@ -299,8 +299,8 @@ def _time_shape(
     import torch.nn.functional as F
 
     from fact_model.bcos.functional import unit_norm_rows
-    from kernels.bcos_conv import fused_weight_layout
-    from kernels.bcos_layer import bcos_conv2d, path_table
+    from kernels.bcos_conv import WeightLayouts, dgrad_geometry
+    from kernels.bcos_layer import bcos_conv2d, conv_data_grad, dgrad_key, explain_data_grad, forward_key, path_table
     from kernels.bcos_postop import ConvGeometry
 
     dtype = _dtype(dtype_name)
@@ -311,7 +311,8 @@ def _time_shape(
         shape.groups, b=shape.b, max_out=shape.max_out,
     ).to(device=device, dtype=dtype, memory_format=torch.channels_last)  # fmt: skip
     weight_hat = unit_norm_rows(theirs.linear.weight.detach())
-    weight_kc = fused_weight_layout(weight_hat) if shape.groups == 1 and shape.max_out == 1 else None
+    layouts = WeightLayouts(weight_hat)
+    fusable = shape.groups == 1 and shape.max_out == 1
     geometry = ConvGeometry(
         shape.height, shape.width, (shape.kernel,) * 2, (shape.stride,) * 2, (shape.padding,) * 2,
         (shape.dilation,) * 2, shape.groups,
@@ -320,7 +321,7 @@ def _time_shape(
     def ours(path: str) -> Callable[[], object]:
         def run() -> object:
             os.environ["FACT_BCOS_CONV_PATH"] = path
-            return bcos_conv2d(x, weight_hat, geometry, shape.b, shape.max_out, False, weight_kc)
+            return bcos_conv2d(x, weight_hat, geometry, shape.b, shape.max_out, False, layouts)
 
         return run
 
@@ -337,17 +338,38 @@ def _time_shape(
             compiled(x)
             row["bcos_compiled_ms"] = _median_ms(lambda: compiled(x), device, smoke, graph=True)
         row["ours_cudnn_postop_ms"] = _median_ms(ours("cudnn"), device, smoke, graph=True)
-        if weight_kc is not None:
+        if fusable:
             row["ours_fused_ms"] = _median_ms(ours("fused"), device, smoke, graph=True)
-        row["dispatch_path"] = "fused" if weight_kc is not None else "cudnn"
-        if device == "cuda" and not smoke and weight_kc is not None:
+        row["dispatch_path"] = "fused" if fusable else "cudnn"
+        if device == "cuda" and not smoke and fusable:
             ours("auto")()
-            mine = (batch, *x.shape[1:], dtype)
-            chosen = [v for k, v in path_table.choices.items() if k[:5] == mine and k[6] == geometry]
-            row["dispatch_path"] = chosen[-1] if chosen else "cudnn"
+            row["dispatch_path"] = path_table.choices.get(forward_key(x, weight_hat, geometry, shape.b), "cudnn")
         # Wall time per call from Python (launch overhead included), ours vs the bcos layer.
         row["ours_call_ms"] = _median_ms(ours(row["dispatch_path"]), device, smoke)
         row["bcos_eager_call_ms"] = _median_ms(lambda: theirs(x), device, smoke)
+        if shape.max_out == 1:
+            # Explanation backward: dx = conv_transpose(g ⊙ scale, ŵ), fused kernel vs multiply + cuDNN.
+            grad = torch.randn_like(ours("cudnn")())
+            scale = torch.rand_like(grad)
+
+            def dgrad(path: str) -> Callable[[], object]:
+                def run() -> object:
+                    os.environ["FACT_BCOS_CONV_PATH"] = path
+                    return explain_data_grad(grad, scale, layouts, x.shape, geometry)
+
+                return run
+
+            row["dgrad_floor_ms"] = _median_ms(
+                lambda: conv_data_grad(grad, weight_hat, x.shape, geometry), device, smoke, graph=True
+            )
+            row["dgrad_cudnn_ms"] = _median_ms(dgrad("cudnn"), device, smoke, graph=True)
+            row["dgrad_dispatch_path"] = "cudnn"
+            if fusable and dgrad_geometry(geometry) is not None:
+                row["dgrad_fused_ms"] = _median_ms(dgrad("fused"), device, smoke, graph=True)
+                row["dgrad_dispatch_path"] = "fused"
+                if device == "cuda" and not smoke:
+                    dgrad("auto")()
+                    row["dgrad_dispatch_path"] = path_table.choices[dgrad_key(grad, weight_hat, geometry)]
     os.environ.pop("FACT_BCOS_CONV_PATH", None)
     row["ours_dispatch_ms"] = row["ours_fused_ms" if row["dispatch_path"] == "fused" else "ours_cudnn_postop_ms"]
     row["vs_floor"] = row["ours_dispatch_ms"] / row["cudnn_floor_ms"]
@@ -418,6 +440,11 @@ def end_to_end(device: str, smoke: bool, batch: int, repeats: int, top: int = 5)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times[f"{what}_{mode}"].append(time.perf_counter() - start)
+    if device == "cuda" and not smoke:
+        results["explain_profile"] = {}
+        for mode in ("torch", "triton"):
+            os.environ["FACT_KERNELS"] = mode
+            results["explain_profile"][mode] = _gpu_kernel_profile(explain)
     os.environ.pop("FACT_KERNELS", None)
     for name, values in times.items():
         results[f"{name}_images_per_s"] = batch / statistics.median(values)
@@ -428,6 +455,22 @@ def end_to_end(device: str, smoke: bool, batch: int, repeats: int, top: int = 5)
     results["contributions_rel_diff"] = _rel(on.contributions[name], off.contributions[name])
     results["max_relative_residual_on"] = float((on.residual.abs() / on.explained.abs().clamp_min(1e-6)).max())
     return results
+
+
+def _gpu_kernel_profile(fn: Callable[[], object]) -> list[dict[str, Any]]:
+    """GPU kernels of one call of ``fn`` by total device time: where an end-to-end gap comes from."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [
+        {"name": e.key, "calls": e.count, "total_ms": e.device_time_total / 1e3}
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
+    return sorted(rows, key=lambda r: -r["total_ms"])[:25]
 
 
 # ----------------------------------------------------------------------------- report
@@ -474,6 +517,19 @@ def _print_tables(report: dict[str, Any]) -> None:
                 f"{r['speedup_vs_eager']:.2f}", f"{r['bcos_eager_call_ms']:.3f}", f"{r['ours_call_ms']:.3f}",
             )  # fmt: skip
         console.print(table)
+    dgrads = [r for r in layers if "dgrad_cudnn_ms" in r]
+    if dgrads:
+        table = Table(title="explanation backward dx = conv_transpose(g ⊙ scale, ŵ): median GPU ms")
+        for column in ("net", "layer", "dtype", "cuDNN dgrad", "g⊙s + cuDNN", "fused", "dispatch", "×floor"):
+            table.add_column(column, justify="left" if column in ("net", "layer") else "right")
+        for r in dgrads:
+            chosen = r["dgrad_fused_ms" if r["dgrad_dispatch_path"] == "fused" else "dgrad_cudnn_ms"]
+            table.add_row(
+                r["net"].replace("bcos_v2_", ""), r["layer"], r["dtype"], f"{r['dgrad_floor_ms']:.3f}",
+                f"{r['dgrad_cudnn_ms']:.3f}", f"{r['dgrad_fused_ms']:.3f}" if "dgrad_fused_ms" in r else "–",
+                f"{chosen:.3f} {r['dgrad_dispatch_path'][0]}", f"{chosen / r['dgrad_floor_ms']:.2f}",
+            )  # fmt: skip
+        console.print(table)
     skipped = [r for r in report.get("layers", []) if "skipped" in r]
     if skipped:
         console.print(f"{len(skipped)} layer timings skipped (budget)")
@@ -495,6 +551,14 @@ def _print_tables(report: dict[str, Any]) -> None:
             f"{e2e['explain_triton_images_per_s']:.1f} img/s ({e2e['explain_speedup']:.2f}×); contributions on vs off "
             f"rel diff {e2e['contributions_rel_diff']:.1e}, max relative residual {e2e['max_relative_residual_on']:.1e}"
         )
+        for mode, kernels in e2e.get("explain_profile", {}).items():
+            table = Table(title=f"explain, FACT_KERNELS={mode}: GPU kernels by total time (one call)")
+            for column in ("kernel", "calls", "total ms", "share"):
+                table.add_column(column, justify="left" if column == "kernel" else "right")
+            total = sum(k["total_ms"] for k in kernels) or 1.0
+            for k in kernels[:12]:
+                table.add_row(k["name"][:90], str(k["calls"]), f"{k['total_ms']:.3f}", f"{k['total_ms'] / total:.0%}")
+            console.print(table)
     for note in report.get("notes", []):
         console.print(f"note: {note}")
     console.print(f"device: {report['device_name']}  torch {report['torch']}  triton {report['triton']}  "

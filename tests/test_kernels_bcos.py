@@ -14,8 +14,14 @@ from fact_model.bcos.conv import BcosConv2d
 from fact_model.bcos.functional import unit_norm_rows
 from fact_model.bcos.linear import BcosLinear
 from kernels._common import KernelInputError, interpreting, triton_runs_on
-from kernels.bcos_conv import fused_weight_layout, launch_fused_conv
-from kernels.bcos_layer import PathTable, bcos_conv2d
+from kernels.bcos_conv import (
+    dgrad_geometry,
+    dgrad_weight_layout,
+    fused_weight_layout,
+    launch_explain_dgrad,
+    launch_fused_conv,
+)
+from kernels.bcos_layer import PathTable, bcos_conv2d, conv_data_grad
 from kernels.bcos_postop import (
     ConvGeometry,
     launch_postop,
@@ -133,6 +139,65 @@ def test_layer_forward_and_backward_equal_autograd_of_the_reference(case, path, 
     assert _rel(dw, want_dw) <= 1e-5
 
 
+# kernel, padding, dilation: "same" and "valid" stride-1 convolutions, dilated, and padding below "same"
+DGRAD_CASES = [(1, 0, 1), (3, 1, 1), (3, 0, 1), (5, 1, 1), (7, 3, 1), (3, 2, 2)]
+
+
+@pytest.mark.parametrize("case", DGRAD_CASES, ids=lambda c: "k{}p{}d{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_explanation_dgrad_equals_the_transposed_convolution(case, dtype):
+    """``dx = conv_transpose(g ⊙ scale, ŵ)`` from one kernel, the product taken as the operand loads."""
+    kernel, padding, dilation = case
+    x, weight, y = _random_conv(kernel, 1, padding, dilation, 1, 1, dtype, seed=11)
+    g = torch.Generator().manual_seed(12)
+    grad = torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=CL)
+    scale = torch.rand(y.shape, generator=g).to(dtype).contiguous(memory_format=CL)
+    geometry = _geometry(kernel, 1, padding, dilation, 1)
+    dx = launch_explain_dgrad(grad, scale, dgrad_weight_layout(weight), geometry)
+    want = F.conv_transpose2d(
+        (grad.double() * scale.double()), weight.double(), None, 1, padding, 0, 1, dilation
+    )  # fmt: skip
+    assert dx.shape == x.shape and dx.dtype == dtype and dx.is_contiguous(memory_format=CL)
+    assert _rel(dx, want) <= (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_dgrad_geometry_is_a_plain_convolution_for_stride_one_only():
+    assert dgrad_geometry(_geometry(3, 1, 1, 1, 1)) == ConvGeometry(H, W, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    assert dgrad_geometry(_geometry(3, 1, 0, 2, 1)).padding == (4, 4)  # "valid": the gradient pads by d·(k−1)
+    assert dgrad_geometry(_geometry(3, 2, 1, 1, 1)) is None  # strided: a fractionally strided convolution
+    assert dgrad_geometry(_geometry(3, 1, 1, 1, 2)) is None  # grouped
+    assert dgrad_geometry(_geometry(1, 1, 1, 1, 1)) is None  # padding beyond the kernel: negative padding
+
+
+@pytest.mark.parametrize("case", [(1, 1, 0), (1, 2, 0), (3, 2, 1), (7, 2, 3), (3, 1, 2)], ids=str)
+def test_conv_data_grad_keeps_channels_last_and_equals_autograd(case):
+    """A 1×1 filter's layout is ambiguous: the data gradient must still come back channels_last."""
+    kernel, stride, padding = case
+    x, weight, y = _random_conv(kernel, stride, padding, 1, 1, 1, torch.float32, seed=13)
+    x.requires_grad_(True)
+    grad = torch.randn_like(y).contiguous(memory_format=CL)
+    (want,) = torch.autograd.grad(F.conv2d(x, weight, None, stride, padding), x, grad)
+    got = conv_data_grad(grad, weight, x.shape, _geometry(kernel, stride, padding, 1, 1))
+    assert got.is_contiguous(memory_format=CL)
+    assert _rel(got, want) <= 1e-6
+
+
+def test_layer_caches_its_kernel_weight_layouts_per_weight_version(monkeypatch):
+    monkeypatch.setenv("FACT_KERNELS", "triton")
+    layer = BcosConv2d(C, OUT, 3, 1, 1, b=2)
+    layer.detach_dynamic = True
+    x = torch.randn(N, C, H, W, requires_grad=True)
+    torch.autograd.grad(layer(x).sum(), x)
+    layouts = layer._weights_cache(x.dtype)
+    dgrad = layouts.dgrad
+    torch.autograd.grad(layer(x).sum(), x)
+    assert layer._weights_cache(x.dtype) is layouts and layouts.dgrad is dgrad  # made once, reused
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # an in-place update (an optimiser step) bumps the version
+    fresh = layer._weights_cache(x.dtype)
+    assert fresh is not layouts and torch.equal(fresh.hat, -layouts.hat)
+
+
 def test_explanation_backward_is_the_dynamic_linear_map():
     """In explanation mode Σ x ⊙ ∂out/∂x = out for every output unit (B-cos is dynamic linear)."""
     torch.manual_seed(4)
@@ -208,6 +273,10 @@ def test_launchers_refuse_bad_inputs_naming_the_argument():
         (lambda: launch_fused_conv(x, kc[:-1], geometry, 2), "weight_kc must have"),
         (lambda: launch_fused_conv(x, kc.half(), geometry, 2), "weight_kc has dtype"),
         (lambda: launch_fused_conv(x, kc, _geometry(3, 1, 1, 1, 2), 2), "groups=1 only"),
+        (lambda: launch_fused_conv(x, kc, geometry, 1, a_scale=x[:, :4].contiguous(memory_format=CL)), "a_scale has"),
+        (lambda: launch_fused_conv(x, kc, geometry, 2, a_scale=x), "B = 1 data-gradient"),
+        (lambda: launch_explain_dgrad(y, y, dgrad_weight_layout(weight), _geometry(3, 2, 1, 1, 1)), "cuDNN path"),
+        (lambda: launch_explain_dgrad(x[:, :, :4], y, dgrad_weight_layout(weight), geometry), "grad's spatial size"),
         (lambda: launch_scale_grad(y, y[:, :4].contiguous(memory_format=CL)), "scale must have grad's shape"),
         (lambda: launch_postop_backward(y, y, q, geometry, 1), "b = 1 has no dynamic scale"),
     ]

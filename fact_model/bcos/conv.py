@@ -145,8 +145,8 @@ class BcosConv2d(KernelWeightsCache, Detachable, nn.Module):
         geometry = ConvGeometry(
             x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding, self.dilation, self.groups
         )
-        weight_hat, weight_kc = self._weights_cache(x.dtype)
-        return bcos_conv2d(x, weight_hat, geometry, self.b, self.max_out, self.detach_dynamic, weight_kc)
+        layouts = self._weights_cache(x.dtype)
+        return bcos_conv2d(x, layouts.hat, geometry, self.b, self.max_out, self.detach_dynamic, layouts)
 
     def extra_repr(self) -> str:
         s = f"B={self.b}"

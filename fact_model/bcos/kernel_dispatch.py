@@ -8,11 +8,16 @@ Triton; the kernel modules are imported only when a layer first runs on them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from fact_model.bcos.functional import unit_norm_rows
 from kernels._common import triton_runs_on
+
+if TYPE_CHECKING:
+    from kernels.bcos_conv import WeightLayouts
 
 __all__ = ["KernelWeightsCache", "triton_runs_on"]
 
@@ -28,23 +33,23 @@ class KernelWeightsCache:
     are constants (only input gradients are explanations).
     """
 
-    _kernel_weights: tuple[tuple, Tensor, Tensor | None] | None = None
+    _kernel_weights: tuple[tuple, WeightLayouts] | None = None
 
-    def _weights_cache(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """``(ŵ, ŵ in the fused kernel's layout or None)`` in ``dtype``."""
+    def _weights_cache(self, dtype: torch.dtype) -> WeightLayouts:
+        """``ŵ`` in ``dtype`` with its kernel layouts (made on first use, then cached with it)."""
+        from kernels.bcos_conv import WeightLayouts
+
         weight: Tensor = self.weight  # type: ignore[attr-defined]
         wants_weight_grad = torch.is_grad_enabled() and weight.requires_grad and not self.detach_dynamic  # type: ignore[attr-defined]
         if wants_weight_grad:
-            return unit_norm_rows(weight).to(dtype), None
+            return WeightLayouts(_as_filters(unit_norm_rows(weight).to(dtype)))
         key = (weight.data_ptr(), weight._version, dtype, weight.device)
         if self._kernel_weights is None or self._kernel_weights[0] != key:
-            from kernels.bcos_conv import fused_weight_layout
-
             with torch.no_grad():
-                weight_hat = unit_norm_rows(weight).to(dtype)
-                fused = fused_weight_layout(weight_hat) if weight.ndim == 4 and self._fusable() else None
-            self._kernel_weights = (key, weight_hat, fused)
-        return self._kernel_weights[1], self._kernel_weights[2]
+                self._kernel_weights = (key, WeightLayouts(_as_filters(unit_norm_rows(weight).to(dtype))))
+        return self._kernel_weights[1]
 
-    def _fusable(self) -> bool:
-        return getattr(self, "groups", 1) == 1 and getattr(self, "max_out", 1) == 1
+
+def _as_filters(weight_hat: Tensor) -> Tensor:
+    """The kernels treat a linear layer as a 1×1 convolution: ``(O, C)`` → ``(O, C, 1, 1)``."""
+    return weight_hat[:, :, None, None] if weight_hat.ndim == 2 else weight_hat

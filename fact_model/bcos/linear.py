@@ -71,8 +71,8 @@ class BcosLinear(KernelWeightsCache, Detachable, nn.Module):
         if self.b != 1 and triton_runs_on(x):
             from kernels.bcos_layer import bcos_linear
 
-            weight_hat, _ = self._weights_cache(x.dtype)
-            return bcos_linear(x, weight_hat, self.b, self.max_out, self.detach_dynamic)
+            layouts = self._weights_cache(x.dtype)
+            return bcos_linear(x, layouts.hat, self.b, self.max_out, self.detach_dynamic, layouts)
         out = self.linear(x)
         if self.max_out > 1:
             out = out.unflatten(-1, (self.out_features, self.max_out)).amax(dim=-1)
