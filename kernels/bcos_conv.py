@@ -4,9 +4,11 @@ One kernel computes ``out = |cos(x, ŵ)|^(B-1) · (ŵ·x)`` for a whole layer:
 
 * the GEMM is ``(P, kh·kw·C) @ (kh·kw·C, O)`` with ``P = N·H'·W'`` output pixels, the
   ``A`` tiles gathered from the NHWC input (implicit im2col, zero padding by masks);
-* every ``A`` tile is also squared and summed along its row, so the patch norm
-  ``‖x_patch‖² = Σ_patch x²`` accumulates from the very tiles the GEMM loads — no
-  second read of the input, no ``Σx²`` map;
+* the patch norm ``‖x_patch‖² = Σ_patch x²`` comes one of two ways (the dispatcher of
+  :mod:`kernels.bcos_layer` measures both): every ``A`` tile is also squared and summed
+  along its row, so it accumulates from the very tiles the GEMM loads (no second read
+  of the input); or the epilogue sums the ``kh·kw`` window of a per-pixel ``Σ_c x²``
+  map made beforehand (one extra pass over the input, nothing extra in the GEMM loop);
 * the epilogue applies ``|cos|^(B-1)`` (B = 2 without a power) and writes the output,
   optionally the detached scale for explanation mode.
 
@@ -55,9 +57,10 @@ def _configs() -> list[triton.Config]:
 
 @triton.jit(do_not_specialize=["P", "H", "W", "HO", "WO", "SH", "SW", "PH", "PW", "DH", "DW"])
 def _fused_conv_body(
-    x_ptr, w_ptr, out_ptr, scale_ptr, a_scale_ptr,
+    x_ptr, w_ptr, out_ptr, scale_ptr, a_scale_ptr, q_ptr,
     P, H, W, C, HO, WO, O, SH, SW, PH, PW, DH, DW, b,
     KH: tl.constexpr, KW: tl.constexpr, B_MODE: tl.constexpr, WRITE_SCALE: tl.constexpr, A_SCALE: tl.constexpr,
+    NORM_FROM_MAP: tl.constexpr,
     FP32_DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Output-channel blocks vary fastest, so programs that share an input tile run together (L2 reuse).
@@ -96,7 +99,7 @@ def _fused_conv_body(
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        if B_MODE != 0:
+        if B_MODE != 0 and not NORM_FROM_MAP:
             a32 = a.to(tl.float32)
             sumsq += tl.sum(a32 * a32, axis=1)
         if FP32_DOT:  # the interpreter's low-precision dot is wrong: compute it in float32 there
@@ -110,6 +113,12 @@ def _fused_conv_body(
     if B_MODE == 0:
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
+        if NORM_FROM_MAP:  # window sum over the precomputed Σ_c x² map: KH·KW loads per pixel, no squares in the loop
+            for tap in tl.static_range(KH * KW):
+                ih = ho * SH - PH + (tap // KW) * DH
+                iw = wo * SW - PW + (tap % KW) * DW
+                inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                sumsq += tl.load(q_ptr + (image * H + ih) * W + iw, mask=inside, other=0.0)
         norm = tl.sqrt(sumsq + 1e-6)[:, None]
         if B_MODE == 1:
             scale = tl.abs(acc) / norm
@@ -121,7 +130,7 @@ def _fused_conv_body(
 
 
 _autotuned = triton.autotune(
-    configs=_CONFIGS, key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE", "A_SCALE", "IEEE"]
+    configs=_CONFIGS, key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE", "A_SCALE", "NORM_FROM_MAP", "IEEE"]
 )(_fused_conv_body)
 
 
@@ -194,6 +203,7 @@ def launch_fused_conv(
     b: float,
     write_scale: bool = False,
     a_scale: Tensor | None = None,
+    q: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The whole B-cos convolution (groups = 1, no MaxOut) in one kernel.
 
@@ -206,6 +216,8 @@ def launch_fused_conv(
         write_scale: also return the scale ``|cos|^(B-1)`` (``None`` when B = 1).
         a_scale: convolve ``x ⊙ a_scale`` instead of ``x`` (same shape, channels_last),
             multiplied as the operand is loaded (B = 1 only: the explanation backward).
+        q: ``launch_sumsq(x)`` (``(N, 1, H, W)`` float32): take the patch norm from this
+            map in the epilogue instead of accumulating it from the GEMM's input tiles.
 
     Returns:
         ``(out, scale)``: ``(N, O, H', W')`` channels_last in ``x``'s dtype.
@@ -223,6 +235,11 @@ def launch_fused_conv(
         if b != 1:
             raise KernelInputError(f"a_scale is for the B = 1 data-gradient convolution only, got b={b!r}")
     n, c, h, w = x.shape
+    if q is not None:
+        check_tensor("q", q, ndim=4, channels_last=True, dtypes=(torch.float32,))
+        check_same_device(x=x, q=q)
+        if tuple(q.shape) != (n, 1, h, w):
+            raise KernelInputError(f"q must have shape {(n, 1, h, w)} (launch_sumsq(x)), got {tuple(q.shape)}")
     if (h, w) != (geometry.height, geometry.width):
         expected = (geometry.height, geometry.width)
         raise KernelInputError(f"x's spatial size {(h, w)} does not match the geometry's {expected}")
@@ -244,9 +261,13 @@ def launch_fused_conv(
     mode = b_mode(b)
     scale = torch.empty_like(out) if write_scale and mode else None
     p = n * ho * wo
-    args = (x, weight_kc, out, scale if scale is not None else out, a_scale if a_scale is not None else x,
-            p, h, w, c, ho, wo, o, *geometry.stride, *geometry.padding, *geometry.dilation, float(b))  # fmt: skip
-    meta = {"KH": kh, "KW": kw, "B_MODE": mode, "WRITE_SCALE": scale is not None, "A_SCALE": a_scale is not None}
+    args = (
+        x, weight_kc, out, scale if scale is not None else out, a_scale if a_scale is not None else x,
+        q if q is not None else x, p, h, w, c, ho, wo, o, *geometry.stride, *geometry.padding, *geometry.dilation,
+        float(b),
+    )  # fmt: skip
+    meta = {"KH": kh, "KW": kw, "B_MODE": mode, "WRITE_SCALE": scale is not None, "A_SCALE": a_scale is not None,
+            "NORM_FROM_MAP": q is not None and mode != 0}  # fmt: skip
     fp32_dot = interpreting() and x.dtype != torch.float32
     ieee = x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
     if interpreting():

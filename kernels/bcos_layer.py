@@ -1,21 +1,24 @@
 """B-cos convolution and linear layers on the kernels, with autograd and per-shape dispatch.
 
 :func:`bcos_conv2d` is what :class:`fact_model.bcos.BcosConv2d` calls on CUDA when the
-kernels are on. It computes the same function as the PyTorch layer, by one of two paths:
+kernels are on. It computes the same function as the PyTorch layer, by one of three paths:
 
 * ``fused`` — :mod:`kernels.bcos_conv`: implicit GEMM with the patch norm and the scale
-  in the epilogue (groups = 1, no MaxOut, not for training);
+  in the epilogue (groups = 1, no MaxOut, not for training), the norm accumulated from
+  the GEMM's own input tiles;
+* ``fused_map`` — the same kernel taking the norm from a ``Σ_c x²`` map (one more
+  pass over the input, a lighter GEMM loop);
 * ``cudnn`` — PyTorch's convolution (cuDNN) followed by the fused post-op of
   :mod:`kernels.bcos_postop` (every case, training included).
 
-The explanation backward has the same two paths: ``fused`` is one implicit-GEMM kernel
+The explanation backward has two paths: ``fused`` is one implicit-GEMM kernel
 for ``dx = conv_transpose(g ⊙ scale, ŵ)`` with the product taken as the operand is
 loaded (stride-1 ungrouped layers without MaxOut); ``cudnn`` multiplies, then runs
 cuDNN's transposed convolution.
 
-``FACT_BCOS_CONV_PATH`` = ``auto`` (default) | ``fused`` | ``cudnn`` picks the path; in
-``auto`` the first call of each layer shape on a GPU times both paths and remembers
-the faster (:class:`PathTable`), separately for the forward and the explanation backward.
+``FACT_BCOS_CONV_PATH`` = ``auto`` (default) | ``fused`` | ``fused_map`` | ``cudnn`` picks
+the path (``fused_map`` means ``fused`` for the backward); in ``auto`` the first call of each layer shape on a GPU times both paths and remembers
+the fastest (:class:`PathTable`), separately for the forward and the explanation backward.
 
 Autograd: training differentiates through the dynamic scale and the patch norm (the
 post-op backward kernel, then cuDNN's data and weight gradients); in explanation mode
@@ -61,7 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PATH_ENV = "FACT_BCOS_CONV_PATH"
-PATHS = ("auto", "fused", "cudnn")
+PATHS = ("auto", "fused", "fused_map", "cudnn")
 CL = torch.channels_last
 
 
@@ -155,11 +158,13 @@ def _cudnn_forward(x: Tensor, weight_hat: Tensor, geometry: ConvGeometry, b: flo
     return out, scale, y, q
 
 
-def _fused_forward(x: Tensor, weight_kc: Tensor, geometry: ConvGeometry, b: float, write_scale: bool):
-    if torch.compiler.is_compiling():
+def _fused_forward(
+    x: Tensor, weight_kc: Tensor, geometry: ConvGeometry, b: float, write_scale: bool, norm_from_map: bool = False
+):
+    if torch.compiler.is_compiling():  # (the dispatcher sends compiled graphs the tile-norm variant)
         out, scale = torch.ops.fact.bcos_fused_conv(x, weight_kc, geometry_to_list(geometry), float(b), write_scale)
         return out, (scale if write_scale and b != 1 else None)
-    return launch_fused_conv(x, weight_kc, geometry, b, write_scale)
+    return launch_fused_conv(x, weight_kc, geometry, b, write_scale, q=launch_sumsq(x) if norm_from_map else None)
 
 
 def _postop_backward(grad: Tensor, y: Tensor, q: Tensor, geometry: ConvGeometry, b: float, max_out: int):
@@ -209,8 +214,8 @@ class _BcosConvFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.training_backward = needs_grad and not detach_scale
         write_scale = needs_grad and detach_scale  # only the explanation backward reads the scale
-        if path == "fused":
-            out, scale = _fused_forward(x, layouts.fused, geometry, b, write_scale)
+        if path in ("fused", "fused_map"):
+            out, scale = _fused_forward(x, layouts.fused, geometry, b, write_scale, path == "fused_map")
             y = q = None
         else:
             out, scale, y, q = _cudnn_forward(x, weight_hat, geometry, b, max_out, write_scale)
@@ -293,12 +298,15 @@ def _choose_path(
     requested = conv_path()
     if not fusable or requested == "cudnn":
         return "cudnn"
-    if requested == "fused" or not x.is_cuda or torch.compiler.is_compiling():
+    if requested in ("fused", "fused_map") and not torch.compiler.is_compiling():
+        return requested
+    if not x.is_cuda or torch.compiler.is_compiling():
         return "fused"
     return path_table.choose(
         forward_key(x, layouts.hat, geometry, b),
         {
             "fused": lambda: _fused_forward(x, layouts.fused, geometry, b, False),
+            "fused_map": lambda: _fused_forward(x, layouts.fused, geometry, b, False, norm_from_map=True),
             "cudnn": lambda: _cudnn_forward(x, layouts.hat, geometry, b, max_out, False),
         },
     )
@@ -339,7 +347,7 @@ def explain_data_grad(
 
     if max_out > 1 or dgrad_geometry(geometry) is None or requested == "cudnn" or torch.compiler.is_compiling():
         return cudnn()
-    if requested == "fused" or not grad.is_cuda:
+    if requested in ("fused", "fused_map") or not grad.is_cuda:
         return fused()
     choice = path_table.choose(dgrad_key(grad, layouts.hat, geometry), {"fused": fused, "cudnn": cudnn})
     return fused() if choice == "fused" else cudnn()

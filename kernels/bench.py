@@ -169,8 +169,8 @@ def check_bcos(device: str, dtype_name: str, smoke: bool) -> list[dict[str, Any]
                 # unit in the kernel than in the float64 reference — a legitimate difference, not an error.
                 units = reference.linear.weight.view(o, 2, -1)
                 units[:, 1] = -units[:, 0]
-        for path in ("fused", "cudnn"):
-            if path == "fused" and (groups > 1 or max_out > 1):
+        for path in ("fused", "fused_map", "cudnn"):
+            if path != "cudnn" and (groups > 1 or max_out > 1):
                 continue
             os.environ["FACT_BCOS_CONV_PATH"] = path
             for mode in ("forward", "training", "explanation"):
@@ -340,6 +340,7 @@ def _time_shape(
         row["ours_cudnn_postop_ms"] = _median_ms(ours("cudnn"), device, smoke, graph=True)
         if fusable:
             row["ours_fused_ms"] = _median_ms(ours("fused"), device, smoke, graph=True)
+            row["ours_fused_map_ms"] = _median_ms(ours("fused_map"), device, smoke, graph=True)
         row["dispatch_path"] = "fused" if fusable else "cudnn"
         if device == "cuda" and not smoke and fusable:
             ours("auto")()
@@ -371,7 +372,8 @@ def _time_shape(
                     dgrad("auto")()
                     row["dgrad_dispatch_path"] = path_table.choices[dgrad_key(grad, weight_hat, geometry)]
     os.environ.pop("FACT_BCOS_CONV_PATH", None)
-    row["ours_dispatch_ms"] = row["ours_fused_ms" if row["dispatch_path"] == "fused" else "ours_cudnn_postop_ms"]
+    path_ms = {"fused": "ours_fused_ms", "fused_map": "ours_fused_map_ms", "cudnn": "ours_cudnn_postop_ms"}
+    row["ours_dispatch_ms"] = row[path_ms[row["dispatch_path"]]]
     row["vs_floor"] = row["ours_dispatch_ms"] / row["cudnn_floor_ms"]
     row["speedup_vs_eager"] = row["bcos_eager_ms"] / row["ours_dispatch_ms"]
     row["flop_per_byte"] = _intensity(shape, batch, x.element_size())
@@ -476,6 +478,13 @@ def _gpu_kernel_profile(fn: Callable[[], object]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- report
 
 
+_PATH_MARK = {"fused": "f", "fused_map": "m", "cudnn": "c"}
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def _print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -503,8 +512,8 @@ def _print_tables(report: dict[str, Any]) -> None:
             title=f"B-cos conv layers, batch {report['batch']}: median GPU ms (CUDA-graph replay), "
             "then ms per call from Python"
         )
-        columns = ("net", "layer", "dtype", "FLOP/B", "cuDNN", "bcos eager", "bcos compiled", "fused", "cuDNN+post",
-                   "dispatch", "×floor", "eager/ours", "call: bcos", "call: ours")  # fmt: skip
+        columns = ("net", "layer", "dtype", "FLOP/B", "cuDNN", "bcos eager", "bcos compiled", "fused", "fused map",
+                   "cuDNN+post", "dispatch", "×floor", "eager/ours", "call: bcos", "call: ours")  # fmt: skip
         for column in columns:
             table.add_column(column, justify="left" if column in ("net", "layer") else "right")
         for r in layers:
@@ -512,8 +521,8 @@ def _print_tables(report: dict[str, Any]) -> None:
             table.add_row(
                 r["net"].replace("bcos_v2_", ""), r["layer"], r["dtype"], f"{r['flop_per_byte']:.0f}",
                 f"{r['cudnn_floor_ms']:.3f}", f"{r['bcos_eager_ms']:.3f}", f"{compiled:.3f}" if compiled else "–",
-                f"{r['ours_fused_ms']:.3f}" if "ours_fused_ms" in r else "–", f"{r['ours_cudnn_postop_ms']:.3f}",
-                f"{r['ours_dispatch_ms']:.3f} {r['dispatch_path'][0]}", f"{r['vs_floor']:.2f}",
+                _ms(r.get("ours_fused_ms")), _ms(r.get("ours_fused_map_ms")), f"{r['ours_cudnn_postop_ms']:.3f}",
+                f"{r['ours_dispatch_ms']:.3f} {_PATH_MARK[r['dispatch_path']]}", f"{r['vs_floor']:.2f}",
                 f"{r['speedup_vs_eager']:.2f}", f"{r['bcos_eager_call_ms']:.3f}", f"{r['ours_call_ms']:.3f}",
             )  # fmt: skip
         console.print(table)
@@ -527,7 +536,7 @@ def _print_tables(report: dict[str, Any]) -> None:
             table.add_row(
                 r["net"].replace("bcos_v2_", ""), r["layer"], r["dtype"], f"{r['dgrad_floor_ms']:.3f}",
                 f"{r['dgrad_cudnn_ms']:.3f}", f"{r['dgrad_fused_ms']:.3f}" if "dgrad_fused_ms" in r else "–",
-                f"{chosen:.3f} {r['dgrad_dispatch_path'][0]}", f"{chosen / r['dgrad_floor_ms']:.2f}",
+                f"{chosen:.3f} {_PATH_MARK[r['dgrad_dispatch_path']]}", f"{chosen / r['dgrad_floor_ms']:.2f}",
             )  # fmt: skip
         console.print(table)
     skipped = [r for r in report.get("layers", []) if "skipped" in r]

@@ -91,11 +91,14 @@ def test_postop_equals_the_reference_layer_maths(case, dtype):
     "case", [c for c in CASES if c[4] == 1 and c[6] == 1], ids=lambda c: "k{}s{}p{}d{}B{}".format(*c[:4], c[5])
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_conv_equals_conv_then_reference(case, dtype):
+@pytest.mark.parametrize("norm", ["tiles", "map"])
+def test_fused_conv_equals_conv_then_reference(case, dtype, norm):
+    """Both ways to the patch norm: from the GEMM's input tiles, or the window sum of the Σx² map."""
     kernel, stride, padding, dilation, _, b, _ = case
     x, weight, _ = _random_conv(kernel, stride, padding, dilation, 1, 1, dtype, seed=1)
     geometry = _geometry(kernel, stride, padding, dilation, 1)
-    out, scale = launch_fused_conv(x, fused_weight_layout(weight), geometry, b, write_scale=True)
+    q = launch_sumsq(x) if norm == "map" else None
+    out, scale = launch_fused_conv(x, fused_weight_layout(weight), geometry, b, write_scale=True, q=q)
     x32, w32 = x.float(), weight.float()  # the reference sees the same rounded operands
     want_out, want_scale = reference_postop(F.conv2d(x32, w32, None, stride, padding, dilation), x32, geometry, b)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
@@ -115,7 +118,7 @@ def test_fused_conv_with_tf32_switched_off_uses_full_precision_products(monkeypa
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[5] != 1], ids=lambda c: "k{}s{}p{}d{}g{}B{}m{}".format(*c))
-@pytest.mark.parametrize("path", ["fused", "cudnn"])
+@pytest.mark.parametrize("path", ["fused", "fused_map", "cudnn"])
 @pytest.mark.parametrize("mode", ["training", "explanation"])
 def test_layer_forward_and_backward_equal_autograd_of_the_reference(case, path, mode, monkeypatch):
     """Both paths, training backward (through the scale and the norm) and explanation backward (scale constant)."""
@@ -275,6 +278,8 @@ def test_launchers_refuse_bad_inputs_naming_the_argument():
         (lambda: launch_fused_conv(x, kc, _geometry(3, 1, 1, 1, 2), 2), "groups=1 only"),
         (lambda: launch_fused_conv(x, kc, geometry, 1, a_scale=x[:, :4].contiguous(memory_format=CL)), "a_scale has"),
         (lambda: launch_fused_conv(x, kc, geometry, 2, a_scale=x), "B = 1 data-gradient"),
+        (lambda: launch_fused_conv(x, kc, geometry, 2, q=q[:1]), "q must have shape"),
+        (lambda: launch_fused_conv(x, kc, geometry, 2, q=q.half()), "q has dtype"),
         (lambda: launch_explain_dgrad(y, y, dgrad_weight_layout(weight), _geometry(3, 2, 1, 1, 1)), "cuDNN path"),
         (lambda: launch_explain_dgrad(x[:, :, :4], y, dgrad_weight_layout(weight), geometry), "grad's spatial size"),
         (lambda: launch_scale_grad(y, y[:, :4].contiguous(memory_format=CL)), "scale must have grad's shape"),
