@@ -17,8 +17,9 @@ loaded (stride-1 ungrouped layers without MaxOut); ``cudnn`` multiplies, then ru
 cuDNN's transposed convolution.
 
 ``FACT_BCOS_CONV_PATH`` = ``auto`` (default) | ``fused`` | ``fused_map`` | ``cudnn`` picks
-the path (``fused_map`` means ``fused`` for the backward); in ``auto`` the first call of each layer shape on a GPU times both paths and remembers
-the fastest (:class:`PathTable`), separately for the forward and the explanation backward.
+the path (``fused_map`` means ``fused`` for the backward); in ``auto`` the first call of
+each layer shape on a GPU times the candidates and remembers the fastest
+(:class:`PathTable`), separately for the forward and the explanation backward.
 
 Autograd: training differentiates through the dynamic scale and the patch norm (the
 post-op backward kernel, then cuDNN's data and weight gradients); in explanation mode
@@ -27,10 +28,6 @@ post-op backward kernel, then cuDNN's data and weight gradients); in explanation
 """
 
 from __future__ import annotations
-
-import logging
-import statistics
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +44,10 @@ from kernels.bcos_postop import (
     launch_sumsq,
     window_sum_norms,
 )
+from kernels.path_table import PathTable
 
 __all__ = [
     "PATHS",
-    "PathTable",
     "bcos_conv2d",
     "bcos_linear",
     "conv_data_grad",
@@ -61,8 +58,6 @@ __all__ = [
     "path_table",
 ]
 
-log = logging.getLogger(__name__)
-
 PATH_ENV = "FACT_BCOS_CONV_PATH"
 PATHS = ("auto", "fused", "fused_map", "cudnn")
 CL = torch.channels_last
@@ -71,62 +66,6 @@ CL = torch.channels_last
 def conv_path() -> str:
     """The value of ``FACT_BCOS_CONV_PATH``."""
     return env_choice(PATH_ENV, PATHS)
-
-
-class PathTable:
-    """Per layer shape, the faster of the ``fused`` and ``cudnn`` paths, measured once on the GPU."""
-
-    def __init__(
-        self, warmup: int = 2, repeats: int = 5, timer: Callable[[Callable[[], object]], float] | None = None
-    ) -> None:
-        """``timer`` replaces the CUDA-graph timing (milliseconds of one call of its argument), for tests."""
-        self.warmup = warmup
-        self.repeats = repeats
-        self.timer = timer or self._median_ms
-        self.choices: dict[tuple, str] = {}
-        self.timings_ms: dict[tuple, dict[str, float]] = {}
-
-    def choose(self, key: tuple, candidates: dict[str, Callable[[], object]]) -> str:
-        """The name of the fastest candidate for ``key`` (timed with CUDA events at first sight)."""
-        if key in self.choices:
-            return self.choices[key]
-        timings = {name: self.timer(run) for name, run in candidates.items()}
-        best = min(timings, key=timings.__getitem__)
-        self.choices[key] = best
-        self.timings_ms[key] = timings
-        log.debug("B-cos conv %s: %s → %s", key, timings, best)
-        return best
-
-    def _median_ms(self, run: Callable[[], object]) -> float:
-        """GPU time of ``run``: replays of a captured CUDA graph, so Python's launch cost doesn't decide."""
-        with torch.no_grad():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
-                    run()
-                replay: Callable[[], object] = graph.replay
-            except RuntimeError:  # not capturable here: time the eager calls instead
-                replay = run
-            times = []
-            for _ in range(self.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    def clear(self) -> None:
-        """Forget every measured choice."""
-        self.choices.clear()
-        self.timings_ms.clear()
 
 
 path_table = PathTable()

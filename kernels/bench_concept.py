@@ -1,12 +1,15 @@
 """Correctness checks and timings of the concept-layer kernels, for :mod:`kernels.bench`.
 
-* :func:`check_concept_kernels` — every concept kernel (encode forward and backward,
-  decode forward and backward) against a float64 PyTorch reference on the given device:
+* :func:`check_concept_kernels` — every concept kernel (encode forward by both paths,
+  ``fused`` and ``gemm_select``, encode backward, decode forward and backward) against a
+  float64 PyTorch reference on the given device:
   fresh random inputs per check, outputs poisoned before the run and checked fully
   written, relative error ``‖out − ref‖ / ‖ref‖`` against a per-dtype threshold.
 * :func:`time_concept_kernels` — on CUDA, ``triton.testing.do_bench`` medians at the
   FaCT ResNet-50 ``layer4`` shape (M = 64·7·7 positions, C = 2048, K = 16384, k = 16):
-  fused encode vs ``matmul + relu + topk``, sparse decode vs the dense decode and vs
+  both encode paths (fused; cuBLAS chunks + Triton select) vs one measurement of
+  ``matmul + relu + topk``, marking the one the dispatcher picks (``dispatch_pick``),
+  sparse decode vs the dense decode and vs
   ``F.embedding_bag``, and both training backwards vs autograd of the dense path.
   ``smoke`` (CPU under ``TRITON_INTERPRET=1``): tiny shapes, ``time.perf_counter``, the
   same rows (the interpreter's times say nothing about speed).
@@ -16,8 +19,10 @@ Both return lists of flat dicts (one table row each).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +39,15 @@ from kernels.concept_decode import (
     gather_sum,
     scatter_rows_reference,
 )
-from kernels.concept_encode import encode_candidates, encode_config, merge_candidates
+from kernels.concept_encode import (
+    PATH_ENV,
+    encode_candidates,
+    encode_config,
+    encode_path,
+    encode_topk,
+    merge_candidates,
+)
+from kernels.concept_select import encode_topk_gemm_select, gemm_select_candidates, gemm_select_plan
 
 __all__ = ["check_concept_kernels", "time_concept_kernels"]
 
@@ -90,17 +103,52 @@ def _row(kernel: str, dtype: torch.dtype, shape: dict[str, int], rel_err: float,
             "threshold": threshold, "ok": ok, **extra}  # fmt: skip
 
 
-def _check_encode_forward(shape: dict[str, int], device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+@contextlib.contextmanager
+def _forced_path(path: str):  # type: ignore[no-untyped-def]
+    """``FACT_CONCEPT_ENCODE_PATH=path`` inside the block (the previous value restored after)."""
+    previous = os.environ.get(PATH_ENV)
+    os.environ[PATH_ENV] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PATH_ENV, None)
+        else:
+            os.environ[PATH_ENV] = previous
+
+
+def _gemm_select_chunk(shape: dict[str, int]) -> int | None:
+    """The default chunk at the layer4 shape; elsewhere ~K/3, so that K is not a multiple of it."""
+    return None if shape["K"] >= 8192 else max(shape["k"], shape["K"] // 3)
+
+
+def _poisoned_keys(path: str, x: Tensor, encoder: Tensor, shape: dict[str, int]) -> tuple[Tensor, bool]:
+    """The path's candidate keys, computed into a buffer poisoned with int64 min, and whether all were written."""
+    k, poison = shape["k"], torch.iinfo(torch.int64).min
+    if path == "fused":
+        splits = encode_config(shape["M"], shape["C"], shape["K"], x.dtype, x.device).splits
+        keys = torch.full((shape["M"], splits, k), poison, dtype=torch.int64, device=x.device)
+        encode_candidates(x, encoder, k, out=keys)
+    else:
+        chunk = _gemm_select_chunk(shape)
+        lanes = gemm_select_plan(x, shape["K"], chunk)[1].lanes
+        keys = torch.full((shape["M"], lanes, k), poison, dtype=torch.int64, device=x.device)
+        gemm_select_candidates(x, encoder, k, chunk=chunk, out=keys)
+    return keys, not bool((keys == poison).any())
+
+
+def _check_encode_path(path: str, shape: dict[str, int], device: torch.device, dtype: torch.dtype, seed: int) -> dict:
     t = _inputs(shape, device, dtype, seed)
     x, encoder, k = t["x"], t["encoder"], shape["k"]
-    poison = torch.iinfo(torch.int64).min
-    splits = encode_config(shape["M"], shape["C"], shape["K"], dtype, device).splits
-    keys = torch.full((shape["M"], splits, k), poison, dtype=torch.int64, device=device)
-    encode_candidates(x, encoder, k, out=keys)
-    written = not bool((keys == poison).any())
+    keys, written = _poisoned_keys(path, x, encoder, shape)
     values, indices = merge_candidates(keys, k, dtype)
-    op_values, op_indices = torch.ops.fact.concept_encode(x, encoder, k)
-    same_as_op = bool(torch.equal(op_values, values) and torch.equal(op_indices, indices))
+    dispatch = encode_path(x, encoder, k)  # what the operator picks unforced (timed once per shape on CUDA)
+    with _forced_path(path):
+        op_values, op_indices = torch.ops.fact.concept_encode(x, encoder, k)
+    own_values, own_indices = values, indices
+    if path == "gemm_select":  # the operator runs the default chunk
+        own_values, own_indices = encode_topk_gemm_select(x, encoder, k)
+    same_as_op = bool(torch.equal(op_values, own_values) and torch.equal(op_indices, own_indices))
     pre = F.relu(x.double() @ encoder.double().t())  # float64 reference
     ref_values, ref_indices = torch.topk(pre, k, dim=1)
     threshold = _threshold(dtype, gemm=True)
@@ -111,8 +159,17 @@ def _check_encode_forward(shape: dict[str, int], device: torch.device, dtype: to
     distinct = bool((indices.sort(dim=1).values.diff(dim=1) > 0).all()) if k > 1 else True
     agreement = float((indices[:, :, None] == ref_indices[:, None, :]).any(dim=-1).double().mean())
     rel_err = max(_rel(values, ref_values), _rel(values, exact_at_ours))
-    return _row("encode fwd", dtype, shape, rel_err, threshold, written_ok=written, selection_ok=valid,
-                distinct_ok=distinct, op_ok=same_as_op, index_agreement=agreement)  # fmt: skip
+    kernel = "encode fwd" if path == "fused" else f"encode fwd {path}"
+    return _row(kernel, dtype, shape, rel_err, threshold, written_ok=written, selection_ok=valid,
+                distinct_ok=distinct, op_ok=same_as_op, index_agreement=agreement, dispatch=dispatch)  # fmt: skip
+
+
+def _check_encode_forward(shape: dict[str, int], device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    return _check_encode_path("fused", shape, device, dtype, seed)
+
+
+def _check_encode_gemm_select(shape: dict[str, int], device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    return _check_encode_path("gemm_select", shape, device, dtype, seed)
 
 
 def _check_encode_backward(shape: dict[str, int], device: torch.device, dtype: torch.dtype, seed: int) -> dict:
@@ -184,6 +241,7 @@ def check_concept_kernels(device: str, dtype: torch.dtype, smoke: bool) -> list[
     rows = []
     checks: list[Callable[..., dict]] = [
         _check_encode_forward,
+        _check_encode_gemm_select,
         _check_encode_backward,
         _check_decode_forward,
         _check_decode_backward,
@@ -228,7 +286,7 @@ def _timer(device: torch.device, smoke: bool) -> Callable[[Callable[[], object]]
     return perf
 
 
-def _timing_row(kernel, dtype, shape, ours, ours_ms, baseline, baseline_ms, goal, device) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _timing_row(kernel, dtype, shape, ours, ours_ms, baseline, baseline_ms, goal, device, **extra) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     speedup = baseline_ms / ours_ms if ours_ms > 0 else float("nan")
     return {
         "kernel": kernel,
@@ -242,14 +300,16 @@ def _timing_row(kernel, dtype, shape, ours, ours_ms, baseline, baseline_ms, goal
         "goal": goal if goal is not None else "-",
         "meets_goal": "-" if goal is None else bool(speedup >= goal),
         "device": device,
+        **extra,
     }
 
 
 def time_concept_kernels(device: str, dtype: torch.dtype, smoke: bool) -> list[dict[str, Any]]:
     """Concept-layer timings (ms, median) of our kernels and the dense PyTorch path, same run.
 
-    Rows: encode (fused vs ``matmul + relu + topk``), decode (sparse vs dense
-    scatter + matmul, and vs ``F.embedding_bag``), encode and decode training backward
+    Rows: encode by each path (``path``: fused, gemm_select) vs one measurement of
+    ``matmul + relu + topk``, ``dispatch_pick`` marking the path the operator's dispatcher
+    takes; decode (sparse vs dense scatter + matmul, and vs ``F.embedding_bag``), encode and decode training backward
     (ours vs autograd of the dense path). Each row: ``ours_ms``, ``baseline_ms``,
     ``speedup`` = baseline / ours, the issue's ``goal`` where it sets one.
     """
@@ -273,29 +333,37 @@ def time_concept_kernels(device: str, dtype: torch.dtype, smoke: bool) -> list[d
     measure = _timer(dev, smoke)
     rows: list[dict[str, Any]] = []
 
-    def add(kernel: str, ours: str, ours_fn, baseline: str, baseline_fn, goal: float | None) -> None:  # type: ignore[no-untyped-def]
+    baselines: dict[tuple[str, str], float] = {}  # one measurement per (kernel, baseline), shared by its rows
+
+    def add(kernel: str, ours: str, ours_fn, baseline: str, baseline_fn, goal: float | None, **extra) -> None:  # type: ignore[no-untyped-def]
         try:
             with torch.no_grad():
-                ours_ms, baseline_ms = measure(ours_fn), measure(baseline_fn)
+                ours_ms = measure(ours_fn)
+                if (kernel, baseline) not in baselines:
+                    baselines[kernel, baseline] = measure(baseline_fn)
             goal = None if smoke else goal  # the interpreter's times say nothing about speed
-            rows.append(_timing_row(kernel, dtype, shape, ours, ours_ms, baseline, baseline_ms, goal, where))
+            baseline_ms = baselines[kernel, baseline]
+            rows.append(_timing_row(kernel, dtype, shape, ours, ours_ms, baseline, baseline_ms, goal, where, **extra))
         except Exception as err:  # report, keep timing the others
             logger.exception("concept timing %s failed", kernel)
             rows.append({"kernel": kernel, "dtype": _dtype_name(dtype), "error": f"{type(err).__name__}: {err}"})
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
+    def dense_encode() -> tuple[Tensor, Tensor]:
+        return torch.topk(F.relu(x @ encoder.t()), k, dim=1, sorted=False)
+
     def dense_codes() -> Tensor:
         return torch.zeros(m, num_concepts, dtype=dtype, device=dev).scatter_(1, indices, values)
 
-    add(
-        "encode",
-        "fused triton",
-        lambda: torch.ops.fact.concept_encode(x, encoder, k),
-        "matmul+relu+topk",
-        lambda: torch.topk(F.relu(x @ encoder.t()), k, dim=1, sorted=False),
-        GOALS["encode"],
-    )
+    with torch.no_grad():
+        picked = encode_path(x, encoder, k)  # on CUDA: the dispatcher's own measurement of this shape
+    for path, ours, run in (
+        ("fused", "fused triton", lambda: encode_topk(x, encoder, k)),
+        ("gemm_select", "cuBLAS chunks + triton select", lambda: encode_topk_gemm_select(x, encoder, k)),
+    ):
+        add("encode", ours, run, "matmul+relu+topk", dense_encode, GOALS["encode"], path=path,
+            dispatch_pick=path == picked)  # fmt: skip
     add(
         "decode",
         "sparse triton",

@@ -25,8 +25,21 @@ Training backward (``values`` are differentiable, ``indices`` are not), with
 ``dX[m] = Σ_j g'[m, j] · E[i[m, j]]`` (:func:`kernels.concept_decode.gather_sum`) and
 ``dE[i[m, j]] += g'[m, j] · X[m]`` (:func:`kernels.concept_decode.scatter_rows`).
 
+Two paths compute the same top-k (values equal up to the GEMM's rounding; indices
+except exact ties):
+
+* ``fused`` — the kernel above;
+* ``gemm_select`` — :mod:`kernels.concept_select`: cuBLAS GEMMs over L2-sized ``K``
+  chunks, each followed by a Triton top-k select into the same candidate keys.
+
+``FACT_CONCEPT_ENCODE_PATH`` = ``auto`` (default) | ``fused`` | ``gemm_select`` picks
+the path (read at each call). In ``auto`` on CUDA the first call of each shape key
+(``M`` bucketed to a power of two, ``C``, ``K``, ``k``, dtype, TF32 state) times both
+paths and remembers the faster (:data:`path_table`); on the CPU (interpreter) ``auto``
+is ``fused``; under ``torch.compile`` the operator always traces the fused path.
+
 Registered as ``fact::concept_encode`` (``torch.library.triton_op``); on the CPU the
-operator runs the PyTorch reference, or the Triton kernel under ``TRITON_INTERPRET=1``.
+operator runs the PyTorch reference, or the Triton kernels under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -38,15 +51,54 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
+from kernels._common import KernelInputError, check_same_device, check_tensor, env_choice, interpreting, launchable
 from kernels.concept_decode import _next_pow2
+from kernels.path_table import PathTable
 
-__all__ = ["MAX_K", "EncodeConfig", "encode_candidates", "encode_config", "encode_topk", "encode_topk_reference"]
+__all__ = [
+    "MAX_K",
+    "PATHS",
+    "PATH_ENV",
+    "EncodeConfig",
+    "encode_candidates",
+    "encode_config",
+    "encode_path",
+    "encode_topk",
+    "encode_topk_reference",
+    "fastest_encode_path",
+    "merge_candidates",
+    "path_key",
+    "path_table",
+]
+
+PATH_ENV = "FACT_CONCEPT_ENCODE_PATH"
+PATHS = ("auto", "fused", "gemm_select")
 
 MAX_K = 256
 """Largest ``k`` the fused kernel keeps per row (its running top-k lives in registers)."""
+
+
+@triton.jit
+def _insert_keys(best, thresh, keys):
+    """Merge a tile's ``(BLOCK_M, BLOCK_N)`` keys into the running top-k ``best`` ``(BLOCK_M, KP)``.
+
+    ``thresh`` is each row's current k-th key (``min(best)``); masked keys are -2^62. The
+    tile's keys go in in decreasing order, each replacing its row's k-th key, while one
+    beats it: one tile pass per insertion, and after the first tiles few keys qualify.
+    Returns the new ``(best, thresh)``.
+    """
+    top = tl.max(keys, axis=1)
+    beats = top > thresh
+    while tl.max(beats.to(tl.int32), axis=0) > 0:
+        replace = (best == thresh[:, None]) & beats[:, None]
+        best = tl.where(replace, top[:, None], best)
+        thresh = tl.min(best, axis=1)
+        top = tl.max(tl.where(keys < top[:, None], keys, -0x4000000000000000), axis=1)
+        beats = top > thresh
+    return best, thresh
 
 
 @triton.jit
@@ -111,15 +163,7 @@ def _encode_topk_kernel(
         act = tl.where(acc > 0, acc, 0.0)  # ReLU, and +0.0 (not -0.0) so the bits order like the values
         keys = (act.to(tl.int32, bitcast=True).to(tl.int64) << 32) | concepts.to(tl.int64)[None, :]
         keys = tl.where(row_ok[:, None] & col_ok[None, :], keys, -0x4000000000000000)
-        # Insert the tile's keys in decreasing order while one beats the row's k-th key.
-        top = tl.max(keys, axis=1)
-        beats = top > thresh
-        while tl.max(beats.to(tl.int32), axis=0) > 0:
-            replace = (best == thresh[:, None]) & beats[:, None]
-            best = tl.where(replace, top[:, None], best)
-            thresh = tl.min(best, axis=1)
-            top = tl.max(tl.where(keys < top[:, None], keys, -0x4000000000000000), axis=1)
-            beats = top > thresh
+        best, thresh = _insert_keys(best, thresh, keys)
     out = keys_ptr + (rows64[:, None] * num_splits + split) * k + slots[None, :]
     tl.store(out, best, mask=row_ok[:, None] & (slots < k)[None, :])
 
@@ -284,7 +328,7 @@ def encode_candidates(
 
 def merge_candidates(keys: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The ``k`` largest of ``(M, S, k)`` keys → values ``(M, k)`` (``dtype``, descending) and int64 ids."""
-    top = torch.topk(keys.reshape(keys.shape[0], -1), k, dim=1).values
+    top = torch.topk(keys.flatten(1), k, dim=1).values  # flatten, not reshape(M, -1): M may be 0
     values = (top >> 32).to(torch.int32).view(torch.float32).to(dtype)
     return values, top & 0xFFFFFFFF
 
@@ -319,18 +363,65 @@ def encode_topk_reference(x: Tensor, encoder: Tensor, k: int) -> tuple[Tensor, T
     return torch.topk(F.relu(x @ encoder.t()), k, dim=1)
 
 
+# --------------------------------------------------------------------------- path dispatch
+path_table = PathTable()
+"""The measured ``fused`` / ``gemm_select`` choice per shape key (this module's own table)."""
+
+
+def _run_path(path: str, x: Tensor, encoder: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Values and indices ``(M, k)`` by ``path`` (``fused`` or ``gemm_select``)."""
+    if path == "gemm_select":
+        from kernels.concept_select import encode_topk_gemm_select  # imports this module
+
+        return encode_topk_gemm_select(x, encoder, k)
+    return merge_candidates(encode_candidates(x, encoder, k), k, x.dtype)
+
+
+def path_key(x: Tensor, encoder: Tensor, k: int) -> tuple:
+    """What the faster path depends on: ``M`` (power-of-two bucket), ``C``, ``K``, ``k``, dtype, TF32 state."""
+    bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
+    tf32 = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
+    return (bucket, x.shape[1], encoder.shape[0], k, x.dtype, *tf32)
+
+
+def fastest_encode_path(x: Tensor, encoder: Tensor, k: int, table: PathTable | None = None) -> str:
+    """The faster of ``fused`` and ``gemm_select`` for this shape key, timed at its first call.
+
+    ``table`` defaults to :data:`path_table`. While a CUDA graph is being captured nothing
+    can be timed: a known key answers from the table, an unknown one gets ``fused``.
+    """
+    table = path_table if table is None else table
+    key = path_key(x, encoder, k)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return table.choices.get(key, "fused")
+    return table.choose(key, {path: functools.partial(_run_path, path, x, encoder, k) for path in PATHS[1:]})
+
+
+def encode_path(x: Tensor, encoder: Tensor, k: int) -> str:
+    """The path the operator takes for these inputs (see the module doc); raises ``ValueError`` on a bad env value."""
+    requested = env_choice(PATH_ENV, PATHS)
+    if torch.compiler.is_compiling() or is_fake(x):
+        return "fused"
+    if requested != "auto":
+        return requested
+    if not x.is_cuda or x.shape[0] == 0:
+        return "fused"
+    return fastest_encode_path(x, encoder, k)
+
+
 # --------------------------------------------------------------------------- operator
 @triton_op("fact::concept_encode", mutates_args=(), schema="(Tensor x, Tensor encoder, int k) -> (Tensor, Tensor)")
 def concept_encode(x: Tensor, encoder: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Operator form of :func:`encode_topk`: ``(M, C), (K, C) → values (M, k), indices (M, k)``."""
-    keys = encode_candidates(x, encoder, k)
-    return merge_candidates(keys, k, x.dtype)
+    """``ReLU(x @ encoder.T).topk(k)``: ``(M, C), (K, C) → values (M, k), indices (M, k)``, by :func:`encode_path`."""
+    _check_encode(x, encoder, k)
+    return _run_path(encode_path(x, encoder, k), x, encoder, k)
 
 
 @concept_encode.register_kernel("cpu")
 def _concept_encode_cpu(x: Tensor, encoder: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if interpreting():
-        return encode_topk(x, encoder, k)
+        _check_encode(x, encoder, k)
+        return _run_path(encode_path(x, encoder, k), x, encoder, k)
     values, indices = encode_topk_reference(x, encoder, k)
     return values, indices
 

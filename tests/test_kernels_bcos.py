@@ -21,7 +21,7 @@ from kernels.bcos_conv import (
     launch_explain_dgrad,
     launch_fused_conv,
 )
-from kernels.bcos_layer import PathTable, bcos_conv2d, conv_data_grad
+from kernels.bcos_layer import bcos_conv2d, conv_data_grad
 from kernels.bcos_postop import (
     ConvGeometry,
     launch_postop,
@@ -31,6 +31,7 @@ from kernels.bcos_postop import (
     reference_postop,
     reference_sumsq,
 )
+from kernels.path_table import PathTable
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreting()), reason="needs CUDA or TRITON_INTERPRET=1"

@@ -23,12 +23,30 @@ pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreting()), reason="needs CUDA or TRITON_INTERPRET=1"
 )
 
-from kernels.concept_decode import (  # noqa: E402  (after the skip: importing kernels imports triton)
+from kernels.concept_decode import (  # noqa: E402
     gather_dot,
     gather_sum,
     scatter_rows,
 )
-from kernels.concept_encode import encode_candidates, encode_topk  # noqa: E402
+from kernels.concept_encode import (  # noqa: E402
+    MAX_K,
+    PATH_ENV,
+    encode_candidates,
+    encode_path,
+    encode_topk,
+    encode_topk_reference,
+    fastest_encode_path,
+    merge_candidates,
+)
+from kernels.concept_select import (  # noqa: E402
+    encode_topk_gemm_select,
+    gemm_select_candidates,
+    gemm_select_plan,
+    select_candidates,
+    select_candidates_reference,
+    select_config,
+)
+from kernels.path_table import PathTable  # noqa: E402  (after the skip: importing kernels imports triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5
@@ -148,6 +166,143 @@ def test_encode_backward_matches_autograd_of_reference():
         assert rel_err(grad_e, ref_grad_e) <= FP32_TOL
 
 
+# ---------------------------------------------------------------------------- select and the gemm_select path
+@pytest.mark.parametrize(
+    ("dtype", "m", "n", "k", "blocks"),
+    [
+        (torch.float32, 37, 150, 5, {"block_m": 8, "block_n": 16, "span": 48}),  # 4 lanes, the last 6 wide; k = 5
+        (torch.float16, 21, 100, 7, {"block_m": 4, "block_n": 32, "span": 100}),  # one lane, last tile partial
+        (torch.float32, 5, 64, 16, {"block_m": 8, "block_n": 16, "span": 64}),  # k = 16, rows < BLOCK_M
+    ],
+)
+def test_select_matches_topk_of_relu(dtype, m, n, k, blocks):
+    scores = randn(m, n, seed=30, dtype=dtype)
+    keys = select_candidates(scores, k, concept_offset=1000, **blocks)
+    assert keys.shape == (m, select_config(m, n, scores.device, **blocks).lanes, k)
+    assert torch.equal(
+        keys.sort(dim=2, descending=True).values, select_candidates_reference(scores, k, blocks["span"], 1000)
+    )
+    values, indices = merge_candidates(keys, k, dtype)
+    ref_values, ref_indices = torch.topk(F.relu(scores.float()), k, dim=1)
+    assert (ref_values[:, -1] > 0).all()  # every slot positive: no ties
+    assert values.dtype == dtype and torch.equal(values.float(), ref_values)  # exact: the keys carry the values
+    assert torch.equal(indices, ref_indices + 1000)
+
+
+def test_select_rows_with_fewer_positive_values_than_k_and_narrow_lanes():
+    """Positives are exact; the other slots are zeros of distinct concepts; a 4-wide lane keeps fill keys."""
+    m, n, k = 12, 20, 6
+    scores = -randn(m, n, seed=31).abs()
+    scores[torch.arange(m), torch.arange(m)] = torch.arange(m, dtype=torch.float32, device=DEVICE) + 1  # one positive
+    scores[:, 17] = torch.where(torch.arange(m, device=DEVICE) % 2 == 0, 0.5, -0.0)  # a second one in even rows
+    scores[0, 3] = float("nan")  # counts as 0
+    keys = select_candidates(scores, k, block_m=4, block_n=8, span=16)  # lanes of 16 and 4 columns
+    reference = select_candidates_reference(scores, k, 16)
+    mine = keys.sort(dim=2, descending=True).values
+    positive = reference >= (1 << 32)  # keys of values > 0: unique; zeros tie
+    assert torch.equal(mine[positive], reference[positive]) and torch.equal(mine < 0, reference < 0)
+    assert (mine[:, 1] < 0).sum(dim=1).eq(k - 4).all()  # the 4-wide lane: 4 real keys, k - 4 fill keys
+    values, indices = merge_candidates(keys, k, scores.dtype)
+    ref_values = torch.topk(F.relu(scores.nan_to_num(0.0)), k, dim=1).values
+    assert torch.equal(values, ref_values)
+    positives = (ref_values > 0).sum(dim=1)
+    for row in range(m):
+        assert torch.equal(
+            indices[row, : positives[row]], torch.topk(scores[row].nan_to_num(0.0), int(positives[row])).indices
+        )
+    assert all(row.unique().numel() == k for row in indices) and ((indices >= 0) & (indices < n)).all()
+
+
+def test_select_carry_continues_from_the_previous_chunks():
+    """Chunk 2 starts from chunk 1's keys: the slots hold the top-k of both (rows with few positives included)."""
+    m, k = 10, 5
+    scores = randn(m, 40, seed=43) - 1.5  # about 2 to 6 positives per row, over both chunks
+    first, second = scores[:, :24].contiguous(), scores[:, 24:].contiguous()
+    keys = select_candidates(first, k, block_m=4, block_n=8, span=16)  # lanes of 16 and 8 columns
+    select_candidates(second, k, out=keys, concept_offset=24, carry=True, block_m=4, block_n=8, span=16)
+    values, indices = merge_candidates(keys, k, scores.dtype)
+    ref_values, ref_indices = torch.topk(F.relu(scores), k, dim=1)
+    assert torch.equal(values, ref_values) and (ref_values[:, -1] == 0).any() and (ref_values[:, 0] > 0).all()
+    determined = ref_values > 0
+    assert torch.equal(indices[determined], ref_indices[determined])
+    assert all(row.unique().numel() == k for row in indices)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "m", "c", "num_concepts", "k", "chunk"),
+    [
+        (torch.float32, 40, 24, 300, 7, 64),  # 5 chunks, the last 44 wide
+        (torch.float16, 19, 32, 50, 5, 16),  # the last chunk (2 concepts) narrower than k
+        (torch.float32, 9, 16, 40, 3, None),  # one chunk (default size)
+    ],
+)
+def test_gemm_select_equals_reference(dtype, m, c, num_concepts, k, chunk):
+    x, encoder = randn(m, c, seed=32, dtype=dtype), randn(num_concepts, c, seed=33, dtype=dtype)
+    lanes = gemm_select_plan(x, num_concepts, chunk)[1].lanes
+    poison = torch.iinfo(torch.int64).min
+    out = torch.full((m, lanes, k), poison, dtype=torch.int64, device=DEVICE)
+    assert gemm_select_candidates(x, encoder, k, chunk=chunk, out=out) is out and not (out == poison).any()
+    values, indices = encode_topk_gemm_select(x, encoder, k, chunk=chunk)
+    ref_values, ref_indices = encode_topk_reference(x, encoder, k)
+    assert (ref_values[:, -1] > 0).all()
+    assert values.dtype == dtype and torch.equal(values, ref_values)  # same GEMM rounding, exact selection
+    assert torch.equal(indices, ref_indices)
+
+
+def test_operator_paths_agree_with_reference(monkeypatch):
+    """The env var forces the path of ``torch.ops.fact.concept_encode``; forward and backward agree."""
+    x, encoder = randn(30, 24, seed=34), randn(90, 24, seed=35)
+    ref_values, ref_indices = encode_topk_reference(x, encoder, 6)
+    grads = {}
+    for path in ("fused", "gemm_select"):
+        monkeypatch.setenv(PATH_ENV, path)
+        assert encode_path(x, encoder, 6) == path
+        xg, eg = x.clone().requires_grad_(True), encoder.clone().requires_grad_(True)
+        values, indices = torch.ops.fact.concept_encode(xg, eg, 6)
+        assert torch.equal(indices, ref_indices) and rel_err(values.detach(), ref_values.double()) <= FP32_TOL
+        grads[path] = torch.autograd.grad((values * randn(30, 6, seed=36)).sum(), [xg, eg])
+    for fused, selected in zip(grads["fused"], grads["gemm_select"], strict=True):
+        assert rel_err(selected, fused.double()) <= FP32_TOL
+    monkeypatch.setenv(PATH_ENV, "auto")
+    assert encode_path(x, encoder, 6) in ("fused", "gemm_select")
+    if DEVICE == "cpu":
+        assert encode_path(x, encoder, 6) == "fused"  # the interpreter keeps the fused kernel unless forced
+
+
+def test_encode_path_env_value_is_checked(monkeypatch):
+    monkeypatch.setenv(PATH_ENV, "cublas")
+    with pytest.raises(ValueError, match=r"FACT_CONCEPT_ENCODE_PATH must be one of \['auto', 'fused', 'gemm_select'\]"):
+        torch.ops.fact.concept_encode(randn(4, 8, seed=37), randn(10, 8, seed=38), 2)
+
+
+def test_dispatcher_times_each_shape_key_once_and_keeps_the_faster(monkeypatch):
+    import kernels.concept_encode as concept_encode
+
+    monkeypatch.setattr(concept_encode, "_run_path", lambda path, x, encoder, k: path)
+    costs = {"fused": 2.0, "gemm_select": 1.0}
+    calls = []
+
+    def timer(run):
+        calls.append(run())
+        return costs[calls[-1]]
+
+    table = PathTable(timer=timer)
+    encoder = randn(64, 8, seed=39)
+    assert fastest_encode_path(randn(40, 8, seed=40), encoder, 4, table) == "gemm_select" and len(calls) == 2
+    costs["fused"] = 0.5
+    assert fastest_encode_path(randn(50, 8, seed=41), encoder, 4, table) == "gemm_select"  # M bucket 64: known
+    assert len(calls) == 2
+    assert fastest_encode_path(randn(70, 8, seed=42), encoder, 4, table) == "fused"  # bucket 128: measured
+    assert fastest_encode_path(randn(40, 8, seed=40), encoder, 5, table) == "fused" and len(calls) == 6  # new k
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high" if previous == "highest" else "highest")
+        fastest_encode_path(randn(40, 8, seed=40), encoder, 4, table)  # the TF32 state is part of the key
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert len(calls) == 8 and len(table.choices) == 4
+
+
 # ---------------------------------------------------------------------------- decode
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_matches_reference(dtype):
@@ -209,6 +364,20 @@ def _bad_calls():
         (lambda: encode_topk(x, e, 0), "k must be a positive int"),
         (lambda: encode_topk(x.to("meta"), e, 3), "x is on meta"),
         (lambda: encode_topk(x[None], e, 3), "x must have 2 dimensions"),
+        (lambda: encode_topk_gemm_select(x, e, 3, chunk=0), "chunk must be an int ≥ 1"),
+        (lambda: encode_topk_gemm_select(x, e.half(), 3), "encoder has dtype"),
+        (lambda: select_candidates(x.to(torch.int32), 3), "scores has dtype"),
+        (lambda: select_candidates(x.t(), 3), "scores must be contiguous"),
+        (lambda: select_candidates(x[0], 3), "scores must have 2 dimensions"),
+        (lambda: select_candidates(x, 0), "k must be an int ≥ 1"),
+        (lambda: select_candidates(x, MAX_K + 1), r"k \(257\) exceeds"),
+        (lambda: select_candidates(x, 3, block_m=3), "block_m must be a power of two"),
+        (lambda: select_candidates(x, 3, concept_offset=-1), "concept_offset must be an int ≥ 0"),
+        (lambda: select_candidates(x, 3, carry=True), "carry=True needs out"),
+        (lambda: select_candidates(x, 3, out=i[:, None].float()), "out has dtype"),
+        (lambda: select_candidates(x, 3, out=i[:, None, :2].contiguous()), r"out must have shape \(8, splits, 3\)"),
+        (lambda: select_candidates(x, 3, out=i[:, None], split_offset=1), "out has 1 splits"),
+        (lambda: select_candidates(x, 3, out=i[:, None].to("meta")), "out is on meta"),
         (lambda: gather_sum(v, i[:, :2].contiguous(), e), "indices must have the shape of weights"),
         (lambda: gather_sum(v, i.int(), e), "indices has dtype"),
         (lambda: gather_sum(v, i + 30, e), r"indices holds ids in \[30, 30\]"),

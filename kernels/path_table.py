@@ -1,0 +1,75 @@
+"""Choosing between equivalent kernel paths by measured GPU time, once per shape.
+
+Several operations have more than one implementation that computes the same result
+(the fused B-cos convolution vs cuDNN + post-op, two concept encodes). Which is faster
+depends on the shape, the dtype and the card, so the dispatchers time the candidates
+the first time a key is seen and remember the winner.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["PathTable"]
+
+log = logging.getLogger(__name__)
+
+
+class PathTable:
+    """Per key (a layer or operator shape), the fastest of some candidate paths, measured once on the GPU."""
+
+    def __init__(
+        self, warmup: int = 2, repeats: int = 5, timer: Callable[[Callable[[], object]], float] | None = None
+    ) -> None:
+        """``timer`` replaces the CUDA-graph timing (milliseconds of one call of its argument), for tests."""
+        self.warmup = warmup
+        self.repeats = repeats
+        self.timer = timer or self._median_ms
+        self.choices: dict[tuple, str] = {}
+        self.timings_ms: dict[tuple, dict[str, float]] = {}
+
+    def choose(self, key: tuple, candidates: dict[str, Callable[[], object]]) -> str:
+        """The name of the fastest candidate for ``key`` (timed with CUDA events at first sight)."""
+        if key in self.choices:
+            return self.choices[key]
+        timings = {name: self.timer(run) for name, run in candidates.items()}
+        best = min(timings, key=timings.__getitem__)
+        self.choices[key] = best
+        self.timings_ms[key] = timings
+        log.debug("path %s: %s → %s", key, timings, best)
+        return best
+
+    def _median_ms(self, run: Callable[[], object]) -> float:
+        """GPU time of ``run``: replays of a captured CUDA graph, so Python's launch cost doesn't decide."""
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use the GPU
+                    run()
+                replay: Callable[[], object] = graph.replay
+            except RuntimeError:  # not capturable here: time the eager calls instead
+                replay = run
+            times = []
+            for _ in range(self.repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def clear(self) -> None:
+        """Forget every measured choice."""
+        self.choices.clear()
+        self.timings_ms.clear()
