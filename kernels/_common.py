@@ -20,6 +20,7 @@ The variable is read at each call, so a process can switch it for an A/B compari
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 
@@ -35,6 +36,7 @@ __all__ = [
     "interpreting",
     "kernels_mode",
     "launchable",
+    "sm_count",
     "triton_runs_on",
 ]
 
@@ -142,3 +144,15 @@ def launchable(kernel: object, tensor: Tensor) -> object:
 
         return wrap_triton(kernel)
     return kernel
+
+
+@functools.cache
+def _device_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (2 for the CPU interpreter): sizes grids to fill the GPU."""
+    if device.type != "cuda":
+        return 2
+    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fact_model.bcos.functional import COS_EPS, PATCH_NORM_EPS, dynamic_scale, patch_norms
-from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
+from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable, sm_count
 
 __all__ = [
     "ConvGeometry",
@@ -50,6 +50,7 @@ __all__ = [
     "launch_sumsq",
     "reference_postop",
     "reference_sumsq",
+    "sumsq_blocks",
 ]
 
 BLOCK_P = 64
@@ -266,9 +267,26 @@ def launch_sumsq(x: Tensor, groups: int = 1) -> Tensor:
         raise KernelInputError(f"groups must be a positive divisor of x's {c} channels, got {groups!r}")
     q = _nhwc_empty(n, groups, h, w, x, torch.float32)
     p = n * h * w
-    grid = (triton.cdiv(p, BLOCK_P), groups)
-    launchable(_sumsq_kernel, x)[grid](x, q, p, c, c // groups, groups, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    block_p, block_c = sumsq_blocks(p, c // groups, groups, x.device)
+    grid = (triton.cdiv(p, block_p), groups)
+    launchable(_sumsq_kernel, x)[grid](x, q, p, c, c // groups, groups, BLOCK_P=block_p, BLOCK_C=block_c)
     return q
+
+
+def sumsq_blocks(pixels: int, group_channels: int, groups: int, device: torch.device) -> tuple[int, int]:
+    """``(BLOCK_P, BLOCK_C)`` of the Σx² kernel: enough programs to fill the GPU.
+
+    Late layers have few pixels and many channels (64·7² pixels × 2048): 64-pixel blocks
+    would give 49 programs, each looping over all channels. Pixel blocks shrink (to 8)
+    until there are about four programs per SM, and channel blocks widen to 128 so each
+    program's loads stay wide.
+    """
+    target = 4 * sm_count(device)
+    block_p = BLOCK_P
+    while block_p > 8 and triton.cdiv(pixels, block_p) * groups < target:
+        block_p //= 2
+    block_c = min(128, max(16, triton.next_power_of_2(group_channels)))
+    return block_p, block_c
 
 
 def _check_postop_args(y: Tensor, q: Tensor, geometry: ConvGeometry, b: float, max_out: int) -> tuple[int, int]:

@@ -54,7 +54,15 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, env_choice, interpreting, launchable
+from kernels._common import (
+    KernelInputError,
+    check_same_device,
+    check_tensor,
+    env_choice,
+    interpreting,
+    launchable,
+    sm_count,
+)
 from kernels.concept_decode import _next_pow2
 from kernels.path_table import PathTable
 
@@ -169,11 +177,6 @@ def _encode_topk_kernel(
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
 def _best_split(num_tiles: int, row_blocks: int, concurrent: int) -> int:
     """Number of ``K`` splits minimising a simple cost model of the launch.
 
@@ -236,7 +239,7 @@ def encode_config(
     num_tiles = triton.cdiv(num_concepts, bn)
     row_blocks = triton.cdiv(m, bm)
     if splits is None:
-        concurrent = 2 * (_sm_count(device.index or 0) if device.type == "cuda" else 2)
+        concurrent = 2 * sm_count(device)
         splits = _best_split(num_tiles, row_blocks, concurrent)
     splits = min(splits, num_tiles)
     tiles_per_split = triton.cdiv(num_tiles, splits)

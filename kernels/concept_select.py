@@ -49,9 +49,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, launchable
+from kernels._common import KernelInputError, check_same_device, check_tensor, launchable, sm_count
 from kernels.concept_decode import _next_pow2
-from kernels.concept_encode import MAX_K, _check_encode, _insert_keys, _sm_count, merge_candidates
+from kernels.concept_encode import MAX_K, _check_encode, _insert_keys, merge_candidates
 
 __all__ = [
     "CHUNK_BYTES",
@@ -170,7 +170,7 @@ def select_config(
     bm = block_m or min(8, _next_pow2(max(m, 1)))
     bn = block_n or min(128, max(16, _next_pow2(width)))
     if span is None:
-        concurrent = 4 * (_sm_count(device.index or 0) if device.type == "cuda" else 2)
+        concurrent = 4 * sm_count(device)
         lanes = _lanes(triton.cdiv(m, bm), width, bn, concurrent)
         span = max(1, triton.cdiv(triton.cdiv(width, lanes), bn)) * bn  # whole tiles per lane
     return SelectConfig(bm, bn, span, max(1, triton.cdiv(width, span)))

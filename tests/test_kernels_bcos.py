@@ -30,6 +30,7 @@ from kernels.bcos_postop import (
     launch_sumsq,
     reference_postop,
     reference_sumsq,
+    sumsq_blocks,
 )
 from kernels.path_table import PathTable
 
@@ -141,6 +142,16 @@ def test_layer_forward_and_backward_equal_autograd_of_the_reference(case, path, 
     assert _rel(out, want) <= 1e-5
     assert _rel(dx, want_dx) <= 1e-5
     assert _rel(dw, want_dw) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 2, 2, 3), (2, 8, 9, 7, 1), (3, 6, 40, 40, 2)], ids=str)
+def test_sumsq_blocks_adapt_to_the_shape_and_stay_exact(shape):
+    """Few pixels × many channels (late layers) and many pixels × few channels get different blocks."""
+    n, c, h, w, groups = shape
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(14)).contiguous(memory_format=CL)
+    assert torch.allclose(launch_sumsq(x, groups), reference_sumsq(x, groups), rtol=1e-5)
+    assert sumsq_blocks(64 * 7 * 7, 2048, 1, torch.device("cpu"))[1] == 128
+    assert sumsq_blocks(4, 300, 1, torch.device("cpu"))[0] == 8  # tiny: the smallest pixel block
 
 
 # kernel, padding, dilation: "same" and "valid" stride-1 convolutions, dilated, and padding below "same"
