@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fact_model.bcos.explanation_mode import Detachable
+
 __all__ = ["ConceptCodes", "ConceptLayer"]
 
 
@@ -78,8 +80,13 @@ class ConceptCodes:
         return summed.view(*summed.shape[:2], *self.spatial_shape)
 
 
-class ConceptLayer(nn.Module):
+class ConceptLayer(Detachable, nn.Module):
     """Bias-free TopK SAE applied per position; ``forward`` returns the reconstruction.
+
+    In explanation mode (``detach_dynamic``, set by :func:`fact_model.bcos.explanation_mode`)
+    the dictionary is a constant for autograd, as the B-cos filters are: explanations
+    differentiate activations, never parameters, and a backward through the decoder
+    then skips the ``(K, C)`` decoder gradient.
 
     Args:
         in_features: ``C``, channels of the feature map it is inserted into.
@@ -185,7 +192,8 @@ class ConceptLayer(nn.Module):
             recon = (codes.values.unsqueeze(-1) * self.decoder[codes.indices]).sum(dim=-2)
             return self._to_layout(recon, codes)
         # Gather-sum of k decoder columns per position (never a dense (N·P, K) code).
-        recon = self._gather_sum(codes.values.reshape(n * p, k), codes.indices.reshape(n * p, k), self.decoder)
+        decoder = self.decoder.detach() if self.detach_dynamic else self.decoder
+        recon = self._gather_sum(codes.values.reshape(n * p, k), codes.indices.reshape(n * p, k), decoder)
         recon = recon.view(n, p, self.in_features)
         return self._to_layout(recon, codes)
 
@@ -204,19 +212,23 @@ class ConceptLayer(nn.Module):
 
         Args:
             codes: the codes this layer produced for ``f``.
-            seed: ``(N, P, k)`` weights of the code slots.
+            seed: ``(N, P, k)`` weights of the code slots, or ``(R, N, P, k)``: R seeds at once.
 
         Returns:
-            The gradient in the layout of ``f`` (``(N, C, h, w)`` or ``(N, T, C)``).
+            The gradient in the layout of ``f`` (``(N, C, h, w)`` or ``(N, T, C)``), with the
+            seed's leading ``R`` if it has one.
         """
         n, p, k = codes.indices.shape
+        lead = seed.shape[:-3]
+        r = seed[..., 0, 0, 0].numel()
         active = (codes.values.detach() > 0).to(seed.dtype)
+        indices = codes.indices.reshape(n * p, k)
         grad = self._gather_sum(
-            (seed * active).reshape(n * p, k), codes.indices.reshape(n * p, k), self.encoder.detach()
-        ).view(n, p, self.in_features)
+            (seed * active).reshape(r * n * p, k), indices.repeat(r, 1) if r > 1 else indices, self.encoder.detach()
+        ).view(r * n, p, self.in_features)
         if len(codes.spatial_shape) == 2:
-            return grad.transpose(1, 2).reshape(n, self.in_features, *codes.spatial_shape)
-        return grad
+            grad = grad.transpose(1, 2).reshape(r * n, self.in_features, *codes.spatial_shape)
+        return grad.view(*lead, n, *grad.shape[1:])
 
     def forward(self, features: Tensor) -> Tensor:
         """Encode and decode: same shape as ``features``."""

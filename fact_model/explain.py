@@ -16,9 +16,12 @@ for the explained quantity ``y`` (``logit[target] − b``, or a contrast differe
   concept; its first step yields the decomposition over the layer below, the
   rest the input map. No per-image or per-concept loop.
 
-On CPU a loop over ranks measured faster than
-``torch.autograd.grad(..., is_grads_batched=True)`` (vmap), so ranks are looped
-(see ``docs/BENCHMARKS.md``).
+Ranks are looped by default: on CPU a loop measured faster than vmap
+(``docs/BENCHMARKS.md``). ``batched_vjp=True`` (or ``FACT_EXPLAIN_VJP=batched``) instead
+runs each layer's ``R`` rank passes as one batched VJP (``torch.func.vmap`` over the
+backward): every layer's backward then runs once on ``R·N`` cotangents — the Triton
+B-cos and decode kernels through their operators' vmap rules — fewer, larger launches
+for a GPU.
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ from fact_model.bcos.encoding import encode_rgb
 from fact_model.bcos.functional import PATCH_NORM_EPS, dynamic_scale, unit_norm_rows
 from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept
 from fact_model.model import FaCTModel, ForwardRecord
+from kernels._common import env_choice
 
-__all__ = ["MAP_KINDS", "closed_form_applies", "closed_form_code_gradient", "concept_input_maps", "explain"]
+__all__ = ["MAP_KINDS", "VJP_ENV", "closed_form_applies", "closed_form_code_gradient", "concept_input_maps", "explain"]
 
 MAP_KINDS = ("concepts", "logit", "other")
+VJP_ENV = "FACT_EXPLAIN_VJP"
+"""``loop`` (default) or ``batched``: how :func:`explain` runs its rank passes when not told."""
 
 
 @contextmanager
@@ -121,6 +127,7 @@ def explain(
     maps: bool = False,
     map_kinds: Sequence[str] = MAP_KINDS,
     map_layers: Sequence[str] | None = None,
+    batched_vjp: bool | None = None,
 ) -> Explanation:
     """Explain a batch of images exactly, concept by concept.
 
@@ -138,6 +145,9 @@ def explain(
             the shown ones).
         map_layers: concept layers whose top concepts get input maps (default: all);
             each mapped layer costs ``top_k`` backward passes.
+        batched_vjp: run each layer's ``top_k`` rank passes as one batched VJP instead
+            of a loop (same results); None reads ``FACT_EXPLAIN_VJP`` (``loop`` |
+            ``batched``, default ``loop``).
 
     Raises:
         ValueError: bad images (rank, channels, dtype, NaN/inf, range, empty), a
@@ -181,6 +191,8 @@ def explain(
     if contrast_idx is not None:
         explained = explained - scores.gather(1, contrast_idx[:, None]).squeeze(1)
 
+    if batched_vjp is None:
+        batched_vjp = env_choice(VJP_ENV, ("loop", "batched")) == "batched"
     backprop = _CodeBackprop(model, record, x6 if maps else None)
     codes = record.codes
     code_grads = backprop.code_gradients(target_idx, contrast_idx, closed_form)
@@ -193,7 +205,7 @@ def explain(
         for name in layer_names
     }
     concept_map_layers = mapped if maps and "concepts" in map_kinds else ()
-    traces, concept_maps = backprop.rank_passes(top_ids, r, concept_map_layers)
+    traces, concept_maps = backprop.rank_passes(top_ids, r, concept_map_layers, batched_vjp)
     explanation_maps = None
     if maps:
         logit_map = other_map = None
@@ -279,13 +291,23 @@ class _CodeBackprop:
         self.names = tuple(info.name for info in model.concept_layers)
 
     def step_down(self, i: int, seed: Tensor) -> Tensor:
-        """Seed ``(N, P, k)`` on layer i's codes → gradient on layer i−1's codes, or on the input for i = 0."""
+        """Seed ``(N, P, k)`` on layer i's codes → gradient on layer i−1's codes, or on the input for i = 0.
+
+        A seed ``(R, N, P, k)`` is R seeds at once: one batched VJP (``vmap`` over the
+        backward) gives ``(R, …)``.
+        """
         name = self.names[i]
         codes = self.record.codes[name]
         feature_seed = self.model.concept_layer(name).encoder_vjp(codes, seed)
         below = self.record.codes[self.names[i - 1]].values if i > 0 else self.x6
-        (grad,) = torch.autograd.grad(self.record.features[name], below, feature_seed, retain_graph=True)
-        return grad
+        features = self.record.features[name]
+
+        def vjp(cotangent: Tensor) -> Tensor:
+            return torch.autograd.grad(features, below, cotangent, retain_graph=True)[0]
+
+        if seed.dim() == codes.values.dim() + 1:
+            return torch.func.vmap(vjp)(feature_seed)
+        return vjp(feature_seed)
 
     def to_input(self, i: int, seed: Tensor) -> Tensor:
         """Seed on layer i's codes → ``(N, 6, H, W)`` gradient on the encoded input."""
@@ -313,13 +335,14 @@ class _CodeBackprop:
         return grads
 
     def rank_passes(
-        self, top_ids: dict[str, Tensor], r: int, map_layers: Sequence[str]
+        self, top_ids: dict[str, Tensor], r: int, map_layers: Sequence[str], batched: bool = False
     ) -> tuple[list[CrossLayerTrace], dict[str, Tensor]]:
         """Per (layer, rank): the rank-r concept's cross-layer trace and, for ``map_layers``, its input map.
 
         The seed is the 0/1 selection of each image's rank-r concept in the layer's
-        codes; its first step down yields the decomposition over the layer below
-        (the trace), the remaining steps the input map.
+        codes; its first step down yields the decomposition over the layer below (the
+        trace), the remaining steps the input map. ``batched``: all ranks of a layer
+        in one batched VJP per step instead of a loop over ranks.
         """
         traces: list[CrossLayerTrace] = []
         concept_maps: dict[str, Tensor] = {}
@@ -327,18 +350,19 @@ class _CodeBackprop:
             with_maps = name in map_layers
             if r == 0 or (i == 0 and not with_maps):
                 continue
-            codes = self.record.codes[name]
-            selection = codes.select(top_ids[name])  # (N, R, P, k)
+            selection = self.record.codes[name].select(top_ids[name])  # (N, R, P, k)
+            seeds = [selection.movedim(1, 0)] if batched else [selection[:, rank] for rank in range(r)]
             maps_r, trace_r = [], []
-            for rank in range(r):
-                grad = self.step_down(i, selection[:, rank])
+            for seed in seeds:
+                grad = self.step_down(i, seed)
                 if i > 0:
                     lower = self.record.codes[self.names[i - 1]]
-                    trace_r.append(lower.scatter(lower.values.detach() * grad))
+                    per_rank = grad if batched else grad[None]
+                    trace_r.extend(lower.scatter(lower.values.detach() * g) for g in per_rank)
                     if with_maps:
                         grad = self.to_input(i - 1, grad)
                 if with_maps:
-                    maps_r.append(grad)
+                    maps_r.extend(grad if batched else [grad])
             if with_maps:
                 concept_maps[name] = torch.stack(maps_r, dim=1)
             if i > 0:

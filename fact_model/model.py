@@ -263,6 +263,7 @@ class FaCTModel(nn.Module):
         maps: bool = False,
         map_kinds: Sequence[str] = ("concepts", "logit", "other"),
         map_layers: Sequence[str] | None = None,
+        batched_vjp: bool | None = None,
     ) -> Explanation:
         """Exact concept explanation of a batch; see :func:`fact_model.explain.explain`."""
         from fact_model.explain import explain
@@ -276,6 +277,7 @@ class FaCTModel(nn.Module):
             maps=maps,
             map_kinds=map_kinds,
             map_layers=map_layers,
+            batched_vjp=batched_vjp,
         )
 
     def extra_repr(self) -> str:

@@ -179,11 +179,12 @@ class WeightLayouts:
     re-layouts happen once per weight version instead of once per call.
     """
 
-    def __init__(self, weight_hat: Tensor) -> None:
-        """``weight_hat``: ``(O, C/groups, kh, kw)`` unit-norm filters, in the activations' dtype."""
+    def __init__(self, weight_hat: Tensor, dgrad: Tensor | None = None) -> None:
+        """``weight_hat``: ``(O, C/groups, kh, kw)`` unit-norm filters, in the activations' dtype;
+        ``dgrad``: its :func:`dgrad_weight_layout` if already made."""
         self.hat = weight_hat
         self._fused: Tensor | None = None
-        self._dgrad: Tensor | None = None
+        self._dgrad = dgrad
 
     @property
     def fused(self) -> Tensor:

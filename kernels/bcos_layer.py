@@ -37,6 +37,7 @@ from kernels._common import env_choice
 from kernels.bcos_conv import WeightLayouts, dgrad_geometry, launch_explain_dgrad, launch_fused_conv
 from kernels.bcos_postop import (
     ConvGeometry,
+    geometry_from_list,
     geometry_to_list,
     launch_postop,
     launch_postop_backward,
@@ -168,13 +169,22 @@ class _BcosConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous(memory_format=CL)
         if ctx.training_backward:
+            grad = grad.contiguous(memory_format=CL)
             return (*_training_backward(ctx, grad), None, None, None, None, None, None)
         x, weight_hat, y, scale = ctx.saved_tensors
         if scale is None:  # B = 1 never reaches here; kept for safety
             raise RuntimeError("explanation-mode backward without a saved scale")
         dx = dw = None
+        if ctx.needs_input_grad[0] and _is_vmapped(grad):
+            # Many cotangents at once (autograd.grad(..., is_grads_batched=True)): the operator's vmap
+            # rule folds them into the batch, so each layer runs one launch for all of them.
+            dgrad = ctx.layouts.dgrad if dgrad_geometry(ctx.geometry) is not None else weight_hat.new_empty(0)
+            dx = torch.ops.fact.bcos_explain_backward(
+                grad, scale, weight_hat, dgrad, y, geometry_to_list(ctx.geometry), list(ctx.x_shape), ctx.max_out
+            )
+            return dx, None, None, None, None, None, None, None
+        grad = grad.contiguous(memory_format=CL)
         if ctx.needs_input_grad[0]:
             dx = explain_data_grad(grad, scale, ctx.layouts, ctx.x_shape, ctx.geometry, y, ctx.max_out)
         if ctx.needs_input_grad[1]:
@@ -290,6 +300,59 @@ def explain_data_grad(
         return fused()
     choice = path_table.choose(dgrad_key(grad, layouts.hat, geometry), {"fused": fused, "cudnn": cudnn})
     return fused() if choice == "fused" else cudnn()
+
+
+def _is_vmapped(t: Tensor) -> bool:
+    """True for a tensor inside ``vmap`` (a functorch batched tensor: no storage, no data pointer)."""
+    return torch._C._functorch.is_batchedtensor(t)  # no public test for it (PyTorch 2.14)
+
+
+@torch.library.custom_op("fact::bcos_explain_backward", mutates_args=())
+def bcos_explain_backward(
+    grad: Tensor,
+    scale: Tensor,
+    weight_hat: Tensor,
+    weight_dgrad: Tensor,
+    y: Tensor | None,
+    geometry: list[int],
+    x_shape: list[int],
+    max_out: int,
+) -> Tensor:
+    """:func:`explain_data_grad` as an operator, so ``vmap`` can batch it (see its vmap rule).
+
+    ``weight_dgrad`` is ``dgrad_weight_layout(ŵ)``, or empty where the layer has no stride-1
+    data-gradient convolution.
+    """
+    layouts = WeightLayouts(weight_hat, weight_dgrad if weight_dgrad.numel() else None)
+    grad = grad.contiguous(memory_format=CL)
+    return explain_data_grad(grad, scale, layouts, torch.Size(x_shape), geometry_from_list(geometry), y, max_out)
+
+
+@bcos_explain_backward.register_fake
+def _(grad, scale, weight_hat, weight_dgrad, y, geometry, x_shape, max_out):  # type: ignore[no-untyped-def]
+    return grad.new_empty(x_shape).contiguous(memory_format=CL)
+
+
+@bcos_explain_backward.register_vmap
+def _(info, in_dims, grad, scale, weight_hat, weight_dgrad, y, geometry, x_shape, max_out):  # type: ignore[no-untyped-def]
+    """R cotangents ``(R, N, O, H', W')`` → one call on ``(R·N, O, H', W')``; the saved tensors are repeated."""
+    grad_dim, scale_dim, weight_dim, dgrad_dim, y_dim = in_dims[:5]
+    if weight_dim is not None or dgrad_dim is not None:
+        raise NotImplementedError("bcos_explain_backward: vmap over the filters is not supported")
+    r = info.batch_size
+
+    def folded(t: Tensor | None, dim: int | None) -> Tensor | None:
+        if t is None:
+            return None
+        t = t.unsqueeze(0).expand(r, *t.shape) if dim is None else t.movedim(dim, 0)
+        return t.reshape(-1, *t.shape[2:]).contiguous(memory_format=CL)
+
+    x_folded = [r * x_shape[0], *x_shape[1:]]
+    dx = bcos_explain_backward(
+        folded(grad, grad_dim), folded(scale, scale_dim), weight_hat, weight_dgrad, folded(y, y_dim), geometry,
+        x_folded, max_out,
+    )  # fmt: skip
+    return dx.view(r, *x_shape), 0
 
 
 def bcos_conv2d(

@@ -410,8 +410,11 @@ def end_to_end(device: str, smoke: bool, batch: int, repeats: int, top: int = 5)
         with torch.no_grad():
             return model(images)
 
-    def explain() -> object:
-        return model.explain(images, top_k=top, maps=True, map_kinds=("concepts",))
+    def explain(batched: bool = False) -> object:
+        return model.explain(images, top_k=top, maps=True, map_kinds=("concepts",), batched_vjp=batched)
+
+    def explain_batched() -> object:
+        return explain(batched=True)
 
     results: dict[str, Any] = {"arch": arch, "batch": batch, "size": size, "K": k_total, "k": k, "top": top}
     outputs = {}
@@ -422,19 +425,20 @@ def end_to_end(device: str, smoke: bool, batch: int, repeats: int, top: int = 5)
     for mode in ("torch", "triton"):
         os.environ["FACT_KERNELS"] = mode
         outputs[mode] = explain()
+    os.environ["FACT_KERNELS"] = "triton"
+    outputs["triton_batched"] = explain_batched()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     for mode in ("torch", "triton"):
         os.environ["FACT_KERNELS"] = mode
-        forward(), explain()  # warm-up: autotuning, dispatch timing, cuDNN plans
+        forward(), explain(), explain_batched()  # warm-up: autotuning, dispatch timing, cuDNN plans
         if device == "cuda":
             torch.cuda.synchronize()
-    times: dict[str, list[float]] = {
-        f"{what}_{mode}": [] for what in ("forward", "explain") for mode in ("torch", "triton")
-    }
+    passes = (("forward", forward), ("explain", explain), ("explain_batched", explain_batched))
+    times: dict[str, list[float]] = {f"{what}_{mode}": [] for what, _ in passes for mode in ("torch", "triton")}
     for _ in range(repeats):  # interleaved, so drift hits both equally
         for mode in ("torch", "triton"):
             os.environ["FACT_KERNELS"] = mode
-            for what, fn in (("forward", forward), ("explain", explain)):
+            for what, fn in passes:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -452,9 +456,16 @@ def end_to_end(device: str, smoke: bool, batch: int, repeats: int, top: int = 5)
         results[f"{name}_images_per_s"] = batch / statistics.median(values)
     for what in ("forward", "explain"):
         results[f"{what}_speedup"] = results[f"{what}_triton_images_per_s"] / results[f"{what}_torch_images_per_s"]
+    # Against the default kernels-off explain (ranks looped): the issue's baseline.
+    for mode in ("torch", "triton"):
+        results[f"explain_batched_{mode}_speedup"] = (
+            results[f"explain_batched_{mode}_images_per_s"] / results["explain_torch_images_per_s"]
+        )
     on, off = outputs["triton"], outputs["torch"]
     name = on.layer_names[-1]
     results["contributions_rel_diff"] = _rel(on.contributions[name], off.contributions[name])
+    maps_on, maps_off = outputs["triton_batched"].maps.concepts[name], off.maps.concepts[name]
+    results["batched_maps_rel_diff"] = _rel(maps_on, maps_off)
     results["max_relative_residual_on"] = float((on.residual.abs() / on.explained.abs().clamp_min(1e-6)).max())
     return results
 
@@ -557,7 +568,10 @@ def _print_tables(report: dict[str, Any]) -> None:
             f"end to end {e2e['arch']} batch {e2e['batch']} {e2e['size']}px K={e2e['K']} k={e2e['k']}: "
             f"forward {e2e['forward_torch_images_per_s']:.1f} → {e2e['forward_triton_images_per_s']:.1f} img/s "
             f"({e2e['forward_speedup']:.2f}×); explain top-{e2e['top']} {e2e['explain_torch_images_per_s']:.1f} → "
-            f"{e2e['explain_triton_images_per_s']:.1f} img/s ({e2e['explain_speedup']:.2f}×); contributions on vs off "
+            f"{e2e['explain_triton_images_per_s']:.1f} img/s ({e2e['explain_speedup']:.2f}×); batched VJPs: kernels "
+            f"off {e2e['explain_batched_torch_images_per_s']:.1f} ({e2e['explain_batched_torch_speedup']:.2f}×), "
+            f"on {e2e['explain_batched_triton_images_per_s']:.1f} ({e2e['explain_batched_triton_speedup']:.2f}×); "
+            f"maps batched+on vs off rel diff {e2e['batched_maps_rel_diff']:.1e}; contributions on vs off "
             f"rel diff {e2e['contributions_rel_diff']:.1e}, max relative residual {e2e['max_relative_residual_on']:.1e}"
         )
         for mode, kernels in e2e.get("explain_profile", {}).items():

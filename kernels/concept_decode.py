@@ -388,6 +388,19 @@ def _concept_scatter_rows_cpu(weights: Tensor, indices: Tensor, rows: Tensor, nu
     return scatter_rows_reference(weights, indices, rows, num_rows)
 
 
+@concept_gather_dot.register_vmap
+def _concept_gather_dot_vmap(info, in_dims, grad, indices, table):  # type: ignore[no-untyped-def]
+    """R cotangents ``(R, M, C)`` (an explanation's batched VJPs) → one call on ``(R·M, C)``."""
+    grad_dim, index_dim, table_dim = in_dims
+    if index_dim is not None or table_dim is not None:
+        raise NotImplementedError("concept_gather_dot: vmap over the indices or the table is not supported")
+    r = info.batch_size
+    grad = grad.movedim(grad_dim, 0)
+    rows = indices.repeat(r, 1)
+    out = torch.ops.fact.concept_gather_dot(grad.reshape(-1, grad.shape[-1]).contiguous(), rows, table)
+    return out.view(r, *indices.shape), 0
+
+
 def _decode_setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
     values, indices, decoder = inputs
     ctx.save_for_backward(values, indices, decoder)

@@ -93,3 +93,25 @@ def test_bad_arguments_and_shapes(args, shape):
     with pytest.raises(ValueError):
         layer = ConceptLayer(*args)
         layer(torch.randn(*shape))
+
+
+def test_encoder_vjp_takes_many_seeds_at_once():
+    torch.manual_seed(1)
+    layer = ConceptLayer(6, 10, 3)
+    codes = layer.encode(torch.randn(2, 6, 3, 3))
+    seeds = torch.randn(4, *codes.values.shape)
+    batched = layer.encoder_vjp(codes, seeds)
+    assert batched.shape == (4, 2, 6, 3, 3)
+    torch.testing.assert_close(batched, torch.stack([layer.encoder_vjp(codes, s) for s in seeds]))
+
+
+def test_explanation_mode_makes_the_dictionary_a_constant():
+    """Explanations differentiate activations only: no decoder gradient is built in explanation mode."""
+    from fact_model.bcos import explanation_mode
+
+    layer = ConceptLayer(6, 10, 3)
+    features = torch.randn(2, 6, 3, 3, requires_grad=True)
+    with explanation_mode(layer):
+        recon = layer(features)
+    assert torch.autograd.grad(recon.sum(), layer.decoder, allow_unused=True) == (None,)
+    assert torch.autograd.grad(layer(features).sum(), layer.decoder)[0].abs().sum() > 0  # outside: trainable

@@ -314,6 +314,10 @@ def test_ops_are_registered_for_the_compiler():
     torch.library.opcheck(torch.ops.fact.bcos_postop, (y, q, geometry, 2.0, 1, True), test_utils=utils)
     kc = fused_weight_layout(unit_norm_rows(torch.randn(OUT, C, 3, 3))).to(device)
     torch.library.opcheck(torch.ops.fact.bcos_fused_conv, (x, kc, geometry, 2.0, True), test_utils=utils)
+    weight = unit_norm_rows(torch.randn(OUT, C, 3, 3)).to(device)
+    grad = torch.randn(N, OUT, H, W, device=device).contiguous(memory_format=CL)
+    args = (grad, torch.rand_like(grad), weight, dgrad_weight_layout(weight), None, geometry, [N, C, H, W], 1)
+    torch.library.opcheck(torch.ops.fact.bcos_explain_backward, args, test_utils=utils)
 
 
 def test_fact_explanations_with_kernels_on_equal_kernels_off(monkeypatch):
@@ -335,6 +339,42 @@ def test_fact_explanations_with_kernels_on_equal_kernels_off(monkeypatch):
     got_maps, want_maps = on.maps.concepts, off.maps.concepts
     for layer in want_maps:
         assert _rel(got_maps[layer], want_maps[layer]) <= 1e-4
+
+
+def test_batched_vjp_on_the_kernels_folds_the_ranks_into_one_launch(monkeypatch):
+    """Rank passes as one vmapped backward: each B-cos backward runs once on R·N cotangents, not R times."""
+    import warnings
+
+    from conftest import make_model
+
+    import kernels.bcos_layer as bcos_layer
+
+    model = make_model([("layer2", 32, 4), ("layer3", 64, 4)])
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    kwargs = {"top_k": 2, "maps": True, "map_kinds": ("concepts",), "map_layers": ["layer3"]}
+    monkeypatch.setenv("FACT_KERNELS", "torch")
+    want = model.explain(images, **kwargs, batched_vjp=False)
+    monkeypatch.setenv("FACT_KERNELS", "triton")
+    calls: dict[bool, list[int]] = {False: [], True: []}
+    got = {}
+    original = bcos_layer.explain_data_grad
+    for batched in (False, True):
+
+        def counting(grad, *args, _seen=calls[batched], **kw):  # type: ignore[no-untyped-def]
+            _seen.append(grad.shape[0])
+            return original(grad, *args, **kw)
+
+        monkeypatch.setattr(bcos_layer, "explain_data_grad", counting)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a per-sample vmap fallback ("performance drop") warns
+            got[batched] = model.explain(images, **kwargs, batched_vjp=batched)
+    per_rank = calls[True].count(2)  # the B-cos backwards of the rank passes, batched (R·N = 2·1)
+    assert per_rank > 0 and set(calls[False]) == {1}
+    assert len(calls[False]) == len(calls[True]) + per_rank  # each batched call replaced R = 2 looped ones
+    for layer in want.maps.concepts:
+        assert _rel(got[True].maps.concepts[layer], want.maps.concepts[layer]) <= 1e-4
+        assert _rel(got[True].maps.concepts[layer], got[False].maps.concepts[layer]) <= 1e-5
+    assert _rel(got[True].traces[0].contributions, want.traces[0].contributions) <= 1e-4
 
 
 def test_path_table_keeps_the_faster_path_per_key_and_measures_once():
