@@ -13,7 +13,8 @@ input maps by three methods, against a plain forward pass:
 (b') as (b) with all ranks in one ``is_grads_batched`` (vmap) backward, the
      alternative to a loop over ranks;
 (c) ours, ``FaCTModel.explain(maps=True)``: closed-form contributions, one backward
-    per rank for the whole batch.
+    per rank for the whole batch;
+(c') the same with ``batched_vjp=True``: all ranks in one ``torch.func.vmap``'d backward.
 
 Prints medians (seconds per batch), images/s and the ratios the issue asks for.
 Not a test: timings are recorded in ``docs/BENCHMARKS.md``.
@@ -165,7 +166,7 @@ def _interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int
 
 
 def run_benchmark(model: FaCTModel, batch: int, top_n: int, repeats: int) -> dict[str, float]:
-    """Median seconds per batch for: forward (ours, no grad), (a), (b), (b'), (c)."""
+    """Median seconds per batch for: forward (ours, no grad), (a), (b), (b'), (c), (c')."""
     size = model.config.preprocessing.input_size
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
@@ -182,6 +183,9 @@ def run_benchmark(model: FaCTModel, batch: int, top_n: int, repeats: int) -> dic
             "b_batch_rank_loop": lambda: batch_rank_loop(stack, images, top_n),
             "b_vmap": lambda: batch_vmap(stack, images, top_n),
             "c_fact_explain": lambda: model.explain(images, top_k=top_n, maps=True, map_kinds=("concepts",)),
+            "c_batched_vjp": lambda: model.explain(
+                images, top_k=top_n, maps=True, map_kinds=("concepts",), batched_vjp=True
+            ),
         },
         repeats,
     )
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         ("(b) batch, 1 backward / rank, retain graph", b),
         ("(b') batch, all ranks in 1 vmap'd backward", results["b_vmap"]),
         ("(c) FaCTModel.explain (ours)", c),
+        ("(c') ours, ranks in 1 vmap'd backward", results["c_batched_vjp"]),
     ]
     for label, seconds in rows:
         ratios = f"{seconds / fwd:.2f}", f"{a / seconds:.2f}"
