@@ -11,7 +11,8 @@ reference of each kernel file is used.
   recorded: ``/predict``, ``fact evaluate``), the PyTorch reference elsewhere. Passes that record
   a graph (explanations, training) stay on PyTorch by default because that is what measured
   faster on the H100 (``docs/BENCHMARKS.md``: forward 1.24× faster with the kernels, explain
-  0.70× — the kernels' backward runs per layer from Python);
+  0.70×). That run predates the explanation-backward work recorded there (channels_last data
+  gradients, the fused data-gradient kernel, batched VJPs): re-measure before changing this;
 * ``triton`` — Triton kernels on CUDA for every pass, and on the CPU too when the interpreter is on;
 * ``torch`` — always the PyTorch reference (the kernels are off).
 
