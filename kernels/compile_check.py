@@ -9,7 +9,8 @@ script finds those first: it runs the launchers on CPU tensors of realistic shap
 recorded instead of run (:func:`recording`), expands autotuned kernels into their
 configurations, specialises arguments as Triton's JIT would (16-divisible integers and
 16-byte-aligned pointers), and compiles each distinct launch for the target (default
-``sm_90``, H100) with the ``ptxas`` bundled in Triton.
+``sm_90``, H100) with the ``ptxas`` bundled in Triton; its ``cuobjdump`` reports each
+variant's registers and spills.
 
 ``python -m kernels.compile_check`` prints one row per compiled variant (shared memory
 against the card's limit) and exits non-zero if any fails; ``--quick`` compiles one
@@ -248,6 +249,7 @@ def compile_launch(launch: Launch, capability: int = 90, shared_limit: int | Non
         try:
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
             result.shared_bytes = int(compiled.metadata.shared)
+            result.extra = _resource_usage(compiled.asm["cubin"])
         except Exception as error:  # the point of the script: report every failure, keep going
             result.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
         result.seconds = time.perf_counter() - started
@@ -256,6 +258,25 @@ def compile_launch(launch: Launch, capability: int = 90, shared_limit: int | Non
             result.error = f"needs {result.shared_bytes} bytes of shared memory, the card has {limit}"
         results.append(result)
     return results
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread and spill (local/stack) bytes of a cubin, by the ``cuobjdump`` bundled with Triton."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True).stdout
+    found = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", report)}
+    return {"registers": found.get("REG", 0), "spill_bytes": found.get("STACK", 0) + found.get("LOCAL", 0)}
 
 
 def _distinct(launches: list[Launch]) -> list[Launch]:
@@ -294,15 +315,22 @@ def main(argv: list[str] | None = None) -> int:
         for r in compile_launch(launch, args.capability, args.shared_limit)
     ]
     table = Table(title=f"Triton kernels compiled for sm_{args.capability} (no GPU needed)")
-    for column in ("kernel", "variant", "shared KiB", "s", "result"):
-        table.add_column(column, justify="right" if column in ("shared KiB", "s") else "left")
+    numeric = ("shared KiB", "regs", "spill B", "s")
+    for column in ("kernel", "variant", *numeric, "result"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for r in results:
-        table.add_row(r.kernel, r.variant, f"{r.shared_bytes / 1024:.0f}", f"{r.seconds:.1f}", r.error or "ok")
+        regs, spills = r.extra.get("registers", "–"), r.extra.get("spill_bytes", "–")
+        table.add_row(
+            r.kernel, r.variant, f"{r.shared_bytes / 1024:.0f}", str(regs), str(spills), f"{r.seconds:.1f}",
+            r.error or "ok",
+        )  # fmt: skip
     console = Console(width=220)
     console.print(table)
     failed = [r for r in results if r.error]
+    spilling = [r for r in results if r.extra.get("spill_bytes")]
     console.print(
-        f"{len(results) - len(failed)}/{len(results)} variants compile; {time.perf_counter() - started:.0f} s"
+        f"{len(results) - len(failed)}/{len(results)} variants compile; {len(spilling)} spill registers "
+        f"(slower, not wrong); {time.perf_counter() - started:.0f} s"
     )
     return 1 if failed else 0
 
