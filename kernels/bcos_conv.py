@@ -134,8 +134,23 @@ def _fused_conv_body(
             tl.store(scale_ptr + out_offs, scale.to(scale_ptr.dtype.element_ty), mask=mask)
 
 
+def fitting_configs(configs: list[triton.Config], named_args: dict, **_: object) -> list[triton.Config]:
+    """The configurations worth timing for a layer: no tile twice as wide as its channels.
+
+    A 64-channel layer gains nothing from 128-wide output tiles, a 32-channel input nothing
+    from 64-deep reduction steps; skipping them saves their compilation and timing at the
+    first call (autotuning runs every remaining configuration once per layer shape).
+    """
+    out_tile = max(64, triton.next_power_of_2(int(named_args["O"])))
+    depth = max(32, triton.next_power_of_2(int(named_args["C"])))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= out_tile and c.kwargs["BLOCK_K"] <= depth]
+    return kept or configs[:1]
+
+
 _autotuned = triton.autotune(
-    configs=_CONFIGS, key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE", "A_SCALE", "NORM_FROM_MAP", "IEEE"]
+    configs=_CONFIGS,
+    key=["P", "C", "O", "KH", "KW", "SH", "B_MODE", "WRITE_SCALE", "A_SCALE", "NORM_FROM_MAP", "IEEE"],
+    prune_configs_by={"early_config_prune": fitting_configs},
 )(_fused_conv_body)
 
 

@@ -176,6 +176,18 @@ def test_fused_explanation_dgrad_equals_the_transposed_convolution(case, dtype):
     assert _rel(dx, want) <= (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+def test_autotuning_skips_tiles_wider_than_the_layer():
+    from kernels.bcos_conv import _CONFIGS, fitting_configs
+
+    def shapes(configs):
+        return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}
+
+    assert shapes(fitting_configs(_CONFIGS, {"O": 2048, "C": 1024})) == shapes(_CONFIGS)
+    assert all(n <= 64 for n, _ in shapes(fitting_configs(_CONFIGS, {"O": 64, "C": 1024})))
+    assert shapes(fitting_configs(_CONFIGS, {"O": 256, "C": 6})) == {(128, 32)}  # the 6-channel stem: 32-deep steps
+    assert fitting_configs(_CONFIGS, {"O": 8, "C": 8})  # never empty
+
+
 def test_dgrad_geometry_is_a_plain_convolution_for_stride_one_only():
     assert dgrad_geometry(_geometry(3, 1, 1, 1, 1)) == ConvGeometry(H, W, (3, 3), (1, 1), (1, 1), (1, 1), 1)
     assert dgrad_geometry(_geometry(3, 1, 0, 2, 1)).padding == (4, 4)  # "valid": the gradient pads by d·(k−1)
