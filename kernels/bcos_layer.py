@@ -176,14 +176,19 @@ class _BcosConvFunction(torch.autograd.Function):
         if scale is None:  # B = 1 never reaches here; kept for safety
             raise RuntimeError("explanation-mode backward without a saved scale")
         dx = dw = None
-        if ctx.needs_input_grad[0] and _is_vmapped(grad):
-            # Many cotangents at once (autograd.grad(..., is_grads_batched=True)): the operator's vmap
-            # rule folds them into the batch, so each layer runs one launch for all of them.
-            dgrad = ctx.layouts.dgrad if dgrad_geometry(ctx.geometry) is not None else weight_hat.new_empty(0)
-            dx = torch.ops.fact.bcos_explain_backward(
-                grad, scale, weight_hat, dgrad, y, geometry_to_list(ctx.geometry), list(ctx.x_shape), ctx.max_out
-            )
-            return dx, None, None, None, None, None, None, None
+        if _is_vmapped(grad):
+            # Many cotangents at once (torch.func.vmap over the backward, explain's batched VJPs): the
+            # operator's vmap rule folds them into the batch, so each layer runs one launch for all of them.
+            if ctx.needs_input_grad[0]:
+                dgrad = ctx.layouts.dgrad if dgrad_geometry(ctx.geometry) is not None else weight_hat.new_empty(0)
+                dx = torch.ops.fact.bcos_explain_backward(
+                    grad, scale, weight_hat, dgrad, y, geometry_to_list(ctx.geometry), list(ctx.x_shape), ctx.max_out
+                )
+            if ctx.needs_input_grad[1]:
+                if ctx.max_out > 1:
+                    raise NotImplementedError("the filter gradient of a MaxOut B-cos layer under vmap")
+                dw = _weight_grad(grad * scale, x, weight_hat.shape, ctx.geometry)  # PyTorch ops: vmap batches them
+            return dx, dw, None, None, None, None, None, None
         grad = grad.contiguous(memory_format=CL)
         if ctx.needs_input_grad[0]:
             dx = explain_data_grad(grad, scale, ctx.layouts, ctx.x_shape, ctx.geometry, y, ctx.max_out)
@@ -242,7 +247,7 @@ def dgrad_key(grad: Tensor, weight_hat: Tensor, geometry: ConvGeometry) -> tuple
 def _choose_path(
     x: Tensor, layouts: WeightLayouts, geometry: ConvGeometry, b: float, max_out: int, training: bool
 ) -> str:
-    """Forward: ``fused`` or ``cudnn`` (see the module docstring)."""
+    """Forward: ``fused``, ``fused_map`` or ``cudnn`` (see the module docstring)."""
     fusable = geometry.groups == 1 and max_out == 1 and not training
     requested = conv_path()
     if not fusable or requested == "cudnn":

@@ -353,6 +353,26 @@ def test_fact_explanations_with_kernels_on_equal_kernels_off(monkeypatch):
         assert _rel(got_maps[layer], want_maps[layer]) <= 1e-4
 
 
+@pytest.mark.parametrize("case", [(3, 1, 1), (3, 2, 1)], ids=["stride1-fused", "stride2-cudnn"])
+def test_vmapped_explanation_backward_equals_one_backward_per_cotangent(case, monkeypatch):
+    """``vmap`` over the layer's explanation backward (input and filter gradients) = a loop over cotangents."""
+    kernel, stride, padding = case
+    monkeypatch.setenv("FACT_BCOS_CONV_PATH", "auto")
+    x, weight, _ = _random_conv(kernel, stride, padding, 1, 1, 1, torch.float32, seed=15)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = bcos_conv2d(x, weight, _geometry(kernel, stride, padding, 1, 1), 2, 1, detach_scale=True)
+    seeds = torch.randn(3, *out.shape, generator=torch.Generator().manual_seed(16))
+
+    def vjp(seed):
+        return torch.autograd.grad(out, (x, weight), seed, retain_graph=True)
+
+    batched = torch.func.vmap(vjp)(seeds)
+    looped = [torch.stack(g) for g in zip(*(vjp(seed) for seed in seeds), strict=True)]
+    for got, want in zip(batched, looped, strict=True):
+        assert _rel(got, want) <= 1e-6
+
+
 def test_batched_vjp_on_the_kernels_folds_the_ranks_into_one_launch(monkeypatch):
     """Rank passes as one vmapped backward: each B-cos backward runs once on R·N cotangents, not R times."""
     import warnings
