@@ -155,6 +155,8 @@ def explain(
             without concept layers.
     """
     _check_arguments(top_k, map_kinds)
+    if batched_vjp is None:
+        batched_vjp = env_choice(VJP_ENV, ("loop", "batched")) == "batched"
     if not model.concept_layers:
         raise ValueError("the model has no concept layers to explain with")
     started = time.perf_counter()
@@ -191,8 +193,6 @@ def explain(
     if contrast_idx is not None:
         explained = explained - scores.gather(1, contrast_idx[:, None]).squeeze(1)
 
-    if batched_vjp is None:
-        batched_vjp = env_choice(VJP_ENV, ("loop", "batched")) == "batched"
     backprop = _CodeBackprop(model, record, x6 if maps else None)
     codes = record.codes
     code_grads = backprop.code_gradients(target_idx, contrast_idx, closed_form)
