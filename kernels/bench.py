@@ -668,19 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             device, args.smoke, 1 if args.smoke else args.e2e_batch, 1 if args.smoke else 5, 1 if args.smoke else 5
         ),
     )
-    if "layers" in sections:
-        size = 16 if args.smoke else 224
-        resnet = network_conv_shapes("bcos_resnet8" if args.smoke else "bcos_v2_resnet50", size, args.smoke)
-        if args.smoke:
-            resnet = _spread(resnet, 3)
-        densenet = [] if args.smoke else _spread(network_conv_shapes("bcos_v2_densenet121", size, False), 8)
-        report["layers"] = []
-        for dtype_name in dtypes:
-            report["layers"] += run_section(
-                f"layers {dtype_name}",
-                lambda d=dtype_name: time_layers(resnet + densenet, device, d, batch, args.smoke, budget,
-                                                 args.compile_budget / len(dtypes)),
-            ) or []  # fmt: skip
+    # The per-layer tables come last: they are the longest section (one autotuning per layer shape and
+    # path), and the budget then cuts their tail rather than a whole later section.
     concept_rows: list[dict[str, Any]] = []
     for dtype_name in dtypes:
         concept_rows += run_section(
@@ -688,6 +677,20 @@ def main(argv: list[str] | None = None) -> int:
             lambda d=dtype_name: bench_concept.time_concept_kernels(device, _dtype(d), args.smoke),
         ) or []  # fmt: skip
     report["concept_timings"] = concept_rows
+    if "layers" in sections:
+        size = 16 if args.smoke else 224
+        resnet = network_conv_shapes("bcos_resnet8" if args.smoke else "bcos_v2_resnet50", size, args.smoke)
+        if args.smoke:
+            resnet = _spread(resnet, 3)
+        densenet = [] if args.smoke else _spread(network_conv_shapes("bcos_v2_densenet121", size, False), 8)
+        report["layers"] = []
+        for i, dtype_name in enumerate(dtypes):
+            share = Budget(budget.left() / (len(dtypes) - i))  # each dtype gets its part of what is left
+            report["layers"] += run_section(
+                f"layers {dtype_name}",
+                lambda d=dtype_name, b=share: time_layers(resnet + densenet, device, d, batch, args.smoke, b,
+                                                          args.compile_budget / len(dtypes)),
+            ) or []  # fmt: skip
     report["seconds"] = budget.elapsed()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels_bench.json").write_text(json.dumps(report, indent=1, default=str))
