@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from fact_model.config import Preprocessing
+from fact_model.image_io import to_rgb
 
 __all__ = ["preprocess_images", "to_rgb"]
 
@@ -20,18 +21,13 @@ _INTERPOLATION = {
 }
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image → RGB, with EXIF orientation applied and transparency composited on white."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def preprocess_images(images: Image.Image | Sequence[Image.Image], recipe: Preprocessing) -> Tensor:
-    """PIL image(s) → ``(N, 3, input_size, input_size)`` float32 in [0, 1]."""
+    """PIL image(s) → ``(N, 3, input_size, input_size)`` float32 in [0, 1].
+
+    Any PIL mode: each image goes through :func:`fact_model.image_io.to_rgb` (values by the mode's real
+    range, EXIF orientation, transparency on white), which raises ``ValueError`` for a mode or value range it
+    cannot read.
+    """
     if isinstance(images, Image.Image):
         images = [images]
     if len(images) == 0:

@@ -96,6 +96,44 @@ def test_transparent_rgba_pixel_becomes_white(mixed_root: Path):
     torch.testing.assert_close(image, torch.ones(3, 16, 16))
 
 
+def test_gif_tiff_and_16_bit_files_are_read_by_value_range(tmp_path: Path):
+    """The one format list of ``fact_model.image_io``: GIF and TIFF are collected too, and 16-bit or float
+    files are scaled by their real range (a 16-bit PNG used to be clipped to white)."""
+    import numpy as np
+
+    from fact_model import image_io
+    from fact_model.data.folder import IMAGE_EXTENSIONS
+
+    assert IMAGE_EXTENSIONS == image_io.IMAGE_EXTENSIONS and {".gif", ".tif", ".tiff"} <= IMAGE_EXTENSIONS
+    root = tmp_path / "data"
+    _save(Image.fromarray(np.full((12, 12), 16448, np.uint16)), root / "a" / "grey16.png")  # 16448 / 257 = 64
+    _save(Image.fromarray(np.full((12, 12), 0.25, np.float32)), root / "a" / "float.tif")
+    _save(Image.new("RGB", (12, 12), (0, 0, 255)).convert("P"), root / "b" / "blue.gif")
+    _save(Image.new("RGB", (12, 12), (255, 0, 0)), root / "b" / "red.TIFF")
+    dataset = ImageFolderDataset(root, RECIPE)
+    assert dataset.skipped == [] and len(dataset) == 4
+    by_name = {path.name: dataset[index][0][:, 8, 8] for index, (path, _) in enumerate(dataset.samples)}
+    torch.testing.assert_close(by_name["grey16.png"], torch.full((3,), 64 / 255))
+    torch.testing.assert_close(by_name["float.tif"], torch.full((3,), 64 / 255))  # round(0.25 · 255) = 64
+    torch.testing.assert_close(by_name["blue.gif"], torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(by_name["red.TIFF"], torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_files_whose_content_or_mode_cannot_be_read_are_skipped_saying_why(tmp_path: Path):
+    import numpy as np
+
+    root = tmp_path / "data"
+    _save(Image.new("RGB", (8, 8)), root / "a" / "ok.png")
+    _save(Image.new("RGB", (8, 8)), root / "a" / "icon.png", format="ICO")  # the extension lies
+    _save(Image.new("RGB", (8, 8)), root / "b" / "ok.png")
+    _save(Image.fromarray(np.full((8, 8), 3.0, np.float32)), root / "b" / "float.tif")
+    dataset = ImageFolderDataset(root, RECIPE)
+    reasons = {path.name: reason for path, reason in dataset.skipped}
+    assert set(reasons) == {"icon.png", "float.tif"} and len(dataset) == 2
+    assert "image format ICO is not accepted; send one of JPEG, PNG, WebP, GIF, BMP, TIFF" in reasons["icon.png"]
+    assert "float images are read as intensities in [0, 1]" in reasons["float.tif"]
+
+
 def test_bad_files_are_skipped_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     root = tmp_path / "data"
     for i in range(3):

@@ -65,3 +65,13 @@ def test_model_preprocess_and_errors():
         preprocess_images([torch.zeros(3, 4, 4)], Preprocessing(32))
     with pytest.raises(ValueError, match="resize"):
         Preprocessing(32, resize=16)
+
+
+def test_high_bit_depth_is_scaled_by_its_range_and_bad_values_refused():
+    import numpy as np
+
+    grey16 = Image.fromarray(np.full((20, 30), 32896, np.uint16))  # 32896 / 257 = 128
+    assert grey16.mode == "I;16"
+    torch.testing.assert_close(preprocess_images(grey16, Preprocessing(8)), torch.full((1, 3, 8, 8), 128 / 255))
+    with pytest.raises(ValueError, match=r"mode-F .* values in \[0, 2\]"):
+        preprocess_images(Image.fromarray(np.linspace(0, 2, 16, dtype=np.float32).reshape(4, 4)), Preprocessing(8))

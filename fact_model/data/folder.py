@@ -4,7 +4,7 @@ The layout is the usual "one sub-folder per class" one::
 
     root/
         cats/       a.jpg  b.png  more/c.webp
-        dogs/       d.jpeg e.bmp
+        dogs/       d.jpeg e.bmp  f.tif  g.gif
         classes.json   (optional, written by :func:`fact_model.data.export.export_png_folder`)
 
 Class names are the sorted sub-folder names (hidden entries and ``__MACOSX`` are ignored), so label ``i``
@@ -30,6 +30,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fact_model import image_io
 from fact_model.config import Preprocessing
 from fact_model.preprocessing import preprocess_images
 
@@ -37,8 +38,9 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "split_indices"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-"""File extensions (lower case, matched case-insensitively) that are treated as images."""
+IMAGE_EXTENSIONS: frozenset[str] = image_io.IMAGE_EXTENSIONS
+"""File extensions (lower case, matched case-insensitively) that are treated as images: those of
+:data:`fact_model.image_io.IMAGE_FORMATS` (JPEG, PNG, WebP, GIF, BMP, TIFF)."""
 
 CLASSES_FILE = "classes.json"
 """Optional file in the dataset root mapping folder names back to class names (see the module docstring)."""
@@ -65,22 +67,17 @@ def _list_image_files(class_dir: Path) -> list[Path]:
 
 
 def _check_image(path: Path) -> str | None:
-    """``None`` when ``path`` is a decodable image, else a short reason why not."""
+    """``None`` when ``path`` is an accepted image that decodes and converts to RGB, else why not."""
     try:
-        with Image.open(path) as image:
-            image.verify()  # structure/checksums; the image cannot be used afterwards
-        with Image.open(path) as image:
-            image.load()  # full decode: catches truncated data that verify() lets through (e.g. JPEG)
-    except Exception as err:  # any decoder failure (OSError, SyntaxError, struct.error, bombs, ...) skips the file
+        image_io.read_rgb(path)  # format, integrity checks, full decode, mode and value range
+    except Exception as err:  # any failure (ImageReadError, a decoder's own error, bombs, ...) skips the file
         return f"{type(err).__name__}: {err}"
     return None
 
 
 def _load_image(path: Path) -> Image.Image:
-    """Open and fully decode ``path`` (raises whatever PIL raises on a bad file)."""
-    with Image.open(path) as image:
-        image.load()  # pixel data and info stay usable after the file is closed
-    return image
+    """Read and decode ``path`` (first frame; raises on a file :func:`_check_image` would skip)."""
+    return image_io.read_image(path)
 
 
 def _describe(items: Sequence[tuple[Path, str]]) -> str:
@@ -123,9 +120,10 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
     Args:
         root: directory with one sub-folder per class (at least 2). Files with extensions in
             :data:`IMAGE_EXTENSIONS` are collected recursively within each class folder and sorted by
-            relative path; other files and hidden entries are ignored. Any size and PIL mode works
-            (greyscale, palette, RGBA, ...): images go through ``to_rgb`` (EXIF orientation, transparency
-            composited on white).
+            relative path; other files and hidden entries are ignored. Files are read by content (a ``.png``
+            holding another format is skipped) through :mod:`fact_model.image_io`: first frame only, any
+            size and PIL mode (greyscale, palette, RGBA, 16-bit, ...) converted by ``to_rgb`` (values by the
+            mode's real range, EXIF orientation, transparency composited on white).
         recipe: how each image becomes a ``(3, S, S)`` tensor, ``S = recipe.input_size``.
         validate: decode every file once now and skip the unreadable ones (one warning, listed in
             :attr:`skipped`). With ``False`` construction is fast and bad files are only found at access time.
