@@ -366,20 +366,14 @@ def _export_onnx(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _explain(args: argparse.Namespace, progress: bool) -> None:
-    from PIL import Image, UnidentifiedImageError
-
     from fact_model import render
     from fact_model.artifacts import load
+    from fact_model.image_io import read_rgb
 
     model = load(args.model)
-    pil_images = []
-    for path in args.images:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                pil_images.append(image.copy())
-        except (OSError, UnidentifiedImageError) as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
+    # read_rgb: the accepted formats, integrity checks and mode conversion of the service and datasets;
+    # its ValueError names the file
+    pil_images = [read_rgb(path) for path in args.images]
     target = int(args.target) if args.target is not None and args.target.isdigit() else args.target
     contrast = int(args.contrast) if args.contrast is not None and args.contrast.isdigit() else args.contrast
     batch = model.preprocess(pil_images)
