@@ -7,13 +7,14 @@ child ``linear`` (``linear.weight``), so B-cos-v2 checkpoints load unchanged.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fact_model.bcos.explanation_mode import Detachable
 from fact_model.bcos.functional import bcos_combine, patch_norms, unit_norm_rows
 from fact_model.bcos.kernel_dispatch import KernelWeightsCache, triton_runs_on
 
-__all__ = ["BcosConv2d", "NormedConv2d"]
+__all__ = ["BcosConv2d", "NormedConv2d", "runs_as_subsampled_pointwise", "subsample"]
 
 IntOrPair = int | tuple[int, int]
 
@@ -26,6 +27,37 @@ def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
     raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
+def runs_as_subsampled_pointwise(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether ``conv`` on ``x`` should run as a stride-1 1×1 conv of the subsampled input.
+
+    True for an unpadded strided 1×1 convolution on the CPU, except while exporting (the
+    exported graph keeps the plain strided Conv). oneDNN 3.12 (PyTorch 2.14.1) computes the
+    weight gradient of such a convolution on a channels_last float32 input with 1–7 input
+    channels with a kernel that corrupts the heap, hangs or returns a wrong gradient on
+    CPUs without AVX-512 (see ``tests/test_onednn_workaround.py``). Applied to every strided
+    1×1 conv on the CPU, not just those: the result is the same function either way.
+    """
+    return (
+        x.device.type == "cpu"
+        and conv.kernel_size == (1, 1)
+        and conv.stride != (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and not torch.compiler.is_exporting()
+    )
+
+
+def subsample(x: Tensor, stride: tuple[int, int]) -> Tensor:
+    """The positions an unpadded 1×1 conv of ``stride`` reads: ``(N, C, H, W)`` → ``(N, C, ⌈H/sh⌉, ⌈W/sw⌉)``.
+
+    Keeps a channels_last input channels_last (a dense copy), so the conv that follows
+    still gets oneDNN's NHWC kernels.
+    """
+    sub = x[..., :: stride[0], :: stride[1]]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return sub.contiguous(memory_format=torch.channels_last)
+    return sub
+
+
 class NormedConv2d(nn.Conv2d):
     """A bias-free ``nn.Conv2d`` that convolves with unit-norm filters ``ŵ = w/‖w‖``."""
 
@@ -35,6 +67,10 @@ class NormedConv2d(nn.Conv2d):
         if x.is_contiguous(memory_format=torch.channels_last):
             # oneDNN picks its (faster) NHWC kernels only when the filters are NHWC too.
             weight = weight.contiguous(memory_format=torch.channels_last)
+        if runs_as_subsampled_pointwise(self, x):
+            # Same function and gradients as the strided conv, without oneDNN's broken
+            # strided-1×1 weight-gradient kernel (see runs_as_subsampled_pointwise).
+            return F.conv2d(subsample(x, self.stride), weight, None, 1, 0, 1, self.groups)
         return self._conv_forward(x, weight, None)
 
 
