@@ -129,12 +129,13 @@ class _JpegHeader:
     scan_start: int  # offset of the first SOS marker
 
 
-def _jpeg_segments(data: bytes, max_segments: int):
+def _jpeg_segments(data: bytes, max_segments: int, *, through_scans: bool = True):
     """Yield ``(marker, start, end)`` per marker of the first image in ``data``, SOI excluded, EOI included.
 
     ``end`` is where the next marker may start (for SOS: the end of its entropy-coded data). Bytes that are
     not a marker where one is expected are skipped, as libjpeg does. Stops after EOI (bytes after it, e.g. an
-    MPO's other pictures, are not read).
+    MPO's other pictures, are not read), or with ``through_scans=False`` at the first SOS, whose ``end`` is
+    then the end of its header (finding the end of the scan data means searching all of it).
 
     Raises:
         ImageReadError: ``too_complex`` after ``max_segments`` markers; ``corrupt_image`` when the data ends
@@ -162,6 +163,9 @@ def _jpeg_segments(data: bytes, max_segments: int):
         end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
         if end > size:
             raise _corrupt(f"the JPEG data ends inside a segment (marker 0x{marker:02X})")
+        if marker == _JPEG_SOS and not through_scans:
+            yield marker, pos, end
+            return
         if marker == _JPEG_SOS:
             scan_end = _JPEG_SCAN_END.search(data, end)
             if scan_end is None:
@@ -179,7 +183,7 @@ def _jpeg_header(data: bytes) -> _JpegHeader | None:
         ImageReadError: as :func:`_jpeg_segments` (e.g. a flood of segments before the first scan).
     """
     sof: tuple[int, int, int, tuple[tuple[int, int], ...]] | None = None
-    for marker, start, _ in _jpeg_segments(data, _MAX_JPEG_SEGMENTS):
+    for marker, start, _ in _jpeg_segments(data, _MAX_JPEG_SEGMENTS, through_scans=False):
         if marker in _JPEG_SOF and sof is None and start + 10 <= len(data):
             height, width = struct.unpack_from(">HH", data, start + 5)
             count = data[start + 9]
