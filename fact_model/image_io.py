@@ -392,7 +392,7 @@ def open_image(data: bytes) -> ImageFile.ImageFile:
     _limit_structure(data)
     try:
         image = Image.open(io.BytesIO(data), formats=_OPENERS)
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning where it is an error
         raise ImageReadError("too_many_pixels", f"the image has too many pixels: {err}") from None
     except UnidentifiedImageError:
         refused = _name_refused_format(data)

@@ -9,6 +9,7 @@ import colorsys
 import io
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -782,3 +783,17 @@ def test_service_decode_returns_upright_rgb_by_value_range_and_drafts_jpegs():
     jpeg = _encode(Image.new("RGB", (4000, 3000), (30, 120, 220)), "JPEG")
     assert _service_decode(jpeg, target_size=48).size == (500, 375)
     assert _service_decode(jpeg).size == (4000, 3000)
+
+
+def test_pillow_bomb_limits_are_too_many_pixels_also_where_warnings_are_errors():
+    header = _encode(Image.new("1", (10_000, 10_000)), "PNG")  # 100 megapixels: above Pillow's warning limit
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert image_io.open_image(header).size == (10_000, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ImageReadError, match="too many pixels") as info:
+            image_io.open_image(header)
+    assert info.value.reason == "too_many_pixels"
+    with pytest.raises(RequestError) as refused, pytest.warns(Image.DecompressionBombWarning):  # its lower limit
+        service_images.decode_image(header, 10 * 2**20, 25_000_000)
+    assert refused.value.reason == "too_many_pixels" and "10000×10000" in refused.value.message
