@@ -510,7 +510,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     * ``LAB`` (Pillow's CIELAB: L 0–255 ↔ 0–100, a/b signed): CIE D50 (the ICC and Photoshop white) → sRGB
       through the Bradford-adapted matrix, out-of-gamut values clipped. Pillow's own LAB conversion goes
       through an 8-bit LittleCMS table that is off by up to ~20 levels near the gamut edge, so it is not used.
-    * ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``: grey, ``v → round(v · 255 / 65535)``, not clipped at 255.
+    * ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``: grey, ``v → round(v · 255 / 65535)``, not clipped at 255
+      (a TIFF's declared depth below 16 bits sets the scale instead: 12-bit → 4095).
     * ``I`` (32-bit int): negative values are refused. The full scale is the file's declared bit depth when
       it is at most 16 (TIFF BitsPerSample/SampleFormat, e.g. signed 16-bit → 32767; a mode-``I`` PNG is
       16-bit). Otherwise (32-bit files, images made in memory) it is the smallest of 255, 65535 and
@@ -599,8 +600,6 @@ def _declared_depth(image: Image.Image) -> tuple[int, bool] | None:
 
 def _full_scale(image: Image.Image, values: np.ndarray) -> int:
     """The value that maps to 255 for an integer grey image (see :func:`to_rgb` for the rule)."""
-    if image.mode != "I":
-        return 65535
     low = int(values.min()) if values.size else 0
     if low < 0:
         raise ImageReadError(
@@ -612,15 +611,18 @@ def _full_scale(image: Image.Image, values: np.ndarray) -> int:
     if depth is not None and 1 <= depth[0] <= 16:
         bits, signed = depth
         return (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    if image.mode != "I":
+        return 65535
     peak = int(values.max()) if values.size else 0
     top = (1 << 32) - 1 if values.dtype == np.uint32 else (1 << 31) - 1
     return next(scale for scale in (255, 65535, top) if peak <= scale)
 
 
 def _int_to_8bit(values: np.ndarray, scale: int) -> np.ndarray:
-    """``round(v · 255 / scale)`` in integer arithmetic, ``(H, W)`` → ``(H, W)`` uint8."""
+    """``round(min(v, scale) · 255 / scale)`` in integer arithmetic, ``(H, W)`` → ``(H, W)`` uint8."""
     wide = np.uint32 if scale <= 65535 else np.uint64  # v · 255 must not overflow
-    return ((values.astype(wide) * 255 + scale // 2) // scale).astype(np.uint8)
+    clipped = np.minimum(values.astype(wide), scale)  # samples above a declared depth (damaged files)
+    return ((clipped * 255 + scale // 2) // scale).astype(np.uint8)
 
 
 def _float_to_8bit(values: np.ndarray) -> np.ndarray:

@@ -225,6 +225,17 @@ def _sixteen_bit(mode: str, fmt: str | None):
     return build
 
 
+def _twelve_bit_tiff():
+    """A 12-bit grey TIFF (samples packed 2 per 3 bytes, as scientific cameras write them): opens as I;16."""
+    values = _rng(26).integers(0, 4096, (H, W)).astype(np.uint16)
+    values[0, 0] = 4095
+    a, b = values[:, 0::2], values[:, 1::2]
+    packed = np.stack([a >> 4, ((a & 15) << 4) | (b >> 8), b & 255], -1).reshape(H, W * 3 // 2).astype(np.uint8)
+    data = _encode(Image.fromarray(packed), "TIFF")  # an 8-bit TIFF of the packed bytes, then relabelled
+    image = Image.open(io.BytesIO(_patch_tiff_tag(_patch_tiff_tag(data, 256, W), 258, 12)))
+    return image, _grey3(values / 4095 * 255), 0
+
+
 def _int32_holding_16_bit():
     values = _rng(20).integers(0, 65536, (H, W)).astype(np.int32)
     return _reopen(Image.fromarray(values), "TIFF"), _grey3(values / 65535 * 255), 0  # 32-bit signed TIFF
@@ -283,6 +294,7 @@ MODE_CASES: dict[str, tuple[str, Callable]] = {
     "I;16B TIFF": ("I;16B", _sixteen_bit("I;16B", "TIFF")),
     "I;16L in memory": ("I;16L", _sixteen_bit("I;16L", None)),
     "I;16N in memory": ("I;16N", _sixteen_bit("I;16N", None)),
+    "I;16 TIFF (12-bit)": ("I;16", _twelve_bit_tiff),
     "I TIFF (32-bit, 16-bit data)": ("I", _int32_holding_16_bit),
     "I in memory (8-bit data)": ("I", _int32_holding_8_bit),
     "I TIFF (32-bit, full range)": ("I", _int32_full_range),
