@@ -9,6 +9,7 @@ import base64
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,10 +23,10 @@ from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
 from fact_model.artifacts import load, read_manifest
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.explain import closed_form_applies, closed_form_code_gradient, concept_input_maps
-from fact_model.explanation import Explanation
+from fact_model.explanation import Explanation, rank_classes
 from fact_model.model import FaCTModel
 from service.errors import RequestError
-from service.images import decode_image
+from service.images import decode_image, default_max_pixels
 from service.settings import Settings
 
 __all__ = ["HEATMAP_FORMATS", "HEATMAP_KINDS", "Engine"]
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 HEATMAP_FORMATS = ("none", "png", "array")
 HEATMAP_KINDS = ("bcos", "signed")
 TOP_CLASSES = 5
+_CLASS_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: "٣" or "²" are names, not numbers
 
 
 class Engine:
@@ -74,14 +76,25 @@ class Engine:
     def model_identity(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version, "weights_sha256": self.manifest["weights"]["sha256"]}
 
+    @property
+    def max_pixels(self) -> int:
+        """Largest image (width × height) accepted: ``FACT_MAX_PIXELS``, else chosen from the model's input size."""
+        return self.settings.max_pixels or default_max_pixels(self.model.config.preprocessing.input_size)
+
     def decode(self, data: bytes) -> Image.Image:
-        return decode_image(data, self.settings.max_request_bytes, self.settings.max_pixels)
+        """Untrusted image bytes → a decoded image (JPEGs decoded at the smallest scale the model needs)."""
+        recipe = self.model.config.preprocessing
+        target_size = recipe.resize or recipe.input_size
+        return decode_image(data, self.settings.max_request_bytes, self.max_pixels, target_size=target_size)
 
     def resolve_class(self, value: int | str | None, what: str) -> int | None:
-        if value is None or value == "":
+        """A class given by index (an int, or a string of ASCII digits) or by name → its index; None stays None."""
+        if value is None:
             return None
         names = self.model.class_names
-        if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise RequestError(400, "unknown_class", f"{what} must be a class index or name, got {value!r}")
+        if isinstance(value, int) or _CLASS_INDEX.fullmatch(value.strip()):
             index = int(value)
             if not 0 <= index < len(names):
                 raise RequestError(
@@ -93,7 +106,7 @@ class Engine:
         raise RequestError(
             400,
             "unknown_class",
-            f"unknown {what} class {value!r}: use a class index in [0, {len(names) - 1}] or a class name "
+            f"unknown {what} class {value[:100]!r}: use a class index in [0, {len(names) - 1}] or a class name "
             "(GET /model lists the class names)",
         )
 
@@ -107,13 +120,17 @@ class Engine:
     def check_layers(self, layers: Sequence[str] | None) -> tuple[str, ...]:
         if not layers:
             return self.layer_names
-        unknown = [name for name in layers if name not in self.layer_names]
-        if unknown or len(layers) > len(self.layer_names):
+        unknown = sorted({name for name in layers if name not in self.layer_names})
+        if unknown:
+            shown = ", ".join(repr(name[:64]) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
             raise RequestError(
                 400,
                 "unknown_layer",
-                f"unknown concept layer(s) {unknown}; this model's concept layers: {list(self.layer_names)}",
+                f"unknown concept layer(s) {shown}; this model's concept layers: {list(self.layer_names)}",
             )
+        repeated = sorted({name for name in layers if list(layers).count(name) > 1})
+        if repeated:
+            raise RequestError(400, "unknown_layer", f"layers lists {repeated} more than once")
         return tuple(name for name in self.layer_names if name in layers)  # forward order
 
     def _class_entry(self, logits: torch.Tensor, probabilities: torch.Tensor, index: int) -> dict[str, Any]:
@@ -124,12 +141,28 @@ class Engine:
             "logit": float(logits[index]),
         }
 
+    def _classes(
+        self, logits: torch.Tensor, probabilities: torch.Tensor, ranking: torch.Tensor
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(prediction, top_classes)`` of one image from its class ranking (:func:`rank_classes`): one order."""
+        top = [self._class_entry(logits, probabilities, c) for c in ranking[:TOP_CLASSES].tolist()]
+        return top[0], top
+
     # ------------------------------------------------------------------ warm-up
-    def warmup(self) -> None:
+    def warmup(self) -> dict[str, float]:
+        """Run each kind of model call once (first calls pay one-off costs); returns route → seconds of a warm call."""
         size = self.model.config.preprocessing.input_size
         image = Image.new("RGB", (size, size), (120, 80, 60))
         self.predict([image], top_k=3)
         self.explain(image, None, None, 3, None, "png", "bcos")
+        timings = {}
+        started = time.perf_counter()
+        self.predict([image], top_k=3)
+        timings["predict"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self.explain(image, None, None, 5, None, "png", "bcos")
+        timings["explain"] = timings["explain_batch"] = time.perf_counter() - started
+        return timings
 
     # ------------------------------------------------------------------ predict
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[dict[str, Any]]:
@@ -143,22 +176,22 @@ class Engine:
         if self.closed_form:
             with torch.no_grad():
                 record = self.model.forward_encoded(encode_rgb(batch))
-            logits = record.logits
-            predicted = logits.argmax(dim=1)
+            logits, ranking = record.logits, rank_classes(record.scores)
+            predicted = ranking[:, 0]
             codes = record.codes[top_layer]
             contributions = codes.scatter(codes.values * closed_form_code_gradient(self.model, record, predicted))
         else:
             expl = self.model.explain(batch, top_k=0)
-            logits, predicted, contributions = expl.logits, expl.target, expl.contributions[top_layer]
+            logits, ranking, contributions = expl.logits, expl.ranking, expl.contributions[top_layer]
         probabilities = self.model.probabilities(logits)
         top = contributions.topk(min(top_k, contributions.shape[1]), dim=1)
         results = []
         for n in range(len(images)):
-            order = logits[n].argsort(descending=True)[:TOP_CLASSES].tolist()
+            prediction, top_classes = self._classes(logits[n], probabilities[n], ranking[n])
             results.append(
                 {
-                    "prediction": self._class_entry(logits[n], probabilities[n], int(predicted[n])),
-                    "top_classes": [self._class_entry(logits[n], probabilities[n], c) for c in order],
+                    "prediction": prediction,
+                    "top_classes": top_classes,
                     "concepts": [
                         {"layer": top_layer, "id": int(i), "contribution": float(c)}
                         for c, i in zip(top.values[n].tolist(), top.indices[n].tolist(), strict=True)
@@ -172,15 +205,16 @@ class Engine:
     def _predict_onnx(self, batch: torch.Tensor, top_k: int, top_layer: str) -> list[dict[str, Any]]:
         outputs = self.onnx.run(batch)
         logits = torch.from_numpy(outputs["logits"])
+        ranking = rank_classes(torch.from_numpy(outputs["scores"]))  # the order the graph explained
         probabilities = self.model.probabilities(logits)
         k = min(top_k, outputs["top_ids"].shape[1])
         results = []
         for n in range(len(batch)):
-            order = logits[n].argsort(descending=True)[:TOP_CLASSES].tolist()
+            prediction, top_classes = self._classes(logits[n], probabilities[n], ranking[n])
             results.append(
                 {
-                    "prediction": self._class_entry(logits[n], probabilities[n], int(logits[n].argmax())),
-                    "top_classes": [self._class_entry(logits[n], probabilities[n], c) for c in order],
+                    "prediction": prediction,
+                    "top_classes": top_classes,
                     "concepts": [
                         {"layer": top_layer, "id": int(i), "contribution": float(c)}
                         for i, c in zip(outputs["top_ids"][n, :k], outputs["top_contributions"][n, :k], strict=True)
@@ -268,11 +302,22 @@ class Engine:
         for has_contrast, rows in groups.items():
             targets = [target_idx[i] for i in rows]
             target_arg = None if all(t is None for t in targets) else targets
-            if target_arg is not None and any(t is None for t in targets):
-                # mix of explicit and default targets: resolve the defaults from a plain forward pass
+            if any(t is None for t in targets) and (target_arg is not None or has_contrast):
+                # default targets next to explicit ones, or under a contrast: resolve them from a forward pass
                 with torch.no_grad():
-                    predicted = self.model(batch[rows]).argmax(dim=1).tolist()
+                    scores = self.model.forward_encoded(encode_rgb(batch[rows]), concepts=True).scores
+                predicted = rank_classes(scores)[:, 0].tolist()
                 target_arg = [p if t is None else t for t, p in zip(targets, predicted, strict=True)]
+            if has_contrast:
+                for j, i in enumerate(rows):
+                    if target_arg[j] == contrast_idx[i]:
+                        name = self.model.class_names[contrast_idx[i]]
+                        raise RequestError(
+                            400,
+                            "contrast_equals_target",
+                            f"contrast {name!r} is the explained target class (image {i}): a contrast must be "
+                            "another class (why the target rather than it)",
+                        )
             expl = self.model.explain(
                 batch[rows],
                 target=target_arg,
@@ -312,8 +357,7 @@ class Engine:
         self, expl: Explanation, n: int, selected: tuple[str, ...], primary: str, heatmaps: str, kind: str
     ) -> dict[str, Any]:
         logits, probabilities = expl.logits[n], expl.probabilities[n]
-        predicted = int(logits.argmax())
-        order = logits.argsort(descending=True)[:TOP_CLASSES].tolist()
+        prediction, top_classes = self._classes(logits, probabilities, expl.ranking[n])
         contributions = expl.contributions[primary][n]
         positive = float(contributions.clamp(min=0).sum())
         ids = expl.top_ids[primary][n].tolist()
@@ -337,8 +381,8 @@ class Engine:
             if trace is not None:
                 child_contrib = trace.contributions[n, rank]
                 top_children = child_contrib.topk(min(3, child_contrib.numel()))
-                entry["children"] = [
-                    {"layer": lower, "id": int(i), "contribution": float(c)}
+                entry["children"] = [  # their contributions are to this concept's activation, not the logit
+                    {"layer": lower, "id": int(i), "contribution_to_parent": float(c)}
                     for c, i in zip(top_children.values.tolist(), top_children.indices.tolist(), strict=True)
                 ]
             concepts.append(entry)
@@ -347,8 +391,8 @@ class Engine:
         scale = float(contributions.abs().sum())
         target = int(expl.target[n])
         return {
-            "prediction": self._class_entry(logits, probabilities, predicted),
-            "top_classes": [self._class_entry(logits, probabilities, c) for c in order],
+            "prediction": prediction,
+            "top_classes": top_classes,
             "target": {"index": target, "name": self.model.class_names[target]},
             "contrast": None
             if expl.contrast is None

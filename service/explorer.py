@@ -19,6 +19,8 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from service.errors import RequestError, error_body, parse_path_id
+
 __all__ = ["STATIC_DIR", "routes"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -27,8 +29,7 @@ SAMPLES = 10
 
 
 def _error(status: int, reason: str, message: str) -> Response:
-    body = json.dumps({"error": message, "reason": reason, "status": status})
-    return Response(body, status_code=status, media_type="application/json")
+    return Response(error_body(status, reason, message), status_code=status, media_type="application/json")
 
 
 def _engine() -> Any:
@@ -86,7 +87,10 @@ async def _sample_list(request: Request) -> Response:
 
 
 async def _sample_image(request: Request) -> Response:
-    index = request.path_params["index"]
+    try:
+        index = parse_path_id(request.path_params["index"], "sample", "unknown_sample")
+    except RequestError as err:
+        return _error(err.status, err.reason, err.message)
     source = _samples_source()
     if source is None:
         return _error(404, "no_samples", "this model was not trained on the embedded dataset: no samples to offer")
@@ -119,6 +123,6 @@ def routes() -> list[Route | Mount]:
         Route("/", _index, methods=["GET"]),
         Route("/docs", _docs, methods=["GET"]),
         Route("/samples", _sample_list, methods=["GET"]),
-        Route("/samples/{index:int}.png", _sample_image, methods=["GET"]),
+        Route("/samples/{index}.png", _sample_image, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]

@@ -114,17 +114,26 @@ def post_multipart(url: str, fields: dict[str, str], file_field: str, filename: 
 
 @contextlib.contextmanager
 def running_server(
-    bentoml_home: Path, env: dict[str, str] | None = None, startup_timeout: float = 120
+    bentoml_home: Path,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 120,
+    readiness: list[int | None] | None = None,
+    repo: Path = REPO,
 ) -> Iterator[ServerURL]:
-    """Yield the base URL of a ready server; always stop it (its process group and every descendant) afterwards."""
+    """Yield the base URL of a ready server; always stop it (its process group and every descendant) afterwards.
+
+    ``readiness``, when given, receives the status of every ``/readyz`` poll while starting
+    (None for a refused connection), polled every 0.1 s. ``repo``: the source tree to serve
+    (another checkout, e.g. to measure an older version side by side).
+    """
     port = free_port()
-    environment = {**os.environ, "BENTOML_HOME": str(bentoml_home), "PYTHONPATH": str(REPO), **(env or {})}
+    environment = {**os.environ, "BENTOML_HOME": str(bentoml_home), "PYTHONPATH": str(repo), **(env or {})}
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = open(bentoml_home / f"server-{port}.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", "service.service:FaCTService", "--host", "127.0.0.1",
          "--port", str(port)],
-        cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=repo, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = ServerURL(f"http://127.0.0.1:{port}")
     url.pid = process.pid
@@ -134,13 +143,16 @@ def running_server(
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}: {log.name}")
             try:
-                if http("GET", f"{url}/readyz", timeout=2)[0] == 200:
-                    break
+                status = http("GET", f"{url}/readyz", timeout=2)[0]
             except OSError:
-                pass
+                status = None
+            if readiness is not None:
+                readiness.append(status)
+            if status == 200:
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready after {startup_timeout}s: {log.name}")
-            time.sleep(0.5)
+            time.sleep(0.1 if readiness is not None else 0.5)
         yield url
     finally:
         # The tree is read before anything stops: once the arbiter is gone its worker is re-parented.

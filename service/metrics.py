@@ -58,6 +58,17 @@ class Metrics:
             labelnames=["name", "version", "device", "weights_sha256"],
             multiprocess_mode="max",
         )
+        self.http_requests = bentoml.metrics.Counter(
+            name="fact_http_requests",
+            documentation="Answered HTTP requests by route template (unknown paths: route=other), method and status",
+            labelnames=["route", "method", "status"],
+        )
+        self.http_seconds = bentoml.metrics.Histogram(
+            name="fact_http_request_duration_seconds",
+            documentation="Time from request to response by route template",
+            labelnames=["route"],
+            buckets=_LATENCY_BUCKETS,
+        )
         self.gpu_memory = bentoml.metrics.Gauge(
             name="fact_gpu_memory_bytes",
             documentation="CUDA memory allocated by the worker",

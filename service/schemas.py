@@ -1,48 +1,117 @@
-"""Request schemas (pydantic) of the JSON endpoints; responses are documented in the README."""
+"""Request schemas of the JSON endpoints: strict, closed, and the source of the OpenAPI document.
+
+Strict means no coercion: ``top_k: true`` or ``"3"`` is refused, not read as 1 or 3; closed
+means an unknown or misspelt field (``topk``) is refused with its name, not ignored. The
+request gate (:mod:`service.gate`) validates every body against these models before
+BentoML sees it; BentoML reads the same models (``input_spec``) for its OpenAPI schema.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
+import bentoml
 from PIL import Image
-from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StringConstraints, model_validator
 
-from service.errors import RequestError
-from service.images import decode_base64, decode_image
-from service.metrics import METRICS
 from service.settings import SETTINGS
 
-__all__ = ["ExplainItem", "HeatmapFormat", "HeatmapKind", "PredictItem"]
+__all__ = [
+    "ExplainBatchRequest",
+    "ExplainItem",
+    "ExplainRequest",
+    "HeatmapFormat",
+    "HeatmapKind",
+    "PredictItem",
+    "PredictRequest",
+    "image_lookup",
+]
 
 HeatmapFormat = Literal["none", "png", "array"]
 HeatmapKind = Literal["bcos", "signed"]
+MAX_LAYER_NAMES = 16
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+ImageBase64 = Annotated[
+    str,
+    Field(
+        description="JPEG, PNG, WebP, GIF, BMP or TIFF bytes, base64-encoded (standard or URL-safe alphabet; "
+        "line breaks and missing padding are accepted; a data: URL prefix too)",
+        min_length=1,
+    ),
+]
+ClassName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+ClassRef = Annotated[
+    StrictInt | ClassName,
+    Field(description="class index (an integer, or a string of ASCII digits) or class name (GET /model lists them)"),
+]
+TopK = Annotated[StrictInt, Field(ge=1, le=SETTINGS.max_top_k, description="concepts per layer to report")]
+LayerNames = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=128)]],
+    Field(max_length=MAX_LAYER_NAMES, description="concept layers to trace (default: all; GET /model lists them)"),
+]
+
+
+def image_lookup(text: str) -> Image.Image | None:
+    """The image the request gate already decoded for this base64 text (None when it did not)."""
+    from service.gate import decoded_image
+
+    return decoded_image(text)
+
+
+class ExplainRequest(bentoml.IODescriptor):
+    """``POST /explain`` as JSON (a multipart form with a file ``image`` and the same fields is accepted too)."""
+
+    model_config = _STRICT
+    image_base64: ImageBase64
+    target: ClassRef | None = Field(None, description="class to explain; default: the predicted class")
+    contrast: ClassRef | None = Field(None, description="explain target rather than this class (a 'why not')")
+    top_k: TopK = 5
+    layers: LayerNames | None = None
+    heatmaps: HeatmapFormat = "png"
+    heatmap_kind: HeatmapKind = "bcos"
 
 
 class ExplainItem(BaseModel):
     """One image of ``/explain_batch``, with its own target and contrast."""
 
-    image_base64: str = Field(description="JPEG, PNG or WebP bytes, base64-encoded (a data: URL prefix is accepted)")
-    target: int | str | None = Field(None, description="class index or name; default: the predicted class")
-    contrast: int | str | None = Field(None, description="class to contrast with (why target rather than contrast)")
+    model_config = _STRICT
+    image_base64: ImageBase64
+    target: ClassRef | None = Field(None, description="class to explain; default: the predicted class")
+    contrast: ClassRef | None = Field(None, description="explain target rather than this class")
+
+
+class ExplainBatchRequest(bentoml.IODescriptor):
+    """``POST /explain_batch``: several images explained in one model call."""
+
+    model_config = _STRICT
+    items: list[ExplainItem] = Field(min_length=1, max_length=SETTINGS.max_batch_items)
+    top_k: TopK = 5
+    layers: LayerNames | None = None
+    heatmaps: HeatmapFormat = "none"
+    heatmap_kind: HeatmapKind = "bcos"
 
 
 class PredictItem(BaseModel):
-    """One image of ``/predict``; decoded and checked when the request is validated, before batching."""
+    """One image of ``/predict``. Its pixels come from the request gate, which decoded them off the event loop."""
 
-    image_base64: str = Field(description="JPEG, PNG or WebP bytes, base64-encoded")
+    model_config = _STRICT
+    image_base64: ImageBase64
     _image: Image.Image | None = PrivateAttr(None)
 
     @model_validator(mode="after")
-    def _decode(self) -> PredictItem:
-        try:
-            data = decode_base64(self.image_base64, SETTINGS.max_request_bytes)
-            self._image = decode_image(data, SETTINGS.max_request_bytes, SETTINGS.max_pixels)
-        except RequestError as err:
-            METRICS.rejected.labels(endpoint="predict", reason=err.reason).inc()
-            raise ValueError(err.message) from None
+    def _attach_image(self) -> PredictItem:
+        self._image = image_lookup(self.image_base64)
         return self
 
     @property
-    def image(self) -> Image.Image:
-        assert self._image is not None
+    def image(self) -> Image.Image | None:
+        """The decoded image, or None when the item did not pass through the request gate."""
         return self._image
+
+
+class PredictRequest(BaseModel):
+    """``POST /predict`` as the gate validates it (BentoML batches the items of many such requests)."""
+
+    model_config = _STRICT
+    images: list[PredictItem] = Field(min_length=1, max_length=SETTINGS.predict_max_batch)

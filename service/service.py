@@ -9,9 +9,9 @@ Endpoints: ``POST /explain`` (multipart upload or JSON base64), ``POST /explain_
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +24,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.errors import RequestError
+from service.edge import BENTOML_REQUEST_LOGGER, Edge, QuietRefusals
+from service.errors import RequestError, parse_path_id
 from service.explorer import routes as explorer_routes
-from service.limits import BodySizeLimit, ConcurrencyLimit, MediaTypeGuard
+from service.gate import RequestGate, RouteSpec
+from service.limits import ConcurrencyLimit, ModelBacklog, QueueShedding
 from service.metrics import METRICS
-from service.schemas import ExplainItem, HeatmapFormat, HeatmapKind, PredictItem
+from service.openapi import OpenAPIDocument
+from service.schemas import ExplainBatchRequest, ExplainRequest, PredictItem, PredictRequest
 from service.settings import SETTINGS
 
 with bentoml.importing():
@@ -39,6 +42,10 @@ with bentoml.importing():
     from service.images import decode_base64
 
 log = logging.getLogger("fact.service")
+# BentoML's server logging shows WARNING and above for other loggers; our one line per refused
+# request and the start-up line are INFO.
+logging.getLogger("fact").setLevel(logging.INFO)
+logging.getLogger(BENTOML_REQUEST_LOGGER).addFilter(QuietRefusals())
 
 T = TypeVar("T")
 
@@ -61,39 +68,73 @@ def _json(payload: dict[str, Any] | list[Any], endpoint: str, status: int = 200)
     return Response(body, status_code=status, media_type="application/json")
 
 
-def _reject(err: RequestError, endpoint: str) -> Response:
-    METRICS.rejected.labels(endpoint=endpoint, reason=err.reason).inc()
-    return _json(err.to_json(), endpoint, err.status)
+def _reject(err: RequestError) -> Response:
+    """An error response (counted, given its request id and logged by :class:`service.edge.Edge`)."""
+    return Response(
+        json.dumps(err.to_json()), status_code=err.status, media_type="application/json", headers=err.headers
+    )
+
+
+MODEL_BACKLOG = ModelBacklog()
+"""This worker's queued model work (admission control of /explain*; the service reports durations)."""
+
+
+def _current() -> FaCTService:
+    return bentoml.get_current_service()
+
+
+def _engine() -> Engine:
+    """The loaded engine of this worker, or a 503 while the model is still loading."""
+    service = _current()
+    engine = getattr(service, "engine", None)
+    if engine is None:
+        if getattr(service, "load_error", None) is not None:
+            raise RequestError(503, "load_failed", "the model failed to load; the server log says why")
+        raise RequestError(503, "loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
+    return engine
 
 
 # ----------------------------------------------------------------------------- GET routes
 async def _model_info(request: Request) -> Response:
-    return _json(bentoml.get_current_service().engine.model_summary(), "model")
+    try:
+        return _json(_engine().model_summary(), "model")
+    except RequestError as err:
+        return _reject(err)
 
 
 async def _concept_list(request: Request) -> Response:
     try:
-        return _json(bentoml.get_current_service().engine.concept_list(request.path_params["layer"]), "concepts")
+        return _json(_engine().concept_list(request.path_params["layer"]), "concepts")
     except RequestError as err:
-        return _reject(err, "concepts")
+        return _reject(err)
 
 
 async def _concept_card(request: Request) -> Response:
-    service = bentoml.get_current_service()
+    service = _current()
     try:
-        card = await service._on_model_thread(
-            service.engine.concept_card, request.path_params["layer"], int(request.path_params["concept"])
-        )
+        engine = _engine()
+        concept = parse_path_id(request.path_params["concept"], "concept", "unknown_concept")
+        card = await service._on_model_thread("concepts", engine.concept_card, request.path_params["layer"], concept)
     except RequestError as err:
-        return _reject(err, "concepts")
+        return _reject(err)
     return _json(card, "concepts")
+
+
+async def _metrics(request: Request) -> Response:
+    """Prometheus text of all workers (BentoML's multiprocess collector), served by us: see :mod:`service.edge`."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    client = BentoMLContainer.metrics_client.get()
+    content = await asyncio.get_running_loop().run_in_executor(None, client.generate_latest)
+    return Response(content, media_type=client.CONTENT_TYPE_LATEST)
 
 
 info_app = Starlette(
     routes=[
         Route("/model", _model_info, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
         Route("/concepts/{layer}", _concept_list, methods=["GET"]),
-        Route("/concepts/{layer}/{concept:int}", _concept_card, methods=["GET"]),
+        Route("/concepts/{layer}/{concept}", _concept_card, methods=["GET"]),
         *explorer_routes(),  # the explorer page at / (service/static/) and its sample images
     ]
 )
@@ -103,8 +144,11 @@ info_app = Starlette(
 @bentoml.service(
     name="fact",
     workers=SETTINGS.workers,
-    traffic={"timeout": SETTINGS.request_timeout},
-    metrics={"enabled": True, "namespace": "bentoml_service"},
+    # Edge answers the deadline in the error envelope; BentoML's own 504 (another shape) comes later.
+    traffic={"timeout": SETTINGS.request_timeout + 30},
+    # BentoML's HTTP traffic metrics label by raw path (a junk URL is a new series): off; Edge counts by
+    # route template and /metrics is served by us (fact_http_requests_total).
+    metrics={"enabled": False, "namespace": "bentoml_service"},
 )
 class FaCTService:
     """Faithful concept explanations of an image classifier (FaCT)."""
@@ -112,43 +156,66 @@ class FaCTService:
     model_ref = _model_reference()
 
     def __init__(self) -> None:
-        self._ready = False
-        # Inside the service BentoML hands the reference over resolved (a stored Model with .path and .tag).
-        stored = getattr(self.model_ref, "stored", self.model_ref)
-        if SETTINGS.artifact:
-            path, name, version = Path(SETTINGS.artifact), Path(SETTINGS.artifact).name, "local"
-        elif stored is not None:
-            path, name, version = Path(stored.path), stored.tag.name, stored.tag.version
-        else:
-            path, name, version = resolve_artifact_path("default"), "fact-default", "shipped"
-            log.warning(
-                "model %s is not in the BentoML store; serving the shipped default artifact", SETTINGS.model_tag
-            )
         # All model work runs on one dedicated thread: PyTorch's OpenMP pool belongs to the thread
         # that calls it, and a second pool (e.g. warm-up on the main thread, requests on a worker
         # thread) spin-competes with the first for the cores — measured 2× slower per request.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fact-model")
-        self.engine = self._model_thread.submit(Engine, path, SETTINGS, name, version).result()
-        METRICS.model_info.labels(
-            name=name,
-            version=version,
-            device=self.engine.device,
-            weights_sha256=self.engine.model_identity["weights_sha256"],
-        ).set(1)
-        self._model_thread.submit(self.engine.warmup).result()
-        self._update_gpu_memory()
-        self._ready = True
-        log.info("serving %s:%s on %s", name, version, self.engine.device)
+        self.engine: Engine | None = None
+        self.load_error: BaseException | None = None
+        self._loaded = threading.Event()
+        # Loading runs in the background so the server accepts connections at once: /readyz answers
+        # 503 (and the APIs 503 "loading") until the model is loaded and warmed up.
+        self._model_thread.submit(self._load)
+
+    def _load(self) -> None:
+        try:
+            path, name, version = self._artifact()
+            engine = Engine(path, SETTINGS, name, version)
+            METRICS.model_info.labels(
+                name=name, version=version, device=engine.device, weights_sha256=engine.model_identity["weights_sha256"]
+            ).set(1)
+            for route, seconds in engine.warmup().items():
+                MODEL_BACKLOG.observe(route, seconds)
+            self.engine = engine
+            self._update_gpu_memory()
+            log.info("serving %s:%s on %s", name, version, engine.device)
+        except BaseException as err:  # reported by /readyz staying 503 and in the log
+            self.load_error = err
+            log.exception("loading the model failed")
+        finally:
+            self._loaded.set()
+
+    def _artifact(self) -> tuple[Path, str, str]:
+        # Inside the service BentoML hands the reference over resolved (a stored Model with .path and .tag).
+        stored = getattr(self.model_ref, "stored", self.model_ref)
+        if SETTINGS.artifact:
+            return Path(SETTINGS.artifact), Path(SETTINGS.artifact).name, "local"
+        if stored is not None:
+            return Path(stored.path), stored.tag.name, stored.tag.version
+        log.warning("model %s is not in the BentoML store; serving the shipped default artifact", SETTINGS.model_tag)
+        return resolve_artifact_path("default"), "fact-default", "shipped"
 
     def __is_ready__(self) -> bool:
-        return self._ready
+        return self.engine is not None
 
-    async def _on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the model thread without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, functools.partial(fn, *args))
+    def __is_alive__(self) -> bool:
+        """False once loading failed: /livez answers 503 and an orchestrator restarts the worker."""
+        return self.load_error is None
+
+    async def _on_model_thread(self, route: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread without blocking the event loop; its duration feeds admission."""
+
+        def timed() -> T:
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                MODEL_BACKLOG.observe(route, time.perf_counter() - started)
+
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, timed)
 
     def _update_gpu_memory(self) -> None:
-        if self.engine.device == "cuda":
+        if self.engine is not None and self.engine.device == "cuda":
             METRICS.gpu_memory.labels(device="cuda").set(torch.cuda.memory_allocated())
 
     def _observe(self, endpoint: str, results: list[dict[str, Any]]) -> None:
@@ -169,81 +236,64 @@ class FaCTService:
         METRICS.stage_seconds.labels(endpoint=endpoint, stage="encode").observe(time.perf_counter() - started)
         return response
 
-    @bentoml.api(route="/explain")
-    async def explain(
-        self,
-        image: Path = None,  # noqa: RUF013  (a Path | None union would defeat BentoML's upload handling)
-        image_base64: str | None = None,
-        target: int | str | None = None,
-        contrast: int | str | None = None,
-        top_k: int = 5,
-        layers: list[str] | None = None,
-        heatmaps: HeatmapFormat = "png",
-        heatmap_kind: HeatmapKind = "bcos",
-    ) -> dict[str, Any]:
+    @staticmethod
+    def _image(engine: Engine, text: str) -> Any:
+        """The image the request gate decoded for ``text`` (decoded here only when called around the gate)."""
+        from service.gate import decoded_image
+
+        image = decoded_image(text)
+        return image if image is not None else engine.decode(decode_base64(text, SETTINGS.max_request_bytes))
+
+    @bentoml.api(route="/explain", input_spec=ExplainRequest)
+    async def explain(self, **request: Any) -> dict[str, Any]:
         """Explain one image exactly: its top concepts, their contributions, heatmaps and cross-layer tree.
 
-        Send the image as a multipart file (``image``) or as base64 in JSON (``image_base64``).
+        Send JSON with ``image_base64``, or a multipart form with the file ``image`` and the same other fields.
         """
         started = time.perf_counter()
         try:
-            if (image is None) == (image_base64 is None):
-                raise RequestError(400, "no_image", "send exactly one of: a multipart file 'image' or 'image_base64'")
-            if image is not None:
-                data = Path(image).read_bytes()
-            else:
-                data = decode_base64(image_base64, SETTINGS.max_request_bytes)
-            decoded = self.engine.decode(data)
+            engine = _engine()
+            image = self._image(engine, request["image_base64"])
             decode_ms = 1e3 * (time.perf_counter() - started)
             results = await self._on_model_thread(
-                self.engine.explain_many,
-                [decoded],
-                [target],
-                [contrast],
-                top_k,
-                layers,
-                heatmaps,
-                heatmap_kind,
+                "explain",
+                engine.explain_many,
+                [image],
+                [request["target"]],
+                [request["contrast"]],
+                request["top_k"],
+                request["layers"],
+                request["heatmaps"],
+                request["heatmap_kind"],
                 decode_ms,
             )
-            result = results[0]
         except RequestError as err:
-            return _reject(err, "explain")
-        return self._respond("explain", result, [result])
+            return _reject(err)
+        return self._respond("explain", results[0], results)
 
-    @bentoml.api(route="/explain_batch")
-    async def explain_batch(
-        self,
-        items: list[ExplainItem],
-        top_k: int = 5,
-        layers: list[str] | None = None,
-        heatmaps: HeatmapFormat = "none",
-        heatmap_kind: HeatmapKind = "bcos",
-    ) -> dict[str, Any]:
+    @bentoml.api(route="/explain_batch", input_spec=ExplainBatchRequest)
+    async def explain_batch(self, **request: Any) -> dict[str, Any]:
         """Explain several images in one model call; each item may have its own target and contrast."""
         started = time.perf_counter()
+        items = request["items"]
         try:
-            if not 1 <= len(items) <= SETTINGS.max_batch_items:
-                raise RequestError(
-                    400, "bad_batch_size", f"items must hold 1 to {SETTINGS.max_batch_items} images, got {len(items)}"
-                )
-            images = [
-                self.engine.decode(decode_base64(item.image_base64, SETTINGS.max_request_bytes)) for item in items
-            ]
+            engine = _engine()
+            images = [self._image(engine, item.image_base64) for item in items]
             decode_ms = 1e3 * (time.perf_counter() - started)
             results = await self._on_model_thread(
-                self.engine.explain_many,
+                "explain_batch",
+                engine.explain_many,
                 images,
                 [item.target for item in items],
                 [item.contrast for item in items],
-                top_k,
-                layers,
-                heatmaps,
-                heatmap_kind,
+                request["top_k"],
+                request["layers"],
+                request["heatmaps"],
+                request["heatmap_kind"],
                 decode_ms,
             )
         except RequestError as err:
-            return _reject(err, "explain_batch")
+            return _reject(err)
         return self._respond("explain_batch", {"results": results}, results)
 
     @bentoml.api(
@@ -253,29 +303,75 @@ class FaCTService:
         max_latency_ms=SETTINGS.predict_max_latency_ms,
     )
     async def predict(self, images: list[PredictItem]) -> list[dict[str, Any]]:
-        """Classes, probabilities and the top concept contributions (closed form; adaptive batching)."""
+        """Classes, probabilities and the top concept contributions (closed form; adaptive batching).
+
+        At most ``FACT_PREDICT_MAX_BATCH`` images per request (400 above it); BentoML merges requests.
+        """
         started = time.perf_counter()
-        results = await self._on_model_thread(self.engine.predict, [item.image for item in images])
+        engine = _engine()
+        pil = [item.image if item.image is not None else self._image(engine, item.image_base64) for item in images]
+        results = await self._on_model_thread("predict", engine.predict, pil)
         METRICS.batch_size.labels(endpoint="predict").observe(len(results))
         METRICS.stage_seconds.labels(endpoint="predict", stage="forward").observe(time.perf_counter() - started)
         return results
 
 
-def _count_rejection(path: str, reason: str) -> None:
-    METRICS.rejected.labels(endpoint=path.strip("/") or "root", reason=reason).inc()
+def _decode_upload(data: bytes) -> Any:
+    return _engine().decode(data)
 
 
-# Outermost first: shed load before anything reads a body.
-FaCTService.add_asgi_middleware(ConcurrencyLimit, max_in_flight=SETTINGS.max_concurrency, on_reject=_count_rejection)
+def _count_request(route: str, method: str, status: int, seconds: float) -> None:
+    METRICS.http_requests.labels(route=route, method=method, status=str(status)).inc()
+    METRICS.http_seconds.labels(route=route).observe(seconds)
+
+
+def _count_rejection(route: str, reason: str) -> None:
+    METRICS.rejected.labels(endpoint=route, reason=reason).inc()
+
+
+def _predict_images(payload: dict[str, Any]) -> list[str]:
+    return [item["image_base64"] for item in payload["images"]]
+
+
+# Outermost first. Edge: ids, one error shape, deadline, bounded metrics; then too many requests in
+# flight are refused before any body is read; the gate reads, checks and decodes the body; only a
+# valid request is admitted to the model queue, or refused at once when it could not start in time.
 FaCTService.add_asgi_middleware(
-    MediaTypeGuard,
-    accepted={
-        "/explain": ("application/json", "multipart/form-data"),
-        "/explain_batch": ("application/json",),
-        "/predict": ("application/json",),
-    },
-    on_reject=_count_rejection,
+    Edge, timeout_s=SETTINGS.request_timeout, on_request=_count_request, on_reject=_count_rejection
 )
-FaCTService.add_asgi_middleware(BodySizeLimit, max_bytes=SETTINGS.max_request_bytes, on_reject=_count_rejection)
+if SETTINGS.cors_origins:
+    from starlette.middleware.cors import CORSMiddleware
+
+    FaCTService.add_asgi_middleware(
+        CORSMiddleware,
+        allow_origins=list(SETTINGS.cors_origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["Content-Type", "X-Request-ID", "traceparent"],
+        expose_headers=["X-Request-ID", "Retry-After"],
+    )
+FaCTService.add_asgi_middleware(OpenAPIDocument, service=FaCTService, settings=SETTINGS)
+FaCTService.add_asgi_middleware(ConcurrencyLimit, max_in_flight=SETTINGS.max_concurrency)
+FaCTService.add_asgi_middleware(
+    RequestGate,
+    routes={
+        "/explain": RouteSpec(ExplainRequest, ("application/json",), lambda p: [p["image_base64"]], multipart=True),
+        "/explain_batch": RouteSpec(
+            ExplainBatchRequest, ("application/json",), lambda p: [i["image_base64"] for i in p["items"]]
+        ),
+        "/predict": RouteSpec(PredictRequest, ("application/json",), _predict_images),
+    },
+    max_bytes=SETTINGS.max_request_bytes,
+    body_timeout_s=SETTINGS.body_timeout_s,
+    decode=_decode_upload,
+    unbase64=lambda text: decode_base64(text, SETTINGS.max_request_bytes),
+    decode_concurrency=SETTINGS.decode_concurrency,
+)
+
+FaCTService.add_asgi_middleware(
+    QueueShedding,
+    backlog=MODEL_BACKLOG,
+    routes={"/explain": "explain", "/explain_batch": "explain_batch"},
+    budget_s=SETTINGS.queue_budget_s,
+)
 
 __all__ = ["FaCTService"]

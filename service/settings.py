@@ -12,6 +12,11 @@ variable                       default                     meaning
 ``FACT_MAX_TOP_K``             ``20``                      upper bound of ``top_k``
 ``FACT_MAX_BATCH_ITEMS``       ``16``                      upper bound of ``/explain_batch`` items
 ``FACT_REQUEST_TIMEOUT``       ``30``                      seconds before a request gets HTTP 504
+``FACT_BODY_TIMEOUT``          ``5``                       seconds without body data before HTTP 408
+``FACT_QUEUE_BUDGET``          ``2``                       seconds of queued model work per worker above which
+                                                           ``/explain*`` requests get HTTP 503 at once
+``FACT_DECODE_CONCURRENCY``    ``2``                       images decoded at once per worker (off the event loop)
+``FACT_CORS_ORIGINS``          (unset: CORS off)           comma-separated origins allowed by CORS (``*`` for any)
 ``FACT_MAX_CONCURRENCY``       ``64``                      requests in flight per worker; more get HTTP 429 at once
 ``FACT_PREDICT_MAX_BATCH``     ``32``                      adaptive batching: largest ``/predict`` batch
 ``FACT_RUNTIME``               ``pytorch``                 ``/predict`` runtime: ``pytorch`` or ``onnx``
@@ -26,6 +31,19 @@ import os
 from dataclasses import dataclass
 
 __all__ = ["SETTINGS", "Settings"]
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"environment variable {name} must be > 0, got {value}")
+    return value
 
 
 def _int(name: str, default: int) -> int:
@@ -48,7 +66,7 @@ class Settings:
     device: str
     workers: int
     max_request_bytes: int
-    max_pixels: int
+    max_pixels: int | None
     max_top_k: int
     max_batch_items: int
     request_timeout: int
@@ -57,6 +75,10 @@ class Settings:
     predict_max_latency_ms: int
     torch_threads: int | None
     runtime: str
+    body_timeout_s: float = 5.0
+    queue_budget_s: float = 2.0
+    decode_concurrency: int = 2
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -72,7 +94,7 @@ class Settings:
             device=device,
             workers=_int("FACT_WORKERS", 1),
             max_request_bytes=_int("FACT_MAX_REQUEST_BYTES", 10 * 1024 * 1024),
-            max_pixels=_int("FACT_MAX_PIXELS", 25_000_000),
+            max_pixels=_int("FACT_MAX_PIXELS", 1) if os.environ.get("FACT_MAX_PIXELS") else None,
             max_top_k=_int("FACT_MAX_TOP_K", 20),
             max_batch_items=_int("FACT_MAX_BATCH_ITEMS", 16),
             request_timeout=_int("FACT_REQUEST_TIMEOUT", 30),
@@ -81,6 +103,10 @@ class Settings:
             predict_max_latency_ms=_int("FACT_PREDICT_MAX_LATENCY", 500),
             torch_threads=_int("FACT_TORCH_THREADS", 1) if os.environ.get("FACT_TORCH_THREADS") else None,
             runtime=runtime,
+            body_timeout_s=_float("FACT_BODY_TIMEOUT", 5.0),
+            queue_budget_s=_float("FACT_QUEUE_BUDGET", 2.0),
+            decode_concurrency=_int("FACT_DECODE_CONCURRENCY", 2),
+            cors_origins=tuple(o.strip() for o in os.environ.get("FACT_CORS_ORIGINS", "").split(",") if o.strip()),
         )
 
     def resolve_device(self) -> str:

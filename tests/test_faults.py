@@ -162,7 +162,8 @@ def test_malformed_multipart_is_a_400(server):
         {"Content-Type": f"multipart/form-data; boundary={boundary}"},
     )
     assert status == 400 and body["reason"] == "malformed_multipart"
-    assert post_json(f"{url}/predict", {"images": []}) == (200, [])
+    status, body = post_json(f"{url}/predict", {"images": []})
+    assert status == 400 and body["reason"] == "invalid_request" and "images" in body["error"]  # as /explain_batch
 
 
 # ---------------------------------------------------------------------------- request storm

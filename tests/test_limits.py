@@ -1,87 +1,256 @@
-"""The service's ASGI limits in isolation (no server): load shedding and its rejection counts."""
+"""The service's ASGI layers in isolation (no server): shedding, the request gate, and the edge's one error shape."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
-from service.limits import ConcurrencyLimit, MediaTypeGuard
+import pytest
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, StrictInt
+
+from service.edge import Edge, route_label
+from service.errors import RequestError
+from service.gate import RequestGate, RouteSpec, decoded_image
+from service.limits import ConcurrencyLimit, ModelBacklog, QueueShedding
 
 
-async def _call(middleware, path: str = "/predict", headers: list | None = None) -> tuple[int, dict, dict]:
+async def _call(app, path: str = "/predict", headers: list | None = None, body: bytes | list[bytes] = b"",
+                method: str = "POST", delay: float = 0.0) -> tuple[int, dict, dict]:  # fmt: skip
+    """Drive ``app`` with one request (``body`` may be a list of chunks; ``delay`` before the last one)."""
     sent = []
+    chunks = list(body) if isinstance(body, list) else [body]
 
     async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
+        if not chunks:
+            await asyncio.sleep(3600)  # a client that sends nothing more
+        if len(chunks) == 1 and delay:
+            await asyncio.sleep(delay)
+        chunk = chunks.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
 
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": path, "headers": headers or []}
-    await middleware(scope, receive, send)
+    scope = {"type": "http", "method": method, "path": path, "headers": headers or []}
+    await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], dict(start["headers"]), json.loads(body) if body else {}
+    data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    try:
+        parsed = json.loads(data) if data else {}
+    except ValueError:
+        parsed = {"raw": data}
+    return start["status"], dict(start["headers"]), parsed
 
 
-def test_concurrency_limit_sheds_at_once_and_counts_by_reason():
+async def _ok(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+# ----------------------------------------------------------------------------- shedding
+def test_concurrency_limit_sheds_at_once():
     release = asyncio.Event()
-    rejections: list[tuple[str, str]] = []
 
     async def slow_app(scope, receive, send):
         await release.wait()
-        status = 503 if scope["path"] == "/overloaded" else 200
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+        await _ok(scope, receive, send)
 
-    limit = ConcurrencyLimit(slow_app, 2, on_reject=lambda path, reason: rejections.append((path, reason)))
+    limit = ConcurrencyLimit(slow_app, 2)
 
     async def scenario():
-        admitted = [asyncio.create_task(_call(limit)), asyncio.create_task(_call(limit, "/overloaded"))]
+        admitted = [asyncio.create_task(_call(limit)) for _ in range(2)]
         await asyncio.sleep(0.01)
         assert limit.in_flight == 2
         status, headers, body = await asyncio.wait_for(_call(limit), timeout=1)  # answered without waiting
         assert status == 429 and body["reason"] == "busy" and headers[b"retry-after"] == b"1"
         assert "limit 2" in body["error"]
         release.set()
-        results = await asyncio.gather(*admitted)
-        assert [r[0] for r in results] == [200, 503]
+        assert [r[0] for r in await asyncio.gather(*admitted)] == [200, 200]
         assert limit.in_flight == 0
         assert (await _call(limit))[0] == 200  # capacity is back
 
     asyncio.run(scenario())
-    assert rejections == [("/predict", "busy"), ("/overloaded", "queue_full")]
 
 
 def test_probes_and_metrics_are_never_shed():
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    limit = ConcurrencyLimit(app, max_in_flight=1)
+    limit = ConcurrencyLimit(_ok, max_in_flight=1)
     limit.in_flight = 1  # saturated
     for path in ("/readyz", "/livez", "/metrics"):
-        assert asyncio.run(_call(limit, path))[0] == 200
+        assert asyncio.run(_call(limit, path, method="GET"))[0] == 200
     assert asyncio.run(_call(limit, "/explain"))[0] == 429
 
 
-def test_media_type_guard_names_what_the_endpoint_reads():
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+def test_queue_shedding_admits_within_the_budget_and_refuses_at_once_beyond():
+    backlog = ModelBacklog(initial_s=0.3)
+    release = asyncio.Event()
 
-    rejections = []
-    guard = MediaTypeGuard(
-        app,
-        {"/predict": ("application/json",), "/explain": ("application/json", "multipart/form-data")},
-        on_reject=lambda path, reason: rejections.append((path, reason)),
+    async def slow_app(scope, receive, send):
+        await release.wait()
+        await _ok(scope, receive, send)
+
+    shed = QueueShedding(slow_app, backlog, {"/explain": "explain"}, budget_s=1.0)
+
+    async def scenario():
+        admitted = [asyncio.create_task(_call(shed, "/explain")) for _ in range(3)]  # 0, 0.3, 0.6 s queued: in
+        await asyncio.sleep(0.01)
+        assert backlog.backlog_s == pytest.approx(0.9)
+        status, headers, body = await asyncio.wait_for(_call(shed, "/explain"), timeout=0.5)
+        assert status == 503 and body["reason"] == "overloaded" and headers[b"retry-after"] == b"1"
+        release.set()
+        assert [r[0] for r in await asyncio.gather(*admitted)] == [200, 200, 200]
+        backlog.admit("explain")  # a long queue again: other routes are not shed by it
+        assert (await _call(shed, "/predict"))[0] == 200
+        backlog.finish(0.3)
+        assert backlog.backlog_s == pytest.approx(0.0)
+
+    asyncio.run(scenario())
+    backlog.observe("explain", 0.1)
+    backlog.observe("explain", 0.2)
+    assert backlog.cost("explain") == pytest.approx(0.8 * 0.1 + 0.2 * 0.2)
+
+
+# ----------------------------------------------------------------------------- the request gate
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    image_base64: str
+    top_k: StrictInt = 5
+    layers: list[str] | None = None
+
+
+def _gate(app=_ok, **kwargs) -> RequestGate:
+    def decode(data: bytes) -> Image.Image:
+        if data == b"bad":
+            raise RequestError(400, "not_an_image", "not an image")
+        return Image.new("RGB", (2, 2))
+
+    options = {
+        "routes": {
+            "/explain": RouteSpec(_Schema, ("application/json",), lambda p: [p["image_base64"]], multipart=True)
+        },
+        "max_bytes": 1000,
+        "body_timeout_s": 0.2,
+        "decode": decode,
+        "unbase64": lambda text: base64.b64decode(text),
+        **kwargs,
+    }
+    return RequestGate(app, **options)
+
+
+JSON = [(b"content-type", b"application/json")]
+
+
+def test_gate_refuses_media_types_sizes_and_slow_bodies():
+    gate = _gate()
+    status, _, body = asyncio.run(_call(gate, "/explain", [(b"content-type", b"text/plain")], b"x"))
+    assert status == 415 and "application/json" in body["error"] and "multipart/form-data" in body["error"]
+    status, _, body = asyncio.run(_call(gate, "/explain", [*JSON, (b"content-length", b"5000")], b"x"))
+    assert status == 413 and body["reason"] == "too_large"
+    status, _, body = asyncio.run(_call(gate, "/explain", JSON, [b"x" * 600, b"x" * 600]))  # chunked, no length
+    assert status == 413
+    status, _, body = asyncio.run(_call(gate, "/explain", JSON, [b'{"image_base64"', b"never"], delay=5))
+    assert status == 408 and body["reason"] == "body_timeout"
+    assert asyncio.run(_call(gate, "/model", method="GET"))[0] == 200  # not a gated route
+
+
+def test_gate_validates_strictly_and_names_the_field():
+    gate = _gate()
+    image = base64.b64encode(b"img").decode()
+    cases = {
+        b"not json": "invalid_json",
+        b"[1, 2]": "invalid_json",
+        b"": "empty_body",
+        json.dumps({"image_base64": image, "topk": 3}).encode(): "topk",
+        json.dumps({"image_base64": image, "top_k": True}).encode(): "top_k",
+        json.dumps({"top_k": 3}).encode(): "image_base64",
+    }
+    for payload, expected in cases.items():
+        status, _, body = asyncio.run(_call(gate, "/explain", JSON, payload))
+        assert status == 400 and (body["reason"] == expected or expected in body["error"]), (payload, body)
+    status, _, body = asyncio.run(_call(gate, "/explain", JSON, json.dumps({"image_base64": "YmFk"}).encode()))
+    assert status == 400 and body["reason"] == "not_an_image"  # b"bad": the decoder's refusal
+
+
+def test_gate_hands_decoded_images_and_translated_multipart_to_the_app():
+    seen = {}
+
+    async def app(scope, receive, send):
+        message = await receive()
+        seen["body"] = json.loads(message["body"])
+        seen["content_type"] = dict(scope["headers"])[b"content-type"]
+        seen["image"] = decoded_image(seen["body"]["image_base64"])
+        await _ok(scope, receive, send)
+
+    gate = _gate(app)
+    boundary = "bnd"
+    form = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{"n" * 300}.png"\r\n\r\n'
+        f'PIXELS\r\n--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n3\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="layers"\r\n\r\nlayer2, layer3\r\n--{boundary}--\r\n'
+    ).encode()
+    headers = [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]
+    assert asyncio.run(_call(gate, "/explain", headers, form))[0] == 200
+    assert seen["body"] == {
+        "image_base64": base64.b64encode(b"PIXELS").decode(),
+        "top_k": 3,
+        "layers": ["layer2", "layer3"],
+    }
+    assert seen["content_type"] == b"application/json" and isinstance(seen["image"], Image.Image)
+    text_image = form.replace(b'; filename="' + b"n" * 300 + b'.png"', b"")
+    status, _, body = asyncio.run(_call(gate, "/explain", headers, text_image))
+    assert status == 400 and body["reason"] == "image_not_a_file"
+
+
+# ----------------------------------------------------------------------------- the edge
+def _edge(app, **kwargs):
+    counted, rejected = [], []
+    edge = Edge(app, timeout_s=kwargs.pop("timeout_s", 5), on_request=lambda *a: counted.append(a),
+                on_reject=lambda *a: rejected.append(a), **kwargs)  # fmt: skip
+    return edge, counted, rejected
+
+
+def test_edge_rewrites_foreign_errors_into_the_envelope_with_a_request_id():
+    async def starlette_404(scope, receive, send):
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Not Found"})
+
+    async def bentoml_validation(scope, receive, send):
+        body = json.dumps({"error": "1 validation error", "detail": [{"loc": ["top_k"], "msg": "bad int"}]}).encode()
+        await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def crash(scope, receive, send):
+        raise RuntimeError("boom")
+
+    async def queue_full(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": "An unexpected error"}'})
+
+    for app, status, reason in ((starlette_404, 404, "not_found"), (bentoml_validation, 400, "invalid_request"),
+                                (crash, 500, "internal_error"), (queue_full, 503, "queue_full")):  # fmt: skip
+        edge, counted, rejected = _edge(app)
+        got, headers, body = asyncio.run(_call(edge, "/concepts/layer3/7", [(b"x-request-id", b"abc-1")]))
+        assert got == status and set(body) == {"error", "reason", "status", "request_id"}, body
+        assert body["reason"] == reason and body["request_id"] == "abc-1" and headers[b"x-request-id"] == b"abc-1"
+        assert rejected == [("concepts/{layer}/{id}", reason)] and counted[0][:3] == (
+            "concepts/{layer}/{id}",
+            "POST",
+            status,
+        )
+        if status == 503:
+            assert headers[b"retry-after"] == b"1"
+    assert "top_k" in asyncio.run(_call(_edge(bentoml_validation)[0]))[2]["error"]
+
+
+def test_edge_answers_the_deadline_and_labels_routes_boundedly():
+    async def hang(scope, receive, send):
+        await asyncio.sleep(3600)
+
+    edge, counted, _ = _edge(hang, timeout_s=0.1)
+    status, headers, body = asyncio.run(asyncio.wait_for(_call(edge, "/explain"), timeout=2))
+    assert status == 504 and body["reason"] == "timeout" and len(headers[b"x-request-id"]) == 32
+    assert (
+        route_label("/junk/123") == "other" and route_label("/samples/" + "9" * 5000 + ".png") == "samples/{index}.png"
     )
-    status, _, body = asyncio.run(_call(guard, "/predict", [(b"content-type", b"text/plain; charset=utf-8")]))
-    assert status == 415 and body["reason"] == "unsupported_media_type"
-    assert "'text/plain'" in body["error"] and "application/json" in body["error"]
-    assert rejections == [("/predict", "unsupported_media_type")]
-    multipart = [(b"content-type", b"multipart/form-data; boundary=x")]
-    assert asyncio.run(_call(guard, "/explain", multipart))[0] == 200
-    assert asyncio.run(_call(guard, "/explain", [(b"content-type", b"Application/JSON")]))[0] == 200
-    assert asyncio.run(_call(guard, "/predict"))[0] == 200  # no Content-Type: left to the endpoint
-    assert asyncio.run(_call(guard, "/model", [(b"content-type", b"text/plain")]))[0] == 200  # not guarded
+    assert route_label("/concepts/layer3") == "concepts/{layer}" and route_label("/explain") == "explain"

@@ -451,7 +451,7 @@
     tree.replaceChildren(
       ...r.concepts.map((c, i) => {
         const children = c.children || [];
-        const scale = Math.max(1e-12, ...children.map((k) => Math.abs(k.contribution)));
+        const scale = Math.max(1e-12, ...children.map((k) => Math.abs(k.contribution_to_parent)));
         return el(
           "li",
           { "data-concept": `${c.layer}:${c.id}` },
@@ -474,11 +474,11 @@
                       "li",
                       { "data-concept": `${k.layer}:${k.id}` },
                       conceptButton(k),
-                      el("div.mini", { "aria-hidden": "true" }, el(`span.${k.contribution >= 0 ? "pos" : "neg"}`, {
-                        style: `width:${((100 * Math.abs(k.contribution)) / scale).toFixed(1)}%`,
+                      el("div.mini", { "aria-hidden": "true" }, el(`span.${k.contribution_to_parent >= 0 ? "pos" : "neg"}`, {
+                        style: `width:${((100 * Math.abs(k.contribution_to_parent)) / scale).toFixed(1)}%`,
                       })),
                       el("span.num", {
-                        text: `${fmt(k.contribution, 2)}` + (c.activation > 0 ? ` (${pct(k.contribution / c.activation)} of its activation)` : ""),
+                        text: `${fmt(k.contribution_to_parent, 2)}` + (c.activation > 0 ? ` (${pct(k.contribution_to_parent / c.activation)} of its activation)` : ""),
                       }),
                     ),
                   ),
