@@ -36,7 +36,7 @@ from torch import Tensor
 from fact_model._validation import ClassSpec, resolve_classes
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.bcos.functional import PATCH_NORM_EPS, dynamic_scale, unit_norm_rows
-from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept
+from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept, rank_classes
 from fact_model.model import FaCTModel, ForwardRecord
 from kernels._common import env_choice
 
@@ -110,6 +110,25 @@ def _positive_shares(contributions: Tensor) -> Tensor:
     return torch.where(positive_total > 0, contributions / positive_total.clamp(min=1e-30), 0.0)
 
 
+def _check_contrast(target: Tensor, contrast: Tensor | None, class_names: Sequence[str]) -> None:
+    """Refuse a contrast equal to the target: ``logit[c] − logit[c]`` is 0, an all-zero "explanation".
+
+    Args:
+        target, contrast: ``(N,)`` class indices (``contrast`` may be None: no contrast).
+    """
+    if contrast is None:
+        return
+    same = (target.cpu() == contrast.cpu()).nonzero().flatten().tolist()
+    if same:
+        n = same[0]
+        c = int(contrast[n])
+        more = f" (and {len(same) - 1} more image(s))" if len(same) > 1 else ""
+        raise ValueError(
+            f"contrast class {class_names[c]!r} ({c}) equals the target class for image {n}{more}: "
+            "a contrast must be another class (why the target rather than it)"
+        )
+
+
 def _check_arguments(top_k: object, map_kinds: Sequence[str]) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
@@ -134,11 +153,13 @@ def explain(
     Args:
         model: the FaCT model (put in eval mode for the call).
         images: ``(N, 3, H, W)`` floating-point RGB in [0, 1] (``model.preprocess``).
-        target: class to explain: None (the predicted class), an index, a name, or
-            one per image.
+        target: class to explain: None (the predicted class, ``rank_classes(scores)[:, 0]``),
+            an index, a name, or one per image.
         contrast: optional class to contrast with: explains ``logit[target] −
-            logit[contrast]`` ("why target rather than contrast").
-        top_k: concepts per layer reported in ``top_concepts`` and mapped (0 = none).
+            logit[contrast]`` ("why target rather than contrast"); must differ from the
+            target in every image.
+        top_k: concepts per layer reported in ``top_concepts`` and mapped (0 = none); a
+            layer with ``K < top_k`` concepts reports all ``K`` (``R = min(top_k, K)`` per layer).
         maps: compute input-level maps (``Explanation.maps``).
         map_kinds: which maps: ``"concepts"`` (top concepts' activation maps),
             ``"logit"`` (the whole explained logit), ``"other"`` (all concepts but
@@ -151,8 +172,8 @@ def explain(
 
     Raises:
         ValueError: bad images (rank, channels, dtype, NaN/inf, range, empty), a
-            class out of range or unknown, a bad ``top_k``/``map_kinds``, or a model
-            without concept layers.
+            class out of range or unknown, a contrast equal to the target of an image, a
+            bad ``top_k``/``map_kinds``, or a model without concept layers.
     """
     _check_arguments(top_k, map_kinds)
     if batched_vjp is None:
@@ -169,6 +190,8 @@ def explain(
     n = x.shape[0]
     target_idx = resolve_classes(target, n, model.class_names, "target")
     contrast_idx = resolve_classes(contrast, n, model.class_names, "contrast")
+    if target_idx is not None:  # known before the forward pass: refuse early
+        _check_contrast(target_idx, contrast_idx, model.class_names)
     top_layer = layer_names[-1]
     closed_form = closed_form_applies(model)
     needs_graph = maps or len(layer_names) > 1 or not closed_form
@@ -185,10 +208,15 @@ def explain(
     forward_done = time.perf_counter()
     logits = record.logits.detach()
     device = logits.device
-    target_idx = logits.argmax(dim=1) if target_idx is None else target_idx.to(device)
+    scores = record.scores.detach()
+    ranking = rank_classes(scores)
     if contrast_idx is not None:
         contrast_idx = contrast_idx.to(device)
-    scores = record.scores.detach()
+    if target_idx is None:
+        target_idx = ranking[:, 0]
+        _check_contrast(target_idx, contrast_idx, model.class_names)
+    else:
+        target_idx = target_idx.to(device)
     explained = scores.gather(1, target_idx[:, None]).squeeze(1)
     if contrast_idx is not None:
         explained = explained - scores.gather(1, contrast_idx[:, None]).squeeze(1)
@@ -198,14 +226,13 @@ def explain(
     code_grads = backprop.code_gradients(target_idx, contrast_idx, closed_form)
     contributions = {name: codes[name].scatter(codes[name].values.detach() * code_grads[name]) for name in layer_names}
     activations = {name: codes[name].totals().detach() for name in layer_names}
-    r = min(top_k, min(info.num_concepts for info in model.concept_layers))
-    top_ids = {name: contributions[name].topk(r, dim=1).indices for name in layer_names}
+    top_ids = {name: _top_ids(contributions[name], top_k) for name in layer_names}
     spatial = {
         name: codes[name].per_position(codes[name].values.detach() * code_grads[name], top_ids[name])
         for name in layer_names
     }
     concept_map_layers = mapped if maps and "concepts" in map_kinds else ()
-    traces, concept_maps = backprop.rank_passes(top_ids, r, concept_map_layers, batched_vjp)
+    traces, concept_maps = backprop.rank_passes(top_ids, concept_map_layers, batched_vjp)
     explanation_maps = None
     if maps:
         logit_map = other_map = None
@@ -222,6 +249,7 @@ def explain(
     return Explanation(
         logits=logits,
         probabilities=model.probabilities(logits),
+        ranking=ranking,
         target=target_idx,
         contrast=contrast_idx,
         logit_bias=model.logit_bias,
@@ -245,6 +273,11 @@ def explain(
             "total": 1e3 * (time.perf_counter() - started),
         },
     )
+
+
+def _top_ids(contributions: Tensor, top_k: int) -> Tensor:
+    """``(N, K)`` contributions → ``(N, min(top_k, K))`` concept ids, largest contribution first."""
+    return contributions.topk(min(top_k, contributions.shape[1]), dim=1).indices
 
 
 def concept_input_maps(model: FaCTModel, images: Tensor, layer: str, concept_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -335,10 +368,11 @@ class _CodeBackprop:
         return grads
 
     def rank_passes(
-        self, top_ids: dict[str, Tensor], r: int, map_layers: Sequence[str], batched: bool = False
+        self, top_ids: dict[str, Tensor], map_layers: Sequence[str], batched: bool = False
     ) -> tuple[list[CrossLayerTrace], dict[str, Tensor]]:
         """Per (layer, rank): the rank-r concept's cross-layer trace and, for ``map_layers``, its input map.
 
+        ``top_ids``: layer → ``(N, R_layer)``; each layer runs its own ``R_layer`` ranks.
         The seed is the 0/1 selection of each image's rank-r concept in the layer's
         codes; its first step down yields the decomposition over the layer below (the
         trace), the remaining steps the input map. ``batched``: all ranks of a layer
@@ -348,6 +382,7 @@ class _CodeBackprop:
         concept_maps: dict[str, Tensor] = {}
         for i, name in enumerate(self.names):
             with_maps = name in map_layers
+            r = top_ids[name].shape[1]
             if r == 0 or (i == 0 and not with_maps):
                 continue
             selection = self.record.codes[name].select(top_ids[name])  # (N, R, P, k)

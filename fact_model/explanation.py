@@ -1,7 +1,8 @@
 """Result types of :func:`fact_model.explain.explain` (spec section 4).
 
-All tensors are detached, on the model's device. ``N`` = images, ``K`` = concepts
-of a layer, ``R`` = requested top concepts per image (``min(top_k, K)``),
+All tensors are detached, on the model's device. ``N`` = images, ``C`` = classes,
+``K`` = concepts of a layer, ``R`` = that layer's top concepts per image
+(``min(top_k, K)``, so layers of different sizes can have different ``R``),
 ``(h, w)`` = the concept layer's feature-map size, ``(H, W)`` = the input size.
 """
 
@@ -9,9 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
-__all__ = ["CrossLayerTrace", "Explanation", "ExplanationMaps", "TopConcept"]
+__all__ = ["CrossLayerTrace", "Explanation", "ExplanationMaps", "TopConcept", "rank_classes"]
+
+
+def rank_classes(scores: Tensor) -> Tensor:
+    """The one class ranking of the project: ``(N, C)`` scores → ``(N, C)`` class indices, best first.
+
+    Ranks by the bias-free scores ``logit − b`` (what explanations decompose; adding the
+    scalar bias in float32 can round two close scores to equal logits), highest first, ties
+    broken by the lower class index (a stable sort), so ``prediction`` and ``top_classes[0]``
+    always agree, whichever path computed them.
+    """
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,8 @@ class CrossLayerTrace:
 
     Attributes:
         upper, lower: concept-layer names (``lower`` precedes ``upper`` in the network).
-        upper_ids: ``(N, R)`` the upper layer's top concepts (same as ``Explanation.top_ids[upper]``).
-        contributions: ``(N, R, K_lower)``: contribution of lower concept ``j`` to the
+        upper_ids: ``(N, R_upper)`` the upper layer's top concepts (same as ``Explanation.top_ids[upper]``).
+        contributions: ``(N, R_upper, K_lower)``: contribution of lower concept ``j`` to the
             total activation ``Σ_q u^upper_{k,q}`` of upper concept ``upper_ids[n, r]``;
             sums over ``j`` to that activation exactly.
     """
@@ -87,7 +100,10 @@ class Explanation:
     Attributes:
         logits: ``(N, num_classes)`` logits, bias included.
         probabilities: ``(N, num_classes)`` (softmax or sigmoid, per the model).
-        target: ``(N,)`` explained class (default: the predicted one).
+        ranking: ``(N, num_classes)`` class indices, best first (:func:`rank_classes` of the
+            bias-free scores): ``ranking[:, 0]`` is the prediction; consumers use this
+            order instead of re-ranking ``logits`` (which can tie where the scores do not).
+        target: ``(N,)`` explained class (default: the predicted one, ``ranking[:, 0]``).
         contrast: ``(N,)`` contrast class ("why target rather than contrast"), or None.
         logit_bias: the scalar bias ``b``; explanations decompose ``logit − b``.
         explained: ``(N,)`` the decomposed quantity ``y = logit[target] − b``, or
@@ -110,6 +126,7 @@ class Explanation:
 
     logits: Tensor
     probabilities: Tensor
+    ranking: Tensor
     target: Tensor
     contrast: Tensor | None
     logit_bias: float

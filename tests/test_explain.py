@@ -217,7 +217,8 @@ def test_explain_leaves_inputs_and_mode_untouched(images):
 def test_default_target_is_prediction_and_names_work(images):
     model = make_model(ONE_LAYER_LAST)
     expl = model.explain(images)
-    assert torch.equal(expl.target, expl.logits.argmax(1))
+    assert torch.equal(expl.target, expl.ranking[:, 0])
+    assert torch.equal(expl.target, expl.logits.argmax(1))  # no ties here: the logits agree
     by_name = model.explain(images, target="class_4")
     assert (by_name.target == 4).all()
     torch.testing.assert_close(expl.probabilities.sum(1), torch.ones(4))
@@ -349,3 +350,117 @@ def test_batched_vjp_gives_the_loops_maps_and_traces(images, monkeypatch):
     monkeypatch.setenv(explain_module.VJP_ENV, "vectorised")
     with pytest.raises(ValueError, match="FACT_EXPLAIN_VJP"):
         model.explain(images, top_k=3, maps=True)
+
+
+def stable_ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Independent reference ranking: Python's sort on ``(−score, class index)`` per image."""
+    rows = [sorted(range(len(row)), key=lambda c, row=row: (-row[c], c)) for row in scores.tolist()]
+    return torch.tensor(rows)
+
+
+def ranking_test_model(kind: str):
+    """A model whose class order is ambiguous, for the one-ranking tests; ``(model, expected winner)``.
+
+    ``"saturated"``: temperature 1e9 makes the scores ~1e-11, so every logit ``b + score``
+    rounds to ``b`` in float32 (``argmax(logits)`` = 0), while the scores still put class 3
+    first (head rows 0 and 3 swapped; seed 0 puts class 0 first, with a positive score,
+    for the test images).
+    ``"tied"``: classes 2 and 4 score exactly 0 (their head rows read only a feature channel
+    the decoder never writes) and every other class −score₀ < 0: an exact tie on top,
+    which the lower index (2) wins.
+    """
+    model = make_model(ONE_LAYER_LAST, logit_temperature=1e9 if kind == "saturated" else 1.0)
+    weight = model.backbone.head.weight  # (classes, C, 1, 1)
+    with torch.no_grad():
+        rows = weight.clone()
+        if kind == "saturated":
+            weight[0], weight[3] = rows[3], rows[0]
+            return model, 3
+        model.concept_layer("layer3").decoder[:, 0] = 0.0  # decoded feature channel 0 is exactly 0
+        weight.copy_(-rows[0].expand_as(weight))
+        weight[[2, 4]] = 0.0
+        weight[[2, 4], 0] = 1.0
+    return model, 2
+
+
+@pytest.mark.parametrize("kind", ["saturated", "tied"])
+def test_one_class_ranking_where_logits_tie(kind, images):
+    model, winner = ranking_test_model(kind)
+    with torch.no_grad():
+        record = model.forward_encoded(encode_rgb(images))
+    scores, logits = record.scores, record.logits
+    if kind == "saturated":  # the premise: logits cannot tell the classes apart, the scores can
+        assert (logits == logits[:, :1]).all() and (logits.argmax(1) == 0).all()
+        assert (scores.argmax(1) == winner).all()
+    else:
+        assert (scores[:, [2, 4]] == 0).all() and (scores[:, [0, 1, 3, 5]] < 0).all()
+    expected = stable_ranking(scores)
+    assert (expected[:, 0] == winner).all()
+    expl = model.explain(images)
+    assert torch.equal(expl.ranking, expected)
+    assert torch.equal(expl.target, expected[:, 0])
+    torch.testing.assert_close(expl.explained, scores[:, winner], rtol=REL_TOL, atol=0.0)
+
+
+def test_contrast_equal_to_target_is_refused(images):
+    model = make_model(ONE_LAYER_LAST)
+    with pytest.raises(ValueError, match=r"contrast class 'class_3' \(3\) equals the target class for image 0"):
+        model.explain(images, target=3, contrast="class_3")
+    with pytest.raises(ValueError, match=r"contrast class 'class_2' \(2\) equals the target class for image 2:"):
+        model.explain(images, target=[0, 1, 2, 3], contrast=[1, 0, 2, 4])
+    # a default target is the prediction: a contrast equal to it is refused after the forward pass
+    predicted = model.explain(images).target
+    contrast = [int(predicted[0]), (int(predicted[1]) + 1) % NUM_CLASSES, int(predicted[2]), int(predicted[3])]
+    message = rf"contrast class 'class_{contrast[0]}' \({contrast[0]}\) equals the target class for image 0 \(and"
+    with pytest.raises(ValueError, match=message):
+        model.explain(images, contrast=contrast)
+    different = [(int(p) + 1) % NUM_CLASSES for p in predicted]
+    assert (model.explain(images, contrast=different).explained > 0).all()  # the prediction beats any other class
+
+
+PER_LAYER_K = [("layer2", 16, 4), ("layer3", 64, 4)]
+
+
+def test_top_k_is_capped_per_layer(images):
+    model = make_model(PER_LAYER_K)
+    expl = model.explain(images, top_k=20, maps=True)
+    ranks = {"layer2": 16, "layer3": 20}
+    for name, r in ranks.items():
+        contributions = expl.contributions[name]
+        assert expl.top_ids[name].shape == (4, r)
+        assert expl.spatial[name].shape[:2] == (4, r)
+        assert expl.maps.concepts[name].shape == (4, r, 6, 32, 32)
+        # top_ids are the r largest contributions (independent: a full descending sort)
+        reference = contributions.sort(dim=1, descending=True).values[:, :r]
+        torch.testing.assert_close(contributions.gather(1, expl.top_ids[name]), reference, rtol=0, atol=0)
+        torch.testing.assert_close(
+            expl.other_contribution[name], expl.explained - reference.sum(1), rtol=REL_TOL, atol=1e-6
+        )
+        pixel_sums = expl.maps.pixel_contributions(expl.maps.concepts[name]).flatten(2).sum(-1)
+        torch.testing.assert_close(
+            pixel_sums, expl.activations[name].gather(1, expl.top_ids[name]), rtol=REL_TOL, atol=1e-6
+        )
+        torch.testing.assert_close(
+            expl.spatial[name].flatten(2).sum(-1), contributions.gather(1, expl.top_ids[name]), rtol=1e-5, atol=1e-8
+        )
+    assert [sum(c.layer == name for c in expl.top_concepts[0]) for name in ("layer3", "layer2")] == [20, 16]
+    (trace,) = expl.traces
+    assert trace.contributions.shape == (4, 20, 16) and torch.equal(trace.upper_ids, expl.top_ids["layer3"])
+    assert_sums_to(trace.contributions, expl.activations["layer3"].gather(1, trace.upper_ids))
+    # The K=16 layer reports all its concepts: nothing is left over (float rounding aside).
+    magnitude = expl.contributions["layer2"].abs().sum(1)
+    assert (expl.other_contribution["layer2"].abs() <= REL_TOL * magnitude).all()
+    assert (expl.other_contribution["layer3"].abs() > REL_TOL * expl.contributions["layer3"].abs().sum(1)).all()
+
+
+def test_top_k_covering_every_concept_leaves_no_other_contribution(images):
+    model = make_model(PER_LAYER_K)
+    expl = model.explain(images, top_k=64, maps=True, map_kinds=("other",))
+    assert {name: ids.shape[1] for name, ids in expl.top_ids.items()} == {"layer2": 16, "layer3": 64}
+    for name in expl.layer_names:
+        assert sorted(expl.top_ids[name][0].tolist()) == list(range(expl.top_ids[name].shape[1]))
+        magnitude = expl.contributions[name].abs().sum(1)
+        assert (expl.other_contribution[name].abs() <= REL_TOL * magnitude).all()
+    assert expl.traces[0].contributions.shape == (4, 64, 16)
+    other_pixels = expl.maps.pixel_contributions(expl.maps.other)
+    assert other_pixels.abs().max() <= REL_TOL * expl.contributions["layer3"].abs().sum(1).max()
