@@ -7,7 +7,10 @@ The exported graph computes, for a batch ``images`` ``(N, 3, H, W)`` in [0, 1] (
   the largest contributions to the predicted class's ``logit − b``, in closed form
   (spec section 4: ``s_{c,p} (Ŵ_head D)[c,k] / (P·T)``, no backward pass);
 * ``concept_totals`` ``(N, K)``: each concept's total activation ``Σ_p u_{k,p}``;
-* ``residual`` ``(N,)``: ``|Σ_k contribution − (logit − b)|`` of the predicted class.
+* ``residual`` ``(N,)``: ``|Σ_k contribution − (logit − b)|`` of the predicted class;
+* ``scores`` ``(N, classes)``: the bias-free scores ``logit − b`` the graph ranked;
+  :func:`~fact_model.explanation.rank_classes` of them is the class ranking;
+* ``predicted`` ``(N,)`` int64: the explained (predicted) class, ``rank_classes(scores)[:, 0]``.
 
 It is a plain forward computation of the reference PyTorch layers (no Triton, no
 Python callbacks), exported with the ``torch.onnx`` (dynamo) exporter and checked with
@@ -34,7 +37,7 @@ from fact_model.model import FaCTModel
 __all__ = ["ONNX_FILE", "ONNX_OUTPUTS", "PredictionGraph", "export_onnx"]
 
 ONNX_FILE = "model.onnx"
-ONNX_OUTPUTS = ("logits", "top_ids", "top_contributions", "concept_totals", "residual")
+ONNX_OUTPUTS = ("logits", "top_ids", "top_contributions", "concept_totals", "residual", "scores", "predicted")
 
 
 class PredictionGraph(nn.Module):
@@ -51,15 +54,18 @@ class PredictionGraph(nn.Module):
         self.layer = model.concept_layers[-1].name
         self.top_k = min(top_k, model.concept_layers[-1].num_concepts)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """``(N, 3, H, W)`` images in [0, 1] → the outputs named by :data:`ONNX_OUTPUTS`, in that order."""
         record = self.model.forward_encoded(encode_rgb(images))
+        # = rank_classes(scores)[:, 0]: argmax (torch and ONNX ArgMax) returns the first of
+        # equal maxima, the stable descending sort's tie rule, without sorting every class.
         predicted = record.scores.argmax(dim=1)
         codes = record.codes[self.layer]
         contributions = codes.scatter(codes.values * closed_form_code_gradient(self.model, record, predicted))
         top = contributions.topk(self.top_k, dim=1)
         explained = record.scores.gather(1, predicted[:, None]).squeeze(1)
         residual = (contributions.sum(dim=1) - explained).abs()
-        return record.logits, top.indices, top.values, codes.totals(), residual
+        return record.logits, top.indices, top.values, codes.totals(), residual, record.scores, predicted
 
 
 def _sha256(path: Path) -> str:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from fact_model.artifacts import ArtifactError, read_manifest, read_recorded_file, resolve_artifact_path
+from fact_model.explanation import rank_classes
+from fact_model.onnx_export import ONNX_OUTPUTS
 
 __all__ = ["OnnxPredictor", "choose_providers"]
 
@@ -40,8 +42,9 @@ class OnnxPredictor:
     """An ONNX Runtime session for an artifact exported with :func:`~fact_model.onnx_export.export_onnx`.
 
     Raises:
-        ArtifactError: no ONNX export recorded in the manifest, the file is missing, or its
-            sha256 differs from the manifest's (modified, corrupted or from another model).
+        ArtifactError: no ONNX export recorded in the manifest, the file is missing, its
+            sha256 differs from the manifest's (modified, corrupted or from another model),
+            or it lacks outputs of the current export (made by an older version).
     """
 
     def __init__(self, artifact: str | Path, device: str = "auto", threads: int | None = None) -> None:
@@ -52,6 +55,12 @@ class OnnxPredictor:
         entry = manifest.get("onnx")
         if not isinstance(entry, dict):
             raise ArtifactError(f"{directory} has no ONNX export: run `fact export-onnx --model {directory}`")
+        missing = [name for name in ONNX_OUTPUTS if name not in entry.get("outputs", ())]
+        if missing:
+            raise ArtifactError(
+                f"the ONNX export of {directory} lacks the outputs {missing} (an older export): "
+                f"re-export it with `fact export-onnx --model {directory}`"
+            )
         data = read_recorded_file(
             directory,
             entry,
@@ -68,7 +77,14 @@ class OnnxPredictor:
         self.manifest = manifest
 
     def run(self, images: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
-        """``(N, 3, H, W)`` float images in [0, 1] → the named outputs as numpy arrays."""
+        """``(N, 3, H, W)`` float images in [0, 1] → the named outputs as numpy arrays.
+
+        Besides the graph's outputs (:data:`~fact_model.onnx_export.ONNX_OUTPUTS`), ``ranking``
+        ``(N, classes)`` int64: :func:`~fact_model.explanation.rank_classes` of the graph's
+        ``scores``, whose first column is the graph's ``predicted``.
+        """
         array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
         outputs = self.session.run(None, {"images": np.ascontiguousarray(array, dtype=np.float32)})
-        return dict(zip(self.entry["outputs"], outputs, strict=True))
+        named = dict(zip(self.entry["outputs"], outputs, strict=True))
+        named["ranking"] = rank_classes(torch.from_numpy(named["scores"])).numpy()
+        return named

@@ -12,9 +12,11 @@ import torch
 import fact_model
 from fact_model.artifacts import ArtifactError, resolve_artifact_path
 from fact_model.data.synthetic import SyntheticConfig, SyntheticParts
-from fact_model.onnx_export import PredictionGraph, export_onnx
+from fact_model.explanation import rank_classes
+from fact_model.onnx_export import ONNX_OUTPUTS, PredictionGraph, export_onnx
 from fact_model.onnx_runtime import OnnxPredictor, choose_providers
 from tests.conftest import make_model
+from tests.test_explain import ranking_test_model, stable_ranking
 
 pytest.importorskip("onnxruntime")
 
@@ -63,7 +65,8 @@ def test_parity_with_pytorch(exported, name, batch, kind):
     outputs = OnnxPredictor(directory, device="cpu").run(images)
     with torch.no_grad():
         reference = [t.numpy() for t in PredictionGraph(model, entry["top_k"]).eval()(images)]
-    logits, ids, contributions, totals, residual = (outputs[k] for k in entry["outputs"])
+    assert tuple(entry["outputs"]) == ONNX_OUTPUTS
+    logits, ids, contributions, totals, residual, scores, predicted = (outputs[k] for k in entry["outputs"])
     # Different kernels round differently; where two candidates of a position's TopK are within
     # rounding of each other, either choice is correct and the outputs legitimately differ.
     tied = _near_topk_tie(model, images)
@@ -74,6 +77,10 @@ def test_parity_with_pytorch(exported, name, batch, kind):
     assert (ids == reference[1])[keep].all()
     assert np.abs(contributions - reference[2])[keep].max(initial=0) <= 1e-4 * (np.abs(reference[2]).max() + 1e-3)
     assert np.abs(totals - reference[3])[keep].max(initial=0) <= 1e-4 * (np.abs(reference[3]).max() + 1e-3)
+    assert np.abs(scores - reference[5])[keep].max(initial=0) <= 1e-4 * scale
+    assert np.abs(logits - model.logit_bias - scores).max() <= 1e-5 * scale
+    assert predicted.dtype == np.int64 and (predicted == outputs["ranking"][:, 0]).all()
+    assert (outputs["ranking"] == stable_ranking(torch.from_numpy(scores)).numpy()).all()
     # exported contributions sum to logit − bias: the residual output, against an independent explain()
     explanation = model.explain(images, top_k=entry["top_k"])
     explained = explanation.explained.numpy()
@@ -149,3 +156,47 @@ def test_service_serves_predict_through_onnx_runtime(exported, tmp_path):
             correct += body[0]["prediction"]["index"] == label
             assert len(body[0]["concepts"]) == 5
         assert correct >= 9
+
+
+@pytest.mark.parametrize("kind", ["saturated", "tied"])
+def test_graph_and_onnx_rank_classes_as_explain_does(kind, tmp_path):
+    """Tied logits (saturated) or exactly tied scores: the graph, ONNX Runtime and explain() agree."""
+    import onnx
+
+    model, winner = ranking_test_model(kind)
+    directory = fact_model.save(model, tmp_path / kind)
+    export_onnx(directory, top_k=3)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(123))  # as the images fixture
+    explained = model.explain(images, top_k=3)
+    with torch.no_grad():
+        graph = PredictionGraph(model, 3).eval()(images)
+    outputs = OnnxPredictor(directory, device="cpu").run(images)
+    expected = explained.ranking
+    assert (expected[:, 0] == winner).all()
+    assert torch.equal(graph[ONNX_OUTPUTS.index("predicted")], expected[:, 0])
+    assert torch.equal(rank_classes(graph[ONNX_OUTPUTS.index("scores")]), expected)
+    assert (outputs["predicted"] == expected[:, 0].numpy()).all()
+    # ONNX Runtime rounds the lower (unequal) scores its own way: its full ranking is that of
+    # its own scores; the decision on top is the same.
+    assert (outputs["ranking"] == stable_ranking(torch.from_numpy(outputs["scores"])).numpy()).all()
+    top = 2 if kind == "tied" else 1  # the tied pair, lower index first
+    assert (outputs["ranking"][:, :top] == expected[:, :top].numpy()).all()
+    if kind == "saturated":  # the logits the service used to rank could not have told
+        assert (outputs["logits"] == outputs["logits"][:, :1]).all()
+    # The exported ArgMax keeps the first of equal maxima (rank_classes' tie rule).
+    proto = onnx.load(str(directory / "model.onnx"))
+    argmax = [node for node in proto.graph.node if node.op_type == "ArgMax"]
+    assert argmax, "the graph picks its predicted class with ArgMax"
+    for node in argmax:
+        assert all(a.i == 0 for a in node.attribute if a.name == "select_last_index")
+
+
+def test_export_without_the_ranking_outputs_is_refused(exported, tmp_path):
+    source, _ = exported["default"]
+    old = tmp_path / "old"
+    shutil.copytree(source, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["onnx"]["outputs"] = ["logits", "top_ids", "top_contributions", "concept_totals", "residual"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"lacks the outputs \['scores', 'predicted'\].*re-export"):
+        OnnxPredictor(old)
