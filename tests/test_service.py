@@ -136,11 +136,12 @@ def test_predict_batches_concurrent_requests_consistently(server):
     assert predictions[:8] == [s["prediction"]["index"] for s in singles]
     assert sum(p == label for p, (_, label) in zip(predictions, samples, strict=True)) >= 22
     after = metrics_text(server)
-    batches = metric_value(after, "bentoml_service_adaptive_batch_size_count") - metric_value(
-        before, "bentoml_service_adaptive_batch_size_count"
+    # fact_batch_size{endpoint="predict"}: images per model call, i.e. the sizes of the adaptive batches
+    batches = metric_value(after, "fact_batch_size_count", endpoint="predict") - metric_value(
+        before, "fact_batch_size_count", endpoint="predict"
     )
-    items = metric_value(after, "bentoml_service_adaptive_batch_size_sum") - metric_value(
-        before, "bentoml_service_adaptive_batch_size_sum"
+    items = metric_value(after, "fact_batch_size_sum", endpoint="predict") - metric_value(
+        before, "fact_batch_size_sum", endpoint="predict"
     )
     assert items == len(samples) and batches < len(samples), (items, batches)  # some batch held > 1 request
     concepts = responses[0][1][0]["concepts"]
