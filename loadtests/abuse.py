@@ -5,8 +5,8 @@
 
 Scenarios, each on the same warmed-up server, with a thread polling ``/livez`` every 50 ms:
 
-* ``overload``: 32 concurrent ``/explain`` calls (top_k 20, PNG heatmaps): answers by status,
-  the slowest refusal, the slowest success;
+* ``overload``: 32 and 160 (``--callers``) concurrent ``/explain`` calls (top_k 20, PNG
+  heatmaps): answers by status, the slowest refusal, the slowest success;
 * ``jpeg bombs``: 16 concurrent 633-byte JPEGs declaring 5000×5000 pixels;
 * ``png bombs``: 4 concurrent 25-megapixel PNGs of ~25 kB;
 * ``junk paths``: 1,000 GETs of distinct unknown paths, then the size and scrape time of ``/metrics``.
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=REPO, help="source tree to serve (default: this checkout)")
     parser.add_argument("--out", type=Path, default=Path("runs/abuse/summary.json"))
+    parser.add_argument("--callers", type=int, nargs="+", default=[32, 160], help="concurrent /explain callers")
     args = parser.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="fact-abuse-"))
     env = {**os.environ, "BENTOML_HOME": str(home), "PYTHONPATH": str(args.repo)}
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):
             post_json(f"{url}/explain", {"image_base64": image})
         explain = {"image_base64": image, "top_k": 20}
-        rows.append(_scenario(url, "overload: 32 × /explain", lambda: _concurrent(f"{url}/explain", [explain] * 32)))
+        for callers in args.callers:
+            rows.append(_scenario(url, f"overload: {callers} × /explain",
+                                  lambda n=callers: _concurrent(f"{url}/explain", [explain] * n)))  # fmt: skip
         rows.append(_scenario(url, "jpeg bombs: 16 × 633 B, 5000²",
                               lambda: _concurrent(f"{url}/explain", [{"image_base64": jpeg_bomb}] * 16)))  # fmt: skip
         rows.append(_scenario(url, "png bombs: 4 × 25 MP",

@@ -149,8 +149,11 @@ class Engine:
         return top[0], top
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self) -> dict[str, float]:
-        """Run each kind of model call once (first calls pay one-off costs); returns route → seconds of a warm call."""
+    def warmup(self) -> dict[str, tuple[float, int]]:
+        """Run each kind of model call once (first calls pay one-off costs).
+
+        Returns route → (seconds of a warm call, its work units: images × (1 + top_k) for explanations).
+        """
         size = self.model.config.preprocessing.input_size
         image = Image.new("RGB", (size, size), (120, 80, 60))
         self.predict([image], top_k=3)
@@ -158,10 +161,10 @@ class Engine:
         timings = {}
         started = time.perf_counter()
         self.predict([image], top_k=3)
-        timings["predict"] = time.perf_counter() - started
+        timings["predict"] = (time.perf_counter() - started, 1)
         started = time.perf_counter()
         self.explain(image, None, None, 5, None, "png", "bcos")
-        timings["explain"] = timings["explain_batch"] = time.perf_counter() - started
+        timings["explain"] = timings["explain_batch"] = (time.perf_counter() - started, 1 + 5)
         return timings
 
     # ------------------------------------------------------------------ predict

@@ -31,6 +31,7 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from service.errors import RequestError, send_error
+from service.limits import WORK_UNITS
 
 __all__ = ["RequestGate", "RouteSpec", "decoded_image", "validation_message"]
 
@@ -59,6 +60,7 @@ class RouteSpec:
         media_types: accepted ``Content-Type`` media types.
         images: body → the base64 strings of its images, in order.
         multipart: whether a multipart form is accepted (translated into the JSON form).
+        work_units: body → its model work in units (admission control, :class:`service.limits.ModelBacklog`).
     """
 
     def __init__(
@@ -67,11 +69,13 @@ class RouteSpec:
         media_types: tuple[str, ...],
         images: Callable[[dict[str, Any]], list[str]],
         multipart: bool = False,
+        work_units: Callable[[dict[str, Any]], int] | None = None,
     ) -> None:
         self.schema = schema
         self.media_types = media_types
         self.images = images
         self.multipart = multipart
+        self.work_units = work_units
 
 
 def validation_message(err: ValidationError, schema: type[BaseModel]) -> str:
@@ -164,7 +168,8 @@ class RequestGate:
 
         token = _DECODED.set(images)
         try:
-            await self.app({**scope, "headers": headers}, replay_receive, send)
+            units = spec.work_units(payload) if spec.work_units is not None else 1
+            await self.app({**scope, "headers": headers, WORK_UNITS: units}, replay_receive, send)
         finally:
             _DECODED.reset(token)
 

@@ -16,7 +16,10 @@ from typing import Any
 
 from service.errors import RequestError, send_error
 
-__all__ = ["ConcurrencyLimit", "ModelBacklog", "QueueShedding"]
+__all__ = ["WORK_UNITS", "ConcurrencyLimit", "ModelBacklog", "QueueShedding"]
+
+WORK_UNITS = "fact.work_units"
+"""ASGI scope key: the request's work units, set by the request gate (absent: 1)."""
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -64,12 +67,14 @@ class ConcurrencyLimit:
 class ModelBacklog:
     """Seconds of model-thread work admitted and not yet finished, in one worker.
 
-    Each admitted request adds its route's expected cost (an exponential moving average of
-    measured model-thread seconds, :meth:`observe`) until it finishes; the backlog is the
-    wait a new request would face. Thread-safe (the model thread reports, the event loop admits).
+    A request's cost is its number of *work units* (for an explanation: images × (1 + top_k),
+    as each top concept costs a backward pass and a heatmap) times its route's seconds per
+    unit, an exponential moving average of measured model-thread time (:meth:`observe`). Each
+    admitted request adds its cost until it finishes; the backlog is the wait a new request
+    would face. Thread-safe (the model thread reports, the event loop admits).
 
     Args:
-        initial_s: the cost assumed for a route before any measurement.
+        initial_s: seconds per unit assumed for a route before any measurement.
         smoothing: weight of a new measurement in the moving average.
     """
 
@@ -80,24 +85,25 @@ class ModelBacklog:
         self._backlog = 0.0
         self._lock = threading.Lock()
 
-    def cost(self, route: str) -> float:
-        """Expected model seconds of one request to ``route``."""
-        return self._cost.get(route, self.initial_s)
+    def cost(self, route: str, units: int = 1) -> float:
+        """Expected model seconds of a request of ``units`` work units to ``route``."""
+        return units * self._cost.get(route, self.initial_s)
 
     @property
     def backlog_s(self) -> float:
         return self._backlog
 
-    def observe(self, route: str, seconds: float) -> None:
-        """Record one measured model-thread duration of ``route``."""
+    def observe(self, route: str, seconds: float, units: int = 1) -> None:
+        """Record one measured model-thread duration of a request of ``units`` work units to ``route``."""
+        per_unit = seconds / max(1, units)
         with self._lock:
             old = self._cost.get(route)
-            self._cost[route] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+            self._cost[route] = per_unit if old is None else (1 - self.smoothing) * old + self.smoothing * per_unit
 
-    def admit(self, route: str) -> float:
+    def admit(self, route: str, units: int = 1) -> float:
         """Add one request's expected cost; returns it (give it back to :meth:`finish`)."""
         with self._lock:
-            cost = self._cost.get(route, self.initial_s)
+            cost = units * self._cost.get(route, self.initial_s)
             self._backlog += cost
             return cost
 
@@ -117,7 +123,8 @@ class QueueShedding:
     Args:
         app: the wrapped ASGI app.
         backlog: the worker's model backlog (shared with the service, which reports durations).
-        routes: path → route name used for costs (e.g. ``{"/explain": "explain"}``).
+        routes: path → route name used for costs (e.g. ``{"/explain": "explain"}``); the request's
+            work units come from the scope (:data:`WORK_UNITS`, set by the request gate).
         budget_s: the longest predicted queue wait admitted.
     """
 
@@ -132,8 +139,9 @@ class QueueShedding:
         if route is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
+        units = int(scope.get(WORK_UNITS, 1))
         wait = self.backlog.backlog_s
-        if wait > 0 and wait + self.backlog.cost(route) > self.budget_s:
+        if wait > 0 and wait + self.backlog.cost(route, units) > self.budget_s:
             retry = max(1, math.ceil(wait))
             message = (
                 f"server overloaded: about {wait:.1f} s of model work is queued in this worker "
@@ -141,7 +149,7 @@ class QueueShedding:
             )
             await send_error(send, RequestError(503, "overloaded", message, {"Retry-After": str(retry)}))
             return
-        cost = self.backlog.admit(route)
+        cost = self.backlog.admit(route, units)
         try:
             await self.app(scope, receive, send)
         finally:

@@ -174,8 +174,8 @@ class FaCTService:
             METRICS.model_info.labels(
                 name=name, version=version, device=engine.device, weights_sha256=engine.model_identity["weights_sha256"]
             ).set(1)
-            for route, seconds in engine.warmup().items():
-                MODEL_BACKLOG.observe(route, seconds)
+            for route, (seconds, units) in engine.warmup().items():
+                MODEL_BACKLOG.observe(route, seconds, units)
             self.engine = engine
             self._update_gpu_memory()
             log.info("serving %s:%s on %s", name, version, engine.device)
@@ -202,7 +202,7 @@ class FaCTService:
         """False once loading failed: /livez answers 503 and an orchestrator restarts the worker."""
         return self.load_error is None
 
-    async def _on_model_thread(self, route: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _on_model_thread(self, route: str, fn: Callable[..., T], *args: Any, units: int = 1) -> T:
         """Run ``fn(*args)`` on the model thread without blocking the event loop; its duration feeds admission."""
 
         def timed() -> T:
@@ -210,7 +210,7 @@ class FaCTService:
             try:
                 return fn(*args)
             finally:
-                MODEL_BACKLOG.observe(route, time.perf_counter() - started)
+                MODEL_BACKLOG.observe(route, time.perf_counter() - started, units)
 
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, timed)
 
@@ -266,6 +266,7 @@ class FaCTService:
                 request["heatmaps"],
                 request["heatmap_kind"],
                 decode_ms,
+                units=explain_units(1, request["top_k"]),
             )
         except RequestError as err:
             return _reject(err)
@@ -291,6 +292,7 @@ class FaCTService:
                 request["heatmaps"],
                 request["heatmap_kind"],
                 decode_ms,
+                units=explain_units(len(items), request["top_k"]),
             )
         except RequestError as err:
             return _reject(err)
@@ -329,6 +331,11 @@ def _count_rejection(route: str, reason: str) -> None:
     METRICS.rejected.labels(endpoint=route, reason=reason).inc()
 
 
+def explain_units(images: int, top_k: int) -> int:
+    """Work units of an explanation (admission control): each top concept costs a backward pass and a heatmap."""
+    return images * (1 + top_k)
+
+
 def _predict_images(payload: dict[str, Any]) -> list[str]:
     return [item["image_base64"] for item in payload["images"]]
 
@@ -354,9 +361,18 @@ FaCTService.add_asgi_middleware(ConcurrencyLimit, max_in_flight=SETTINGS.max_con
 FaCTService.add_asgi_middleware(
     RequestGate,
     routes={
-        "/explain": RouteSpec(ExplainRequest, ("application/json",), lambda p: [p["image_base64"]], multipart=True),
+        "/explain": RouteSpec(
+            ExplainRequest,
+            ("application/json",),
+            lambda p: [p["image_base64"]],
+            multipart=True,
+            work_units=lambda p: explain_units(1, p.get("top_k", 5)),
+        ),
         "/explain_batch": RouteSpec(
-            ExplainBatchRequest, ("application/json",), lambda p: [i["image_base64"] for i in p["items"]]
+            ExplainBatchRequest,
+            ("application/json",),
+            lambda p: [i["image_base64"] for i in p["items"]],
+            work_units=lambda p: explain_units(len(p["items"]), p.get("top_k", 5)),
         ),
         "/predict": RouteSpec(PredictRequest, ("application/json",), _predict_images),
     },
