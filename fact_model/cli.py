@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -374,8 +375,7 @@ def _explain(args: argparse.Namespace, progress: bool) -> None:
     # read_rgb: the accepted formats, integrity checks and mode conversion of the service and datasets;
     # its ValueError names the file
     pil_images = [read_rgb(path) for path in args.images]
-    target = int(args.target) if args.target is not None and args.target.isdigit() else args.target
-    contrast = int(args.contrast) if args.contrast is not None and args.contrast.isdigit() else args.contrast
+    target, contrast = _class_argument(args.target), _class_argument(args.contrast)
     batch = model.preprocess(pil_images)
     expl = model.explain(batch, target=target, contrast=contrast, top_k=args.top_k, maps=args.out is not None)
     records = [_explanation_record(model, expl, n, str(path)) for n, path in enumerate(args.images)]
@@ -401,10 +401,17 @@ def _explain(args: argparse.Namespace, progress: bool) -> None:
         log.info("maps written to %s", args.out)
 
 
+def _class_argument(value: str | None) -> int | str | None:
+    """``--target``/``--contrast``: a string of ASCII digits is a class index, anything else a class name."""
+    if value is not None and re.fullmatch(r"[0-9]{1,9}", value.strip()):
+        return int(value)
+    return value
+
+
 def _explanation_record(model, expl, n: int, source: str) -> dict:
     """The JSON object ``fact explain --json`` prints for image ``n``."""
     top_layer = expl.layer_names[-1]
-    predicted = int(expl.logits[n].argmax())
+    predicted = int(expl.ranking[n, 0])
     target = int(expl.target[n])
     children_of: dict[int, list[dict]] = {}
     for trace in expl.traces:
@@ -414,7 +421,7 @@ def _explanation_record(model, expl, n: int, source: str) -> dict:
             contributions = trace.contributions[n, rank]
             top = contributions.topk(min(3, contributions.numel()))
             children_of[upper_id] = [
-                {"layer": trace.lower, "id": int(i), "contribution": float(c)}
+                {"layer": trace.lower, "id": int(i), "contribution_to_parent": float(c)}
                 for c, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
             ]
     concepts = [
@@ -460,7 +467,7 @@ def _print_record(console: Console, record: dict) -> None:
     for column in ("layer", "concept", "contribution", "share", "built from (lower layer)"):
         table.add_column(column)
     for c in record["concepts"]:
-        children = ", ".join(f"{ch['id']} ({ch['contribution']:+.3g})" for ch in c["children"])
+        children = ", ".join(f"{ch['id']} ({ch['contribution_to_parent']:+.3g})" for ch in c["children"])
         table.add_row(c["layer"], str(c["id"]), f"{c['contribution']:+.4g}", f"{c['share']:.1%}", children)
     console.print(table)
     console.print(

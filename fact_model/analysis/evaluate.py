@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fact_model.bcos.encoding import encode_rgb
+from fact_model.explanation import rank_classes
 from fact_model.model import FaCTModel
 
 __all__ = ["EvaluationReport", "LayerFigures", "evaluate"]
@@ -140,8 +141,8 @@ def evaluate(
     ):
         x = images[idx].float() / 255
         with torch.no_grad():
-            backbone_logits = model.forward_encoded(encode_rgb(x), concepts=False).logits
-        correct_backbone += int((backbone_logits.argmax(1) == labels[idx]).sum())
+            backbone_scores = model.forward_encoded(encode_rgb(x), concepts=False).scores
+        correct_backbone += int((rank_classes(backbone_scores)[:, 0] == labels[idx]).sum())
         expl = model.explain(x, top_k=0)
         correct_fact += int((expl.target == labels[idx]).sum())
         class_count += torch.bincount(expl.target, minlength=model.num_classes).float()

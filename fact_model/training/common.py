@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.config import Preprocessing
+from fact_model.explanation import rank_classes
 from fact_model.model import FaCTModel
 
 __all__ = ["TrainingData", "accuracy", "as_float", "batches", "print_summary", "warmup_cosine"]
@@ -78,7 +79,7 @@ def accuracy(model: FaCTModel, images: Tensor, labels: Tensor, concepts: bool = 
     correct = 0
     for idx in batches(len(images), batch_size):
         record = model.forward_encoded(encode_rgb(as_float(images[idx])), concepts=concepts)
-        correct += int((record.logits.argmax(dim=1) == labels[idx]).sum())
+        correct += int((rank_classes(record.scores)[:, 0] == labels[idx]).sum())
     model.train(was_training)
     return correct / len(images)
 
