@@ -137,7 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, required=True, help="directory for report.html and its PNGs")
 
     onnx_export = commands.add_parser("export-onnx", help="export prediction + concept decomposition to ONNX")
-    onnx_export.add_argument("--model", required=True, help="artifact directory (model.onnx is written into it)")
+    onnx_export.add_argument("--model", required=True, help="artifact directory or 'default'")
+    onnx_export.add_argument(
+        "--out", type=Path, default=None,
+        help="new directory: a copy of the model with model.onnx (required for the shipped default model; "
+        "without it model.onnx is written into the --model directory)",
+    )  # fmt: skip
     onnx_export.add_argument("--top-k", type=int, default=5, help="top concepts returned per image")
 
     explain = commands.add_parser("explain", help="explain image files with a model, locally")
@@ -362,7 +367,7 @@ def _export_onnx(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.onnx_export import export_onnx
     from fact_model.training.common import print_summary
 
-    entry = export_onnx(args.model, top_k=args.top_k)
+    entry = export_onnx(args.model, top_k=args.top_k, out=args.out)
     print_summary("ONNX export", {k: str(v) for k, v in entry.items()})
 
 

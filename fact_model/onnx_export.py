@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,18 +73,52 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_onnx(artifact: str | Path, top_k: int = 5) -> dict[str, Any]:
-    """Export the artifact's model to ``<artifact>/model.onnx`` and record it in the manifest.
+def _inside_package(directory: Path) -> bool:
+    import fact_model
+
+    package = Path(fact_model.__file__).resolve().parent
+    return directory.resolve().is_relative_to(package)
+
+
+def _copy_artifact(source: Path, out: Path) -> Path:
+    """Copy the artifact ``source`` to the new directory ``out`` (atomically: a sibling temp, then a rename)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty directory: choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_FILE, ".*"))
+    if out.exists():
+        out.rmdir()
+    os.replace(staging, out)
+    return out
+
+
+def export_onnx(artifact: str | Path, top_k: int = 5, out: str | Path | None = None) -> dict[str, Any]:
+    """Export the artifact's model to ONNX and record it in the manifest.
+
+    Without ``out`` the graph is written into the artifact (``<artifact>/model.onnx``); with
+    ``out`` the artifact is first copied to that new directory and the export goes there, so
+    the source stays untouched. The model shipped inside the installed package is never
+    written to: exporting it needs ``out``.
 
     Returns the manifest's ``onnx`` entry (file, sha256, opset, top_k, inputs, outputs).
 
     Raises:
-        ValueError: the model has no closed-form last concept layer, or the exported graph
-            fails ``onnx.checker``.
+        ValueError: the model has no closed-form last concept layer, the exported graph
+            fails ``onnx.checker``, the artifact lies inside the installed package and no
+            ``out`` was given, or ``out`` is not a new (or empty) directory.
     """
     import onnx
 
     directory = resolve_artifact_path(artifact)
+    if out is not None:
+        model = load(directory).eval()  # refuse a broken artifact before copying it
+        directory = _copy_artifact(directory, Path(out))
+    elif _inside_package(directory):
+        raise ValueError(
+            f"{directory} is inside the installed fact_model package, which is never written to: "
+            "pass --out DIR to export a copy of the model with its ONNX graph there"
+        )
     model = load(directory).eval()
     graph = PredictionGraph(model, top_k).eval()
     size = model.config.preprocessing.input_size

@@ -200,3 +200,24 @@ def test_export_without_the_ranking_outputs_is_refused(exported, tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"lacks the outputs \['scores', 'predicted'\].*re-export"):
         OnnxPredictor(old)
+
+
+def test_export_never_writes_into_the_installed_package_and_out_copies(tmp_path):
+    """The shipped model is refused without --out; with it, a new artifact holds the copy and model.onnx."""
+    shipped = resolve_artifact_path("default")
+    before = sorted(p.name for p in shipped.iterdir())
+    manifest_before = (shipped / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="--out"):
+        export_onnx("default")
+    out = tmp_path / "with-onnx"
+    entry = export_onnx("default", out=out)
+    assert sorted(p.name for p in shipped.iterdir()) == before and "model.onnx" not in before
+    assert (shipped / "manifest.json").read_bytes() == manifest_before  # the source is untouched
+    assert (out / "model.onnx").is_file() and json.loads((out / "manifest.json").read_text())["onnx"] == entry
+    assert (out / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    predictor = OnnxPredictor(out)
+    images = _real_images(3)
+    expected = fact_model.load(shipped)(images).detach().numpy()
+    np.testing.assert_allclose(predictor.run(images)["logits"], expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not an empty directory"):
+        export_onnx("default", out=out)  # an existing artifact is not overwritten
