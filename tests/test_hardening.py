@@ -158,7 +158,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "BENTOML_HOME": str(home), "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=REPO, check=True, capture_output=True)
     readiness: list[int | None] = []
-    settings = {"FACT_BODY_TIMEOUT": "1", "FACT_QUEUE_BUDGET": "1"}
+    settings = {"FACT_BODY_TIMEOUT": "1", "FACT_QUEUE_BUDGET": "1", "FACT_CORS_ORIGINS": "https://audit.example"}
     with running_server(home, env=settings, readiness=readiness) as url:
         image, _ = _sample(0)
         for _ in range(3):  # warm up before the memory baseline
@@ -467,6 +467,19 @@ def test_openapi_documents_every_route_and_the_error_shape(server):
     schema = json.dumps(spec["components"]["schemas"]["ExplainRequest"])
     assert '"integer"' in schema and '"string"' in schema  # target: index or name
     assert spec["components"]["schemas"]["ExplainRequest"].get("additionalProperties") is False
+
+
+def test_cors_allows_only_the_configured_origins(server):
+    url, *_ = server
+    preflight = {"Origin": "https://audit.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}  # fmt: skip
+    status, _, headers = _request("OPTIONS", f"{url}/explain", headers=preflight)
+    assert status == 200 and headers["access-control-allow-origin"] == "https://audit.example"
+    status, _, headers = _request("GET", f"{url}/model", headers={"Origin": "https://audit.example"})
+    assert status == 200 and headers["access-control-allow-origin"] == "https://audit.example"
+    assert "x-request-id" in headers["access-control-expose-headers"].lower()
+    status, _, headers = _request("GET", f"{url}/model", headers={"Origin": "https://evil.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
 
 
 def test_unknown_routes_and_methods_have_the_error_shape(server):
