@@ -206,7 +206,7 @@ class Edge:
                 kept.append((b"retry-after", str(self.retry_after).encode()))
             kept += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
             if path not in _PROBES:  # a probe's 503 while loading is its answer, not an incident
-                self._log(status, reason, str(rewritten["error"]), method, path)
+                self._log(status, reason, str(rewritten["error"]), method, path, request_id)
             if self.on_reject is not None:
                 self.on_reject(route, reason)
             await send({"type": "http.response.start", "status": status, "headers": kept})
@@ -250,15 +250,17 @@ class Edge:
             task.cancel()
             raise
         except Exception:
-            log.exception("unhandled error on %s %s", method, path)
+            log.exception("unhandled error on %s %s [request_id=%s]", method, path[:200], request_id)
             if not state["sent"]:
                 await answer(500, "internal_error", "an unexpected error occurred; quote the request_id")
         if self.on_request is not None and state["status"]:
             self.on_request(route, method_label, state["status"], time.perf_counter() - started)
 
     @staticmethod
-    def _log(status: int, reason: str, message: str, method: str, path: str) -> None:
+    def _log(status: int, reason: str, message: str, method: str, path: str, request_id: str) -> None:
         level = logging.ERROR if status >= 500 and status not in (503, 504) else logging.INFO
         if status in (429, 503, 504):
             level = logging.WARNING
-        log.log(level, "%s %s → %d %s: %s", method, path[:200], status, reason, message[:300])
+        log.log(
+            level, "%s %s → %d %s: %s [request_id=%s]", method, path[:200], status, reason, message[:300], request_id
+        )

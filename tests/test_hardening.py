@@ -451,6 +451,16 @@ def test_request_ids_are_echoed_or_generated(server):
         "POST", f"{url}/explain", b"x", {"Content-Type": "text/plain", "X-Request-ID": "z" * 500}
     )
     assert status == 415 and len(headers["x-request-id"]) == 32 and body["request_id"] == headers["x-request-id"]
+    status, body, headers = _request("GET", f"{url}/concepts/layer9", headers={"X-Request-ID": "audit-43"})
+    assert status == 404 and body["request_id"] == "audit-43" == headers["x-request-id"]
+
+
+def test_no_api_takes_a_file_or_url_input():
+    """BentoML downloads a URL given for a file-typed input: none of our APIs has one (multipart is ours)."""
+    from service.service import FaCTService
+
+    for name, method in FaCTService.apis.items():
+        assert not method.input_spec.multipart_fields, name
 
 
 def test_openapi_documents_every_route_and_the_error_shape(server):
@@ -504,7 +514,9 @@ def test_client_errors_log_one_line_without_traceback(server):
     url, _, _, home = server
     log = next(home.glob(f"server-{url.rsplit(':', 1)[1]}.log")).read_text(errors="replace")
     assert "Traceback" not in log
-    assert "invalid_request" in log  # the one INFO line per refusal
+    refusals = [line for line in log.splitlines() if "invalid_request" in line]
+    assert refusals and all("request_id=" in line for line in refusals)  # one INFO line per refusal, with its id
+    assert "request_id=audit-43" in log  # the refusal test_request_ids_are_echoed_or_generated sent
 
 
 def test_probes_answered_within_half_a_second_throughout(server):
