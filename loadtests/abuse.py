@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,27 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.harness import http, post_json, running_server, server_rss  # noqa: E402
-
-
-def _jpeg_claiming(width: int, height: int) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (90, 20, 200)).save(buffer, format="JPEG", quality=50)
-    small = buffer.getvalue()
-    marker = small.index(b"\xff\xc0")
-    return small[: marker + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + small[marker + 9 :]
-
-
-def _png_of(width: int, height: int) -> bytes:
-    raw = b"".join(b"\0" + b"\x80" * width for _ in range(height))
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
-
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+from service.harness import grey_png, http, jpeg_declaring, post_json, running_server, server_rss  # noqa: E402
 
 
 def _sample_png() -> bytes:
@@ -134,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "BENTOML_HOME": str(home), "PYTHONPATH": str(args.repo)}
     subprocess.run([sys.executable, "-m", "service.store"], env=env, cwd=args.repo, check=True, capture_output=True)
     image = base64.b64encode(_sample_png()).decode()
-    jpeg_bomb = base64.b64encode(_jpeg_claiming(5000, 5000)).decode()
-    png_bomb = base64.b64encode(_png_of(5000, 5000)).decode()
+    jpeg_bomb = base64.b64encode(jpeg_declaring(5000, 5000)).decode()
+    png_bomb = base64.b64encode(grey_png(5000, 5000)).decode()
     rows = []
     with running_server(home, repo=args.repo) as url:
         for _ in range(3):

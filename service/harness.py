@@ -170,3 +170,29 @@ def running_server(
             time.sleep(0.2)
         _signal_all(alive, signal.SIGKILL)  # a worker the arbiter did not stop in time
         log.close()
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A dimension bomb: a real 16×16 JPEG of a few hundred bytes whose header declares ``width × height``."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 20, 200)).save(buffer, format="JPEG", quality=50)
+    small = buffer.getvalue()
+    marker = small.index(b"\xff\xc0")  # start of frame: length (2 bytes), precision (1), height (2), width (2)
+    return small[: marker + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + small[marker + 9 :]
+
+
+def grey_png(width: int, height: int) -> bytes:
+    """A decompression bomb: a valid grey PNG of ``width × height`` pixels in tens of kB (built without decoding)."""
+    import zlib
+
+    raw = b"".join(b"\0" + b"\x80" * width for _ in range(height))
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,7 +27,7 @@ import pytest
 from PIL import Image
 
 from fact_model.data.synthetic import SyntheticConfig, render_sample
-from service.harness import REPO, http, running_server, server_rss
+from service.harness import REPO, grey_png, http, jpeg_declaring, running_server, server_rss
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -359,29 +358,11 @@ def test_chunked_oversize_body_gets_413(server):
     assert status == 413 and b'"reason": "too_large"' in response, response[:300]
 
 
-def _jpeg_claiming(width: int, height: int) -> bytes:
-    """A tiny JPEG whose header declares ``width × height``: a real small JPEG with its SOF size patched."""
-    small = _encode(Image.new("RGB", (16, 16), (90, 20, 200)), "JPEG", quality=50)
-    marker = small.index(b"\xff\xc0")
-    return small[: marker + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + small[marker + 9 :]
-
-
-def _png_of(width: int, height: int) -> bytes:
-    """A highly compressible PNG of ``width × height`` grey pixels (tens of kB)."""
-    raw = b"".join(b"\0" + b"\x80" * width for _ in range(height))
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
-
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-
-
 def test_dimension_and_decompression_bombs_are_refused_cheaply(server):
     url, watcher, *_ = server
-    jpeg_bomb = _jpeg_claiming(5000, 5000)
+    jpeg_bomb = jpeg_declaring(5000, 5000)
     assert len(jpeg_bomb) < 1000
-    png_bomb = _png_of(5000, 5000)
+    png_bomb = grey_png(5000, 5000)
     before = server_rss(url.pid)
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -393,7 +374,7 @@ def test_dimension_and_decompression_bombs_are_refused_cheaply(server):
     assert server_rss(url.pid) - before < 100 * 2**20
     # The largest image allowed (the default limit from the 48 px model: 2048² pixels), 16 at once:
     # decoded two at a time off the event loop, so memory stays bounded and the probes keep answering.
-    big = _png_of(2048, 2048)
+    big = grey_png(2048, 2048)
     with ThreadPoolExecutor(max_workers=16) as pool:
         statuses = list(
             pool.map(lambda d: _post(f"{url}/predict", {"images": [{"image_base64": _b64(d)}]})[0], [big] * 16)
