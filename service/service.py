@@ -83,9 +83,19 @@ def _current() -> FaCTService:
     return bentoml.get_current_service()
 
 
-def _engine() -> Engine:
-    """The loaded engine of this worker, or a 503 while the model is still loading."""
+LOAD_WAIT_S = max(1.0, SETTINGS.request_timeout - 5.0)
+"""How long a request that reaches a worker still loading its model waits for it (then 503 ``loading``)."""
+
+
+def _engine_waiting() -> Engine:
+    """This worker's engine, waiting up to :data:`LOAD_WAIT_S` while it loads (blocks: call off the event loop).
+
+    With several workers, ``/readyz`` turns 200 once *a* worker is ready, while another may still
+    be loading: a request that reaches that one waits for the model instead of failing.
+    """
     service = _current()
+    if getattr(service, "engine", None) is None and getattr(service, "_loaded", None) is not None:
+        service._loaded.wait(LOAD_WAIT_S)
     engine = getattr(service, "engine", None)
     if engine is None:
         if getattr(service, "load_error", None) is not None:
@@ -94,17 +104,25 @@ def _engine() -> Engine:
     return engine
 
 
+async def _engine() -> Engine:
+    """This worker's engine (waiting, off the event loop, while it loads), or a 503."""
+    engine = getattr(_current(), "engine", None)
+    if engine is not None:
+        return engine
+    return await asyncio.get_running_loop().run_in_executor(None, _engine_waiting)
+
+
 # ----------------------------------------------------------------------------- GET routes
 async def _model_info(request: Request) -> Response:
     try:
-        return _json(_engine().model_summary(), "model")
+        return _json((await _engine()).model_summary(), "model")
     except RequestError as err:
         return _reject(err)
 
 
 async def _concept_list(request: Request) -> Response:
     try:
-        return _json(_engine().concept_list(request.path_params["layer"]), "concepts")
+        return _json((await _engine()).concept_list(request.path_params["layer"]), "concepts")
     except RequestError as err:
         return _reject(err)
 
@@ -112,7 +130,7 @@ async def _concept_list(request: Request) -> Response:
 async def _concept_card(request: Request) -> Response:
     service = _current()
     try:
-        engine = _engine()
+        engine = await _engine()
         concept = parse_path_id(request.path_params["concept"], "concept", "unknown_concept")
         card = await service._on_model_thread("concepts", engine.concept_card, request.path_params["layer"], concept)
     except RequestError as err:
@@ -252,7 +270,7 @@ class FaCTService:
         """
         started = time.perf_counter()
         try:
-            engine = _engine()
+            engine = await _engine()
             image = self._image(engine, request["image_base64"])
             decode_ms = 1e3 * (time.perf_counter() - started)
             results = await self._on_model_thread(
@@ -278,7 +296,7 @@ class FaCTService:
         started = time.perf_counter()
         items = request["items"]
         try:
-            engine = _engine()
+            engine = await _engine()
             images = [self._image(engine, item.image_base64) for item in items]
             decode_ms = 1e3 * (time.perf_counter() - started)
             results = await self._on_model_thread(
@@ -310,7 +328,7 @@ class FaCTService:
         At most ``FACT_PREDICT_MAX_BATCH`` images per request (400 above it); BentoML merges requests.
         """
         started = time.perf_counter()
-        engine = _engine()
+        engine = await _engine()
         pil = [item.image if item.image is not None else self._image(engine, item.image_base64) for item in images]
         results = await self._on_model_thread("predict", engine.predict, pil)
         METRICS.batch_size.labels(endpoint="predict").observe(len(results))
@@ -319,7 +337,7 @@ class FaCTService:
 
 
 def _decode_upload(data: bytes) -> Any:
-    return _engine().decode(data)
+    return _engine_waiting().decode(data)  # on the gate's decode thread
 
 
 def _count_request(route: str, method: str, status: int, seconds: float) -> None:
