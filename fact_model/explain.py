@@ -40,7 +40,15 @@ from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps
 from fact_model.model import FaCTModel, ForwardRecord
 from kernels._common import env_choice
 
-__all__ = ["MAP_KINDS", "VJP_ENV", "closed_form_applies", "closed_form_code_gradient", "concept_input_maps", "explain"]
+__all__ = [
+    "MAP_KINDS",
+    "VJP_ENV",
+    "ContrastEqualsTargetError",
+    "closed_form_applies",
+    "closed_form_code_gradient",
+    "concept_input_maps",
+    "explain",
+]
 
 MAP_KINDS = ("concepts", "logit", "other")
 VJP_ENV = "FACT_EXPLAIN_VJP"
@@ -110,6 +118,10 @@ def _positive_shares(contributions: Tensor) -> Tensor:
     return torch.where(positive_total > 0, contributions / positive_total.clamp(min=1e-30), 0.0)
 
 
+class ContrastEqualsTargetError(ValueError):
+    """A contrast class equal to the explained target (a caller's mistake, e.g. an HTTP 400)."""
+
+
 def _check_contrast(target: Tensor, contrast: Tensor | None, class_names: Sequence[str]) -> None:
     """Refuse a contrast equal to the target: ``logit[c] − logit[c]`` is 0, an all-zero "explanation".
 
@@ -123,7 +135,7 @@ def _check_contrast(target: Tensor, contrast: Tensor | None, class_names: Sequen
         n = same[0]
         c = int(contrast[n])
         more = f" (and {len(same) - 1} more image(s))" if len(same) > 1 else ""
-        raise ValueError(
+        raise ContrastEqualsTargetError(
             f"contrast class {class_names[c]!r} ({c}) equals the target class for image {n}{more}: "
             "a contrast must be another class (why the target rather than it)"
         )

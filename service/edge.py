@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from service.errors import error_body
+from service.errors import error_body, error_payload
 
 __all__ = ["BENTOML_REQUEST_LOGGER", "Edge", "QuietRefusals", "current_request_id", "route_label"]
 
@@ -125,29 +125,34 @@ def _validation_message(detail: list[Any]) -> str:
 _PROBES = frozenset({"/livez", "/healthz", "/readyz"})
 
 
-def _envelope(status: int, body: bytes, method: str, path: str) -> tuple[str | None, str, bool]:
-    """``(reason, message, already_ours)`` of an error body produced anywhere in the stack."""
+def _foreign_error(status: int, parsed: Any, body: bytes, method: str, path: str) -> tuple[str | None, str]:
+    """``(reason, message)`` for an error body that is not ours (BentoML's, Starlette's)."""
+    if isinstance(parsed, dict) and isinstance(parsed.get("detail"), list):
+        return "invalid_request", _validation_message(parsed["detail"])
+    if status == 404:
+        return "not_found", f"no such resource: {method} {path[:200]} (the API is listed at /docs)"
+    if status == 405:
+        return "method_not_allowed", f"{method} is not allowed on {path[:200]}"
+    if status == 503 and path in _PROBES:
+        return "not_ready", "the service is not ready: the model is loading or failed to load (see the log)"
+    if status == 503:
+        # BentoML's batching queue: the request would not be served within its latency budget.
+        return "queue_full", "server overloaded: the batching queue is full; retry later"
+    if status >= 500:
+        return None, "an unexpected error occurred; the server log has the details (quote the request_id)"
+    text = parsed.get("error") if isinstance(parsed, dict) else body.decode("utf-8", "replace").strip()
+    return None, str(text or "bad request")[:500]
+
+
+def _envelope(status: int, body: bytes, method: str, path: str) -> dict[str, Any]:
+    """The one error shape of an error body produced anywhere in the stack (ours is kept as it is)."""
     try:
         parsed = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
         parsed = None
     if isinstance(parsed, dict) and {"error", "reason", "status"} <= parsed.keys():
-        return str(parsed["reason"]), str(parsed["error"]), True
-    if isinstance(parsed, dict) and isinstance(parsed.get("detail"), list):
-        return "invalid_request", _validation_message(parsed["detail"]), False
-    if status == 404:
-        return "not_found", f"no such resource: {method} {path[:200]} (the API is listed at /docs)", False
-    if status == 405:
-        return "method_not_allowed", f"{method} is not allowed on {path[:200]}", False
-    if status == 503 and path in _PROBES:
-        return "not_ready", "the service is not ready: the model is loading or failed to load (see the log)", False
-    if status == 503:
-        # BentoML's batching queue: the request would not be served within its latency budget.
-        return "queue_full", "server overloaded: the batching queue is full; retry later", False
-    if status >= 500:
-        return None, "an unexpected error occurred; the server log has the details (quote the request_id)", False
-    text = parsed.get("error") if isinstance(parsed, dict) else body.decode("utf-8", "replace").strip()
-    return None, str(text or "bad request")[:500], False
+        return parsed
+    return error_payload(status, *_foreign_error(status, parsed, body, method, path))
 
 
 class Edge:
@@ -196,8 +201,7 @@ class Edge:
         pending: dict[str, Any] = {}  # an error response being buffered for rewriting
 
         async def finish_error(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-            reason, message, ours = _envelope(status, body, method, path)
-            rewritten = json.loads(body) if ours else json.loads(error_body(status, reason, message))
+            rewritten = _envelope(status, body, method, path)
             rewritten["request_id"] = request_id
             reason = str(rewritten["reason"])
             data = json.dumps(rewritten).encode()

@@ -22,7 +22,12 @@ from fact_model import render
 from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
 from fact_model.artifacts import load, read_manifest
 from fact_model.bcos.encoding import encode_rgb
-from fact_model.explain import closed_form_applies, closed_form_code_gradient, concept_input_maps
+from fact_model.explain import (
+    ContrastEqualsTargetError,
+    closed_form_applies,
+    closed_form_code_gradient,
+    concept_input_maps,
+)
 from fact_model.explanation import Explanation, rank_classes
 from fact_model.model import FaCTModel
 from service.errors import RequestError
@@ -208,7 +213,7 @@ class Engine:
     def _predict_onnx(self, batch: torch.Tensor, top_k: int, top_layer: str) -> list[dict[str, Any]]:
         outputs = self.onnx.run(batch)
         logits = torch.from_numpy(outputs["logits"])
-        ranking = rank_classes(torch.from_numpy(outputs["scores"]))  # the order the graph explained
+        ranking = torch.from_numpy(outputs["ranking"])  # the order the graph explained (OnnxPredictor.run)
         probabilities = self.model.probabilities(logits)
         k = min(top_k, outputs["top_ids"].shape[1])
         results = []
@@ -305,31 +310,24 @@ class Engine:
         for has_contrast, rows in groups.items():
             targets = [target_idx[i] for i in rows]
             target_arg = None if all(t is None for t in targets) else targets
-            if any(t is None for t in targets) and (target_arg is not None or has_contrast):
-                # default targets next to explicit ones, or under a contrast: resolve them from a forward pass
+            if target_arg is not None and any(t is None for t in targets):
+                # mix of explicit and default targets: resolve the defaults from a plain forward pass
                 with torch.no_grad():
                     scores = self.model.forward_encoded(encode_rgb(batch[rows]), concepts=True).scores
                 predicted = rank_classes(scores)[:, 0].tolist()
                 target_arg = [p if t is None else t for t, p in zip(targets, predicted, strict=True)]
-            if has_contrast:
-                for j, i in enumerate(rows):
-                    if target_arg[j] == contrast_idx[i]:
-                        name = self.model.class_names[contrast_idx[i]]
-                        raise RequestError(
-                            400,
-                            "contrast_equals_target",
-                            f"contrast {name!r} is the explained target class (image {i}): a contrast must be "
-                            "another class (why the target rather than it)",
-                        )
-            expl = self.model.explain(
-                batch[rows],
-                target=target_arg,
-                contrast=[contrast_idx[i] for i in rows] if has_contrast else None,
-                top_k=top_k,
-                maps=with_maps,
-                map_kinds=("concepts",),
-                map_layers=(primary,),
-            )
+            try:
+                expl = self.model.explain(
+                    batch[rows],
+                    target=target_arg,
+                    contrast=[contrast_idx[i] for i in rows] if has_contrast else None,
+                    top_k=top_k,
+                    maps=with_maps,
+                    map_kinds=("concepts",),
+                    map_layers=(primary,),
+                )
+            except ContrastEqualsTargetError as err:
+                raise RequestError(400, "contrast_equals_target", str(err)) from None
             for j, i in enumerate(rows):
                 out[i] = (expl, j)
         return out  # type: ignore[return-value]  (every row was filled)

@@ -25,6 +25,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -52,10 +53,11 @@ def decoded_image(text: str) -> Image.Image | None:
     return None if table is None else table.get(text)
 
 
+@dataclass(frozen=True)
 class RouteSpec:
     """What the gate checks for one route.
 
-    Args:
+    Attributes:
         schema: the strict pydantic model of the JSON body.
         media_types: accepted ``Content-Type`` media types.
         images: body → the base64 strings of its images, in order.
@@ -63,19 +65,11 @@ class RouteSpec:
         work_units: body → its model work in units (admission control, :class:`service.limits.ModelBacklog`).
     """
 
-    def __init__(
-        self,
-        schema: type[BaseModel],
-        media_types: tuple[str, ...],
-        images: Callable[[dict[str, Any]], list[str]],
-        multipart: bool = False,
-        work_units: Callable[[dict[str, Any]], int] | None = None,
-    ) -> None:
-        self.schema = schema
-        self.media_types = media_types
-        self.images = images
-        self.multipart = multipart
-        self.work_units = work_units
+    schema: type[BaseModel]
+    media_types: tuple[str, ...]
+    images: Callable[[dict[str, Any]], list[str]]
+    multipart: bool = False
+    work_units: Callable[[dict[str, Any]], int] | None = None
 
 
 def validation_message(err: ValidationError, schema: type[BaseModel]) -> str:

@@ -14,6 +14,7 @@ import bentoml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StringConstraints, model_validator
 
+from service.gate import decoded_image
 from service.settings import SETTINGS
 
 __all__ = [
@@ -24,7 +25,6 @@ __all__ = [
     "HeatmapKind",
     "PredictItem",
     "PredictRequest",
-    "image_lookup",
 ]
 
 HeatmapFormat = Literal["none", "png", "array"]
@@ -50,13 +50,6 @@ LayerNames = Annotated[
     list[Annotated[str, StringConstraints(min_length=1, max_length=128)]],
     Field(max_length=MAX_LAYER_NAMES, description="concept layers to trace (default: all; GET /model lists them)"),
 ]
-
-
-def image_lookup(text: str) -> Image.Image | None:
-    """The image the request gate already decoded for this base64 text (None when it did not)."""
-    from service.gate import decoded_image
-
-    return decoded_image(text)
 
 
 class ExplainRequest(bentoml.IODescriptor):
@@ -101,12 +94,14 @@ class PredictItem(BaseModel):
 
     @model_validator(mode="after")
     def _attach_image(self) -> PredictItem:
-        self._image = image_lookup(self.image_base64)
+        self._image = decoded_image(self.image_base64)  # None while the gate itself validates the body
         return self
 
     @property
-    def image(self) -> Image.Image | None:
-        """The decoded image, or None when the item did not pass through the request gate."""
+    def image(self) -> Image.Image:
+        """The image the request gate decoded for this item."""
+        if self._image is None:  # every API route is gated: a wiring bug, not a client error
+            raise RuntimeError("the request gate did not decode this /predict image")
         return self._image
 
 

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from service.edge import BENTOML_REQUEST_LOGGER, Edge, QuietRefusals
 from service.errors import RequestError, parse_path_id
 from service.explorer import routes as explorer_routes
-from service.gate import RequestGate, RouteSpec
+from service.gate import RequestGate, RouteSpec, decoded_image
 from service.limits import ConcurrencyLimit, ModelBacklog, QueueShedding
 from service.metrics import METRICS
 from service.openapi import OpenAPIDocument
@@ -94,11 +94,10 @@ def _engine_waiting() -> Engine:
     be loading: a request that reaches that one waits for the model instead of failing.
     """
     service = _current()
-    if getattr(service, "engine", None) is None and getattr(service, "_loaded", None) is not None:
-        service._loaded.wait(LOAD_WAIT_S)
-    engine = getattr(service, "engine", None)
+    service._loaded.wait(LOAD_WAIT_S)
+    engine = service.engine
     if engine is None:
-        if getattr(service, "load_error", None) is not None:
+        if service.load_error is not None:
             raise RequestError(503, "load_failed", "the model failed to load; the server log says why")
         raise RequestError(503, "loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
     return engine
@@ -106,7 +105,7 @@ def _engine_waiting() -> Engine:
 
 async def _engine() -> Engine:
     """This worker's engine (waiting, off the event loop, while it loads), or a 503."""
-    engine = getattr(_current(), "engine", None)
+    engine = _current().engine
     if engine is not None:
         return engine
     return await asyncio.get_running_loop().run_in_executor(None, _engine_waiting)
@@ -255,12 +254,12 @@ class FaCTService:
         return response
 
     @staticmethod
-    def _image(engine: Engine, text: str) -> Any:
-        """The image the request gate decoded for ``text`` (decoded here only when called around the gate)."""
-        from service.gate import decoded_image
-
+    def _image(text: str) -> Any:
+        """The image the request gate decoded (off the event loop) for this base64 text."""
         image = decoded_image(text)
-        return image if image is not None else engine.decode(decode_base64(text, SETTINGS.max_request_bytes))
+        if image is None:  # every API route is gated: a missing image is a wiring bug, not a client error
+            raise RuntimeError("the request gate did not decode this request's image")
+        return image
 
     @bentoml.api(route="/explain", input_spec=ExplainRequest)
     async def explain(self, **request: Any) -> dict[str, Any]:
@@ -271,7 +270,7 @@ class FaCTService:
         started = time.perf_counter()
         try:
             engine = await _engine()
-            image = self._image(engine, request["image_base64"])
+            image = self._image(request["image_base64"])
             decode_ms = 1e3 * (time.perf_counter() - started)
             results = await self._on_model_thread(
                 "explain",
@@ -297,7 +296,7 @@ class FaCTService:
         items = request["items"]
         try:
             engine = await _engine()
-            images = [self._image(engine, item.image_base64) for item in items]
+            images = [self._image(item.image_base64) for item in items]
             decode_ms = 1e3 * (time.perf_counter() - started)
             results = await self._on_model_thread(
                 "explain_batch",
@@ -329,8 +328,7 @@ class FaCTService:
         """
         started = time.perf_counter()
         engine = await _engine()
-        pil = [item.image if item.image is not None else self._image(engine, item.image_base64) for item in images]
-        results = await self._on_model_thread("predict", engine.predict, pil)
+        results = await self._on_model_thread("predict", engine.predict, [item.image for item in images])
         METRICS.batch_size.labels(endpoint="predict").observe(len(results))
         METRICS.stage_seconds.labels(endpoint="predict", stage="forward").observe(time.perf_counter() - started)
         return results

@@ -33,30 +33,27 @@ from dataclasses import dataclass
 __all__ = ["SETTINGS", "Settings"]
 
 
-def _float(name: str, default: float) -> float:
+def _positive(name: str, default: float, kind: type[int] | type[float]) -> float:
+    """A positive number from the environment variable ``name`` (``default`` when unset or empty)."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"environment variable {name} must be {what}, got {raw!r}") from None
     if not value > 0:
-        raise ValueError(f"environment variable {name} must be > 0, got {value}")
+        raise ValueError(f"environment variable {name} must be {'≥ 1' if kind is int else '> 0'}, got {value}")
     return value
 
 
 def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"environment variable {name} must be ≥ 1, got {value}")
-    return value
+    return int(_positive(name, default, int))
+
+
+def _float(name: str, default: float) -> float:
+    return float(_positive(name, default, float))
 
 
 @dataclass(frozen=True)
