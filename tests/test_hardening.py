@@ -502,6 +502,8 @@ def test_client_errors_log_one_line_without_traceback(server):
 
 def test_probes_answered_within_half_a_second_throughout(server):
     _, watcher, *_ = server
+    growth, baseline = (watcher.peak - watcher.baseline) / 2**20, watcher.baseline / 2**20
+    print(f"probes: slowest {watcher.slowest:.3f} s; server RSS peak +{growth:.0f} MiB over {baseline:.0f} MiB")
     assert not watcher.failures, watcher.failures[:5]
     assert watcher.slowest <= PROBE_BOUND_S, watcher.slowest
     assert watcher.peak - watcher.baseline < RSS_BOUND_BYTES, (watcher.peak, watcher.baseline)
