@@ -34,13 +34,25 @@ log = logging.getLogger("fact")
 # ----------------------------------------------------------------------------- arguments
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", default="synthetic", help="'synthetic' (embedded dataset) or an image folder")
+    group.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (embedded dataset) or an image folder: ROOT/<class>/… or ROOT/{train,val}/<class>/…",
+    )
+    group.add_argument(
+        "--val-data", default=None, help="folder: a separate validation folder (one sub-folder per class)"
+    )
+    group.add_argument(
+        "--workers", type=int, default=None, help="folder: image-decoding worker processes (default: spare cores)"
+    )
     group.add_argument("--image-size", type=int, default=48, help="model input size in pixels")
     group.add_argument("--data-seed", type=int, default=0, help="synthetic generation / folder split seed")
     group.add_argument("--train-size", type=int, default=6000, help="synthetic train split size")
     group.add_argument("--val-size", type=int, default=1000, help="synthetic val split size")
     group.add_argument("--test-size", type=int, default=1000, help="synthetic test split size")
-    group.add_argument("--val-fraction", type=float, default=0.1, help="folder: share held out for validation")
+    group.add_argument(
+        "--val-fraction", type=float, default=0.1, help="folder without val/: share of each class for validation"
+    )
     group.add_argument("--resize", type=int, default=None, help="folder: shorter side before centre crop")
 
 
@@ -56,7 +68,15 @@ def _data_spec(args: argparse.Namespace):
         test=args.test_size,
         val_fraction=args.val_fraction,
         resize=args.resize,
+        val_source=args.val_data,
+        workers=_workers(args.workers),
     )
+
+
+def _workers(value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise ValueError(f"--workers must be ≥ 0, got {value}")
+    return value
 
 
 def _layer_spec(text: str):
@@ -102,19 +122,25 @@ def _parser() -> argparse.ArgumentParser:
     concepts.add_argument("--batch-size", type=int, default=1024)
     concepts.add_argument("--lr", type=float, default=1e-3)
     concepts.add_argument("--positions", type=int, default=16, help="feature vectors sampled per image")
+    concepts.add_argument(
+        "--feature-dtype", choices=["float32", "float16"], default="float32", help="feature shards on disk"
+    )
     concepts.add_argument("--seed", type=int, default=0)
     concepts.add_argument("--out", type=Path, required=True, help="run directory (features/, checkpoints, model/)")
 
     evaluate = commands.add_parser("evaluate", help="accuracy and concept figures of a model")
     _add_data_args(evaluate)
     evaluate.add_argument("--model", default="default", help="artifact directory or 'default'")
-    evaluate.add_argument("--split", default=None, help="synthetic: train/val/test (default test); folder: all")
+    evaluate.add_argument(
+        "--split", default=None, help="synthetic: train/val/test (default test); folder: all (default), train, val; "
+        "ROOT/{train,val,test}: test if present, else val",
+    )  # fmt: skip
     evaluate.add_argument("--out", type=Path, required=True, help="where evaluation.json/.md go")
 
     stats = commands.add_parser("stats", help="per-concept dataset statistics, saved next to the model")
     _add_data_args(stats)
     stats.add_argument("--model", required=True, help="artifact directory (the statistics are written into it)")
-    stats.add_argument("--split", default=None, help="synthetic: default test; folder: all")
+    stats.add_argument("--split", default=None, help="as for fact evaluate")
     stats.add_argument("--top", type=int, default=16, help="top-activating images kept per concept")
 
     quality = commands.add_parser("quality", help="C²-score and ground-truth recovery of concepts vs channels")
@@ -166,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- commands
 def _train_backbone(args: argparse.Namespace, progress: bool) -> None:
-    from fact_model.data.sources import load_training_data
+    from fact_model.data.sources import open_training_data
     from fact_model.training.backbone import BackboneTrainConfig, train_backbone
 
     arch_kwargs = {"width": args.width} if args.arch.startswith("bcos_resnet") else {}
@@ -178,7 +204,7 @@ def _train_backbone(args: argparse.Namespace, progress: bool) -> None:
         lr=args.lr,
         seed=args.seed,
     )
-    data = load_training_data(_data_spec(args), progress=progress)
+    data = open_training_data(_data_spec(args))
     train_backbone(config, data, args.out, progress=progress)
 
 
@@ -210,7 +236,7 @@ def _start_model(args: argparse.Namespace, data):
 
 
 def _train_concepts(args: argparse.Namespace, progress: bool) -> None:
-    from fact_model.data.sources import load_training_data
+    from fact_model.data.sources import open_training_data
     from fact_model.training.concepts import ConceptTrainConfig, train_concepts
 
     config = ConceptTrainConfig(
@@ -218,19 +244,34 @@ def _train_concepts(args: argparse.Namespace, progress: bool) -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        feature_dtype=args.feature_dtype,
         seed=args.seed,
     )
-    data = load_training_data(_data_spec(args), progress=progress)
+    data = open_training_data(_data_spec(args))
     model = _start_model(args, data)
     train_concepts(model, data, list(args.layer), config, args.out, progress=progress)
 
 
-def _eval_split(args: argparse.Namespace, progress: bool):
-    from fact_model.data.sources import load_split
+def _eval_split(args: argparse.Namespace, model=None):
+    """The split a data-reading command works on (default: synthetic ``test``, a folder's ``val`` or ``all``)."""
+    from fact_model.data.sources import open_split
 
     spec = _data_spec(args)
-    split = args.split or ("test" if spec.is_synthetic else "all")
-    return load_split(spec, split, progress=progress)
+    if args.split:
+        split = args.split
+    elif spec.is_synthetic:
+        split = "test"
+    elif spec.layout() == "classes":
+        split = "all"  # a folder of its own (e.g. a test set), or the whole training folder
+    else:
+        split = "test" if "test" in spec.splits() else "val"
+    data = open_split(spec, split)
+    if model is not None and tuple(model.class_names) != tuple(data.class_names):
+        raise ValueError(
+            f"the data's classes {list(data.class_names)[:5]}… are not the model's {list(model.class_names)[:5]}… "
+            "(same class folders, in the same sorted order, as the model was trained on)"
+        )
+    return data
 
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> None:
@@ -239,8 +280,8 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.training.common import print_summary
 
     model = load(args.model)
-    images, labels, _, description = _eval_split(args, progress)
-    report = evaluate(model, images, labels, progress=progress, data=description)
+    split = _eval_split(args, model)
+    report = evaluate(model, split, progress=progress)
     json_path, md_path = report.save(args.out)
     rows: dict[str, object] = {"backbone accuracy": report.backbone_accuracy, "FaCT accuracy": report.fact_accuracy}
     for f in report.layers:
@@ -261,24 +302,29 @@ def _stats(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.training.common import print_summary
 
     model = load(args.model)
-    images, labels, _, description = _eval_split(args, progress)
-    stats = compute_concept_stats(model, images, labels, top=args.top, progress=progress)
-    path = save_concept_stats(resolve_artifact_path(args.model), stats, {"data": description, "top": args.top})
-    print_summary("concept statistics", {"images": len(images), "layers": len(model.concept_layers), "file": str(path)})
+    split = _eval_split(args, model)
+    stats = compute_concept_stats(model, split, top=args.top, progress=progress)
+    meta = {"data": split.description, "top": args.top, "skipped": len(split.skipped)}
+    path = save_concept_stats(resolve_artifact_path(args.model), stats, meta)
+    rows = {"images": len(split) - len(split.skipped), "layers": len(model.concept_layers), "file": str(path)}
+    print_summary("concept statistics", rows)
 
 
 def _quality(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.analysis.encoders import OracleEncoder, reference_encoder
     from fact_model.analysis.quality import concept_quality, quality_markdown
     from fact_model.artifacts import load
-    from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES, SyntheticParts
+    from fact_model.data.sources import open_split
+    from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES
     from fact_model.training.common import print_summary
 
     spec = _data_spec(args)
     if not spec.is_synthetic:
         raise ValueError("fact quality needs ground-truth part maps: use --data synthetic")
     model = load(args.model)
-    images, _, part_maps = SyntheticParts(spec.synthetic_config(), args.split).tensors(progress=progress)
+    split = open_split(spec, args.split)
+    images, _ = split.materialise()  # generated data: in memory, with its ground-truth part maps
+    part_maps = split.part_maps()
     encoder, message = reference_encoder(args.dinov2_weights)
     if message:
         log.warning("%s", message)
@@ -305,14 +351,13 @@ def _quality(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _report(args: argparse.Namespace, progress: bool) -> None:
-    import torch
-
     from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
     from fact_model.analysis.encoders import OracleEncoder, reference_encoder
     from fact_model.analysis.evaluate import evaluate
     from fact_model.analysis.report import write_report
     from fact_model.artifacts import load, resolve_artifact_path
-    from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES, SyntheticParts
+    from fact_model.data.sources import open_recorded_split, open_split
+    from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES
     from fact_model.training.common import print_summary
 
     spec = _data_spec(args)
@@ -320,27 +365,20 @@ def _report(args: argparse.Namespace, progress: bool) -> None:
         raise ValueError("fact report needs ground-truth part maps: use --data synthetic")
     model = load(args.model)
     directory = resolve_artifact_path(args.model)
-    images, labels, part_maps = SyntheticParts(spec.synthetic_config(), args.split).tensors(progress=progress)
-    description = {**spec.describe(), "split": args.split}
+    split = open_split(spec, args.split)
+    images, labels = split.materialise()  # generated data: in memory, with its ground-truth part maps
+    part_maps = split.part_maps()
     stats, stats_images = None, None
     if (directory / STATS_META).is_file():
         stats, meta = load_concept_stats(directory)
-        source = meta.get("data") or {}
-        if source.get("dataset") == "synthetic":
-            from fact_model.data.synthetic import SyntheticConfig, render_sample
-
-            fields = ("image_size", "seed", "train", "val", "test", "max_distractors")
-            config = SyntheticConfig(**{k: source[k] for k in fields})
-
-            def stats_images(indices):  # the statistics' images, regenerated by index
-                arrays = [render_sample(config, source["split"], int(i))[0] for i in indices]
-                return torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
-        else:
-            log.warning("the model's concept statistics are not on the embedded dataset; galleries are skipped")
+        try:
+            stats_images = open_recorded_split(meta.get("data") or {}).images  # the statistics' images by index
+        except ValueError as err:
+            log.warning("concept galleries are skipped: %s", err)
     evaluation_path = directory / "evaluation.json"
     evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.is_file() else None
-    if evaluation is None or evaluation.get("data") != description:
-        evaluation = json.loads(evaluate(model, images, labels, progress=progress, data=description).to_json())
+    if evaluation is None or evaluation.get("data") != split.description:
+        evaluation = json.loads(evaluate(model, split, progress=progress).to_json())
     encoder, message = reference_encoder(args.dinov2_weights)
     if message:
         log.warning("%s", message)
@@ -357,7 +395,7 @@ def _report(args: argparse.Namespace, progress: bool) -> None:
         stats=stats,
         stats_images=stats_images,
         evaluation=evaluation,
-        data_description=description,
+        data_description=split.description,
         progress=progress,
     )
     print_summary("report", {"html": str(path), "files": len(list(args.out.iterdir()))})
@@ -483,13 +521,15 @@ def _print_record(console: Console, record: dict) -> None:
 
 def _export(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.data.export import export_png_folder
-    from fact_model.data.sources import load_split
+    from fact_model.data.sources import open_split
     from fact_model.training.common import print_summary
 
     spec = _data_spec(args)
     if not spec.is_synthetic:
         raise ValueError("fact data export writes the embedded dataset; use --data synthetic")
-    images, labels, class_names, _ = load_split(spec, args.split, progress=progress)
+    split = open_split(spec, args.split)
+    images, labels = split.materialise()
+    class_names = split.class_names
     if args.n is not None:
         if args.n < 1:
             raise ValueError(f"--n must be ≥ 1, got {args.n}")

@@ -12,7 +12,9 @@ from fact_model.analysis.evaluate import evaluate
 from fact_model.artifacts import load
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.config import ConceptLayerSpec
-from fact_model.data.sources import DataSpec, load_split, load_training_data
+from fact_model.data.loading import ImageSplit
+from fact_model.data.synthetic import CLASS_NAMES
+from fact_model.data.sources import DataSpec, open_split, open_training_data
 from fact_model.training import backbone as backbone_module
 from fact_model.training.backbone import BackboneTrainConfig, train_backbone
 from fact_model.training.checkpoint import CheckpointError, load_checkpoint
@@ -29,7 +31,7 @@ LAYERS = [ConceptLayerSpec("layer3", 64, 4), ConceptLayerSpec("layer2", 32, 4)]
 def tiny_run(tmp_path_factory):
     """generate → backbone → concepts, once for the module."""
     run = tmp_path_factory.mktemp("tiny_run")
-    data = load_training_data(TINY, progress=False)
+    data = open_training_data(TINY)
     torch.manual_seed(0)
     backbone = train_backbone(TINY_BACKBONE, data, run / "backbone", progress=False)
     model = train_concepts(load(run / "backbone" / "model"), data, LAYERS, TINY_CONCEPTS, run / "concepts", False)
@@ -38,8 +40,7 @@ def tiny_run(tmp_path_factory):
 
 def test_end_to_end_learns_and_explains_exactly(tiny_run):
     model = load(tiny_run["run"] / "concepts" / "model")
-    images, labels, _, description = load_split(TINY, "test", progress=False)
-    report = evaluate(model, images, labels, progress=False, data=description)
+    report = evaluate(model, open_split(TINY, "test"), progress=False)
     assert report.backbone_accuracy > 0.4, report  # chance is 0.1; 500 training images, a few seconds
     assert report.fact_accuracy > 0.35, report
     assert report.fact_accuracy > report.backbone_accuracy - 0.1, report
@@ -57,7 +58,7 @@ def test_end_to_end_learns_and_explains_exactly(tiny_run):
 def test_norm_factor_is_folded_into_the_weights(tiny_run):
     """The saved layer acts on unscaled features: its reconstruction matches the features' scale."""
     model = tiny_run["model"]
-    images = tiny_run["data"].val_images[:32].float() / 255
+    images = tiny_run["data"].val.materialise()[0][:32].float() / 255
     with torch.no_grad():
         features = model.features_at(encode_rgb(images), "layer3")
         recon = model.concept_layer("layer3")(features)
@@ -66,7 +67,7 @@ def test_norm_factor_is_folded_into_the_weights(tiny_run):
 
 
 def test_backbone_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monkeypatch):
-    data = load_training_data(DataSpec(image_size=32, train=96, val=32, test=32), progress=False)
+    data = open_training_data(DataSpec(image_size=32, train=96, val=32, test=32))
     config = BackboneTrainConfig(arch="bcos_resnet8", arch_kwargs={"width": 4}, epochs=2, batch_size=32)
     reference = train_backbone(config, data, tmp_path / "reference", progress=False)
 
@@ -92,7 +93,7 @@ def test_backbone_resume_after_interrupt_equals_uninterrupted_run(tmp_path, monk
 
 
 def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
-    data = load_training_data(DataSpec(image_size=32, train=32, val=16, test=16), progress=False)
+    data = open_training_data(DataSpec(image_size=32, train=32, val=16, test=16))
     config = BackboneTrainConfig(arch="bcos_resnet8", arch_kwargs={"width": 4}, epochs=1, batch_size=32)
     train_backbone(config, data, tmp_path, progress=False)
     tensors_file = tmp_path / "checkpoint" / "state.safetensors"
@@ -119,7 +120,7 @@ def test_position_sampling_follows_contribution_weights():
 
 def test_position_contributions_sum_to_the_predicted_logit(tiny_run):
     model = tiny_run["backbone"]
-    x6 = encode_rgb(tiny_run["data"].val_images[:8].float() / 255)
+    x6 = encode_rgb(tiny_run["data"].val.materialise()[0][:8].float() / 255)
     _, contributions = position_contributions(model, x6, "layer2")
     with torch.no_grad():
         scores = model.forward_encoded(x6).scores
@@ -136,14 +137,21 @@ def test_unknown_layer_fails_at_once_listing_valid_ones(tiny_run):
 def test_folder_training_skips_corrupt_files(tmp_path, caplog):
     from fact_model.data.export import export_png_folder
 
-    images, labels, names, _ = load_split(DataSpec(image_size=32, test=40), "test", progress=False)
-    export_png_folder(images, labels, names, tmp_path / "folder")
+    images, labels = open_split(DataSpec(image_size=32, test=40), "test").materialise()
+    export_png_folder(images, labels, tuple(CLASS_NAMES), tmp_path / "folder")
     (tmp_path / "folder" / "00_red_disc_+_blue_square" / "broken.png").write_bytes(b"not a png at all")
+    data = open_training_data(DataSpec(source=str(tmp_path / "folder"), image_size=32, val_fraction=0.25, workers=1))
+    assert len(data.train) + len(data.val) == 41  # listed, not decoded up front
     with caplog.at_level(logging.WARNING):
-        data = load_training_data(DataSpec(source=str(tmp_path / "folder"), image_size=32, val_fraction=0.25), False)
-    assert "1" in caplog.text and "broken.png" in caplog.text
-    assert len(data.train_images) + len(data.val_images) == 40
-    assert data.class_names == names
+        read = sum(len(b) for split in (data.train, data.val) for b in split.batches(16))
+    assert read == 40  # the broken file is left out, in a worker process
+    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 1 unreadable" in warnings[0] and "broken.png" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert sum(len(b) for split in (data.train, data.val) for b in split.batches(16)) == 40
+    assert not [r for r in caplog.records if "unreadable" in r.getMessage()]  # reported once, not every epoch
+    assert data.class_names == tuple(CLASS_NAMES)
 
 
 @pytest.mark.parametrize("layout,message", [({}, "no class"), ({"cats": 2}, "at least 2 classes")])
@@ -155,7 +163,7 @@ def test_bad_folders_fail_at_once(tmp_path, layout, message):
         for i in range(count):
             Image.new("RGB", (8, 8)).save(tmp_path / name / f"{i}.png")
     with pytest.raises(ValueError, match=message):
-        load_training_data(DataSpec(source=str(tmp_path), image_size=32), progress=False)
+        open_training_data(DataSpec(source=str(tmp_path), image_size=32))
 
 
 def test_concept_training_resumes_after_interrupt(tiny_run, tmp_path, monkeypatch):
@@ -181,16 +189,17 @@ def test_concept_training_resumes_after_interrupt(tiny_run, tmp_path, monkeypatc
     model = train_concepts(load(tiny_run["run"] / "backbone" / "model"), data, spec, config, tmp_path, progress=False)
     history = json.loads((tmp_path / "model" / "manifest.json").read_text())["provenance"]["layers"][0]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert model.explain(data.val_images[:4].float() / 255).residual.max() < 1e-4
+    assert model.explain(data.val.materialise()[0][:4].float() / 255).residual.max() < 1e-4
 
 
 def test_concept_statistics_are_consistent_with_explanations(tiny_run, tmp_path):
     from fact_model.analysis.concept_stats import compute_concept_stats, load_concept_stats, save_concept_stats
 
     model = tiny_run["model"]
-    images, labels, _, _ = load_split(TINY, "test", progress=False)
+    images, labels = open_split(TINY, "test").materialise()
     images, labels = images[:40], labels[:40]
-    stats = compute_concept_stats(model, images, labels, top=5, progress=False)
+    split = ImageSplit.from_tensors(images, labels, model.class_names)
+    stats = compute_concept_stats(model, split, top=5, progress=False)
     save_concept_stats(tmp_path, stats, {"data": "tiny"})
     loaded, meta = load_concept_stats(tmp_path)
     assert meta["data"] == "tiny" and torch.equal(loaded["layer3/top_indices"], stats["layer3/top_indices"])

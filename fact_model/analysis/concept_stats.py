@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from fact_model.data.loading import ImageSplit
 from fact_model.model import FaCTModel
 
 __all__ = ["STATS_FILE", "STATS_META", "compute_concept_stats", "load_concept_stats", "save_concept_stats"]
@@ -58,9 +58,21 @@ def _merge_top(
 
 
 def compute_concept_stats(
-    model: FaCTModel, images: Tensor, labels: Tensor, top: int = 16, batch_size: int = 200, progress: bool = True
+    model: FaCTModel, split: ImageSplit, top: int = 16, batch_size: int = 200, progress: bool = True
 ) -> dict[str, Tensor]:
-    """Statistics of every concept layer over uint8 ``images`` ``(N, 3, H, W)`` with ``labels`` ``(N,)``."""
+    """Statistics of every concept layer over ``split``, streamed in batches.
+
+    Image indices in the statistics are positions in ``split`` (reopen it with
+    :func:`fact_model.data.sources.open_recorded_split` to show them). Unreadable images are left
+    out and reported; frequencies and class means are over the images read.
+
+    Raises:
+        ValueError: the split's classes are not the model's, or no image in it is readable.
+    """
+    if tuple(split.class_names) != tuple(model.class_names):
+        raise ValueError(
+            f"the data's classes {list(split.class_names)[:5]}… are not the model's {list(model.class_names)[:5]}…"
+        )
     model.eval()
     classes = model.num_classes
     stats: dict[str, Tensor] = {}
@@ -74,11 +86,14 @@ def compute_concept_stats(
             "class_sum": torch.zeros(classes, k),
             "active": torch.zeros(k),
         }
-    class_count = torch.bincount(labels, minlength=classes).float()
-    for idx in tqdm(
-        list(torch.arange(len(images)).split(batch_size)), desc="concept stats", disable=not progress, leave=False
-    ):
-        x = images[idx].float() / 255
+    class_count = torch.zeros(classes)
+    images = 0
+    for batch in split.batches(batch_size, progress=progress, desc="concept stats"):
+        if not len(batch):
+            continue
+        x, labels, idx = batch.float_images(model.device), batch.labels, batch.indices
+        images += len(batch)
+        class_count += torch.bincount(labels, minlength=classes).float()
         per_class = [model.explain(x, target=c, top_k=0) for c in range(classes)]
         for name, s in state.items():
             activations = per_class[0].activations[name]  # (B, K): the same for every target
@@ -87,15 +102,17 @@ def compute_concept_stats(
                 s["values"], s["indices"], s["extra"],
                 activations.t(), idx[None].expand(activations.shape[1], -1), contributions.transpose(0, 1), top,
             )  # fmt: skip
-            own = contributions.gather(2, labels[idx][:, None, None].expand(-1, contributions.shape[1], 1))[..., 0]
-            s["class_sum"].index_add_(0, labels[idx], own)
+            own = contributions.gather(2, labels[:, None, None].expand(-1, contributions.shape[1], 1))[..., 0]
+            s["class_sum"].index_add_(0, labels, own)
             s["active"] += (activations > 0).sum(dim=0).float()
+    if images == 0:
+        raise ValueError(f"no readable image in {split!r}")
     for name, s in state.items():
         stats[f"{name}/top_indices"] = s["indices"]
         stats[f"{name}/top_activations"] = s["values"]
         stats[f"{name}/top_contributions"] = s["extra"]
         stats[f"{name}/class_mean_contributions"] = s["class_sum"] / class_count.clamp_min(1)[:, None]
-        stats[f"{name}/frequency"] = s["active"] / len(images)
+        stats[f"{name}/frequency"] = s["active"] / images
     return stats
 
 

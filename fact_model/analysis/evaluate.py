@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from fact_model.bcos.encoding import encode_rgb
+from fact_model.data.loading import ImageSplit
 from fact_model.explanation import rank_classes
 from fact_model.model import FaCTModel
 
@@ -117,13 +117,23 @@ def _reconstruction(model: FaCTModel, x6: Tensor, layer: str) -> tuple[float, fl
 
 def evaluate(
     model: FaCTModel,
-    images: Tensor,
-    labels: Tensor,
+    split: ImageSplit,
     batch_size: int = 200,
     progress: bool = True,
     data: dict | None = None,
 ) -> EvaluationReport:
-    """Evaluate ``model`` on uint8 images ``(N, 3, H, W)`` with labels ``(N,)``."""
+    """Evaluate ``model`` on ``split``, streamed in batches (unreadable images are left out and reported).
+
+    Args:
+        data: the description recorded in the report (default: ``split.description``).
+
+    Raises:
+        ValueError: the split's classes are not the model's, or no image in it is readable.
+    """
+    if tuple(split.class_names) != tuple(model.class_names):
+        raise ValueError(
+            f"the data's classes {list(split.class_names)[:5]}… are not the model's {list(model.class_names)[:5]}…"
+        )
     model.eval()
     names = [info.name for info in model.concept_layers]
     k_of = {info.name: info for info in model.concept_layers}
@@ -136,15 +146,19 @@ def evaluate(
     recon = {n: [0.0, 0.0] for n in names}
     max_res = {n: 0.0 for n in names}
     max_rel = {n: 0.0 for n in names}
-    for idx in tqdm(
-        list(torch.arange(len(images)).split(batch_size)), desc="evaluate", disable=not progress, leave=False
-    ):
-        x = images[idx].float() / 255
+    images = 0
+    pin = model.device.type == "cuda"
+    for batch in split.batches(batch_size, pin_memory=pin, progress=progress, desc="evaluate"):
+        if not len(batch):
+            continue
+        images += len(batch)
+        x = batch.float_images(model.device)
+        labels = batch.labels.to(model.device)
         with torch.no_grad():
             backbone_scores = model.forward_encoded(encode_rgb(x), concepts=False).scores
-        correct_backbone += int((rank_classes(backbone_scores)[:, 0] == labels[idx]).sum())
+        correct_backbone += int((rank_classes(backbone_scores)[:, 0] == labels).sum())
         expl = model.explain(x, top_k=0)
-        correct_fact += int((expl.target == labels[idx]).sum())
+        correct_fact += int((expl.target == labels).sum())
         class_count += torch.bincount(expl.target, minlength=model.num_classes).float()
         for n in names:
             contributions = expl.contributions[n]
@@ -161,12 +175,14 @@ def evaluate(
             err, total = _reconstruction(model, encode_rgb(x), n)
             recon[n][0] += err
             recon[n][1] += total
+    if images == 0:
+        raise ValueError(f"no readable image in {split!r}")
     report = EvaluationReport(
-        images=len(images),
+        images=images,
         num_classes=model.num_classes,
-        backbone_accuracy=correct_backbone / len(images),
-        fact_accuracy=correct_fact / len(images),
-        data=dict(data or {}),
+        backbone_accuracy=correct_backbone / images,
+        fact_accuracy=correct_fact / images,
+        data=dict(split.description if data is None else data),
     )
     for n in names:
         mean_share = share_sum[n] / class_count.clamp_min(1)[:, None]  # (classes, K)
@@ -179,7 +195,7 @@ def evaluate(
                 image_l0_mean=float(torch.cat(l0[n]).mean()),
                 concepts_for_80_percent_mean=float(torch.cat(cover[n]).mean()),
                 alive_fraction=float((active_images[n] > 0).float().mean()),
-                always_active=int((active_images[n] > ALWAYS_ACTIVE_FRACTION * len(images)).sum()),
+                always_active=int((active_images[n] > ALWAYS_ACTIVE_FRACTION * images).sum()),
                 reconstruction_nmse=recon[n][0] / max(recon[n][1], 1e-30),
                 max_residual=max_res[n],
                 max_relative_residual=max_rel[n],

@@ -222,6 +222,23 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
         """Label of every item, in item order (for :func:`split_indices`)."""
         return [label for _, label in self.samples]
 
+    def read(self, index: int) -> tuple[Tensor, int]:
+        """Item ``index`` as ``(image, label)``, raising when its file cannot be read (no substitution).
+
+        Returns:
+            ``image``: ``(3, S, S)`` float32 in [0, 1]; ``label``: int.
+
+        Raises:
+            IndexError: ``index`` out of range.
+            Exception: whatever reading or decoding the file raised (:class:`~fact_model.image_io.ImageReadError`,
+                ``OSError``, a decoder's own error); the streaming loader turns it into a skip.
+        """
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for a dataset of {n} items")
+        path, label = self.samples[index % n]
+        return preprocess_images(_load_image(path), self.recipe)[0], label
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         """Item ``index`` as ``(image, label)``.
 
@@ -246,10 +263,9 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
             candidate = (index + offset) % n
             if candidate in self._failed:
                 continue
-            path, label = self.samples[candidate]
+            path, _ = self.samples[candidate]
             try:
-                image = _load_image(path)
-                return preprocess_images(image, self.recipe)[0], label
+                return self.read(candidate)
             except Exception as err:  # keep the run going: one bad file must not stop training
                 self._failed.add(candidate)
                 self.skipped.append((path, f"{type(err).__name__}: {err}"))

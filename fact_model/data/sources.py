@@ -1,8 +1,18 @@
-"""Where training and evaluation images come from: the embedded synthetic dataset or an image folder.
+"""Where training and evaluation images come from: the embedded synthetic dataset or image folders.
 
-A :class:`DataSpec` names the source; :func:`load_training_data` and
-:func:`load_split` turn it into uint8 tensors held in memory (the datasets of this
-tool are small; a user folder is decoded once, with a progress bar).
+A :class:`DataSpec` names the source; :func:`open_split` and :func:`open_training_data` turn it
+into :class:`~fact_model.data.loading.ImageSplit` objects that are read batch by batch (nothing
+decodes a whole folder up front). Folder layouts:
+
+* **classes** — ``root/<class>/…``: splits ``train`` and ``val`` are a seeded, stratified split
+  (``val_fraction`` of each class), ``all`` is every image;
+* **splits** — ``root/train/<class>/…``, ``root/val/<class>/…`` (optionally ``root/test/<class>``),
+  ImageNet's layout: each split is its own folder; recognised when the root's sub-folders are only
+  ``train``/``val``/``test`` and ``train`` itself has sub-folders.
+
+``val_source`` (``--val-data``) names a separate validation folder (classes layout, all of it),
+which replaces the ``val`` split of either layout. Every split records a JSON description from
+which :func:`open_recorded_split` reopens it (galleries, concept cards).
 """
 
 from __future__ import annotations
@@ -11,18 +21,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-from tqdm.auto import tqdm
-
 from fact_model.config import Preprocessing
 from fact_model.data.folder import ImageFolderDataset
-from fact_model.data.synthetic import CLASS_NAMES, SyntheticConfig, SyntheticParts
-from fact_model.training.common import TrainingData
+from fact_model.data.loading import ImageSplit, TrainingData
+from fact_model.data.synthetic import CLASS_NAMES, NUM_CLASSES, SPLITS, SyntheticConfig, SyntheticParts
 
-__all__ = ["SYNTHETIC", "DataSpec", "load_split", "load_training_data"]
+__all__ = [
+    "SYNTHETIC",
+    "DataSpec",
+    "folder_layout",
+    "open_recorded_split",
+    "open_split",
+    "open_training_data",
+]
 
 SYNTHETIC = "synthetic"
+SPLIT_FOLDERS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -30,13 +44,15 @@ class DataSpec:
     """A data source.
 
     Attributes:
-        source: ``"synthetic"`` (the embedded dataset) or the path of an image folder
-            (one sub-folder per class).
+        source: ``"synthetic"`` (the embedded dataset) or the path of an image folder (either layout).
         image_size: model input size (synthetic: the generated size).
         seed: synthetic generation seed / folder train-val split seed.
         train, val, test: synthetic split sizes.
-        val_fraction: share of a folder held out for validation.
+        val_fraction: classes layout: share of each class held out for validation.
         resize: folder preprocessing: shorter side before the centre crop (None: plain resize).
+        val_source: a separate validation folder (one sub-folder per class), or None.
+        workers: DataLoader worker processes for folders (None: one per spare core); not part of the
+            data's identity (left out of :meth:`describe`).
     """
 
     source: str = SYNTHETIC
@@ -47,6 +63,8 @@ class DataSpec:
     test: int = 1000
     val_fraction: float = 0.1
     resize: int | None = None
+    val_source: str | None = None
+    workers: int | None = None
 
     @property
     def is_synthetic(self) -> bool:
@@ -60,60 +78,191 @@ class DataSpec:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.image_size, resize=None if self.is_synthetic else self.resize)
 
+    def layout(self) -> str:
+        """``"synthetic"``, or the folder layout (``"classes"`` / ``"splits"``, see the module docstring)."""
+        return SYNTHETIC if self.is_synthetic else folder_layout(Path(self.source))
+
+    def splits(self) -> tuple[str, ...]:
+        """The split names :func:`open_split` accepts for this source."""
+        layout = self.layout()
+        if layout == SYNTHETIC:
+            return SPLITS
+        if layout == "classes":
+            return ("train", "val", "all")
+        present = tuple(name for name in SPLIT_FOLDERS if (Path(self.source) / name).is_dir())
+        return present if "val" in present or self.val_source is None else (*present, "val")
+
     def describe(self) -> dict[str, Any]:
         """JSON-able description for provenance (synthetic: everything needed to regenerate it)."""
         if self.is_synthetic:
             return {"dataset": SYNTHETIC, **asdict(self.synthetic_config())}
-        return {"dataset": "image_folder", "root": str(Path(self.source).resolve()), **asdict(self)}
+        return {
+            "dataset": "image_folder",
+            "root": str(Path(self.source).resolve()),
+            "layout": self.layout(),
+            "image_size": self.image_size,
+            "resize": self.resize,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "val_source": None if self.val_source is None else str(Path(self.val_source).resolve()),
+        }
 
 
-def _folder_tensors(
-    dataset: ImageFolderDataset, indices: list[int], desc: str, progress: bool
-) -> tuple[Tensor, Tensor]:
-    images = torch.empty(len(indices), 3, dataset.recipe.input_size, dataset.recipe.input_size, dtype=torch.uint8)
-    labels = torch.empty(len(indices), dtype=torch.long)
-    for row, index in enumerate(tqdm(indices, desc=desc, disable=not progress, leave=False)):
-        image, label = dataset[index]
-        images[row] = (image * 255).round().to(torch.uint8)
-        labels[row] = label
-    return images, labels
+def folder_layout(root: Path) -> str:
+    """``"splits"`` when ``root`` holds split folders (``train/<class>``, ``val/<class>``), else ``"classes"``.
+
+    Raises:
+        ValueError: ``root`` does not exist or is not a directory.
+    """
+    if not root.is_dir():
+        raise ValueError(f"dataset root '{root}' {'is not a directory' if root.exists() else 'does not exist'}")
+    folders = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    train = root / "train"
+    if folders and folders <= set(SPLIT_FOLDERS) and "train" in folders:
+        if any(p.is_dir() and not p.name.startswith(".") for p in train.iterdir()):
+            return "splits"
+    return "classes"
 
 
-def _folder(spec: DataSpec) -> ImageFolderDataset:
-    return ImageFolderDataset(spec.source, spec.preprocessing())
+def _synthetic_split(config: SyntheticConfig, split: str, cache: bool) -> ImageSplit:
+    parts = SyntheticParts(config, split)
+    if cache:
+        parts.tensors()  # generated once into memory; items are then slices of it
+    n = len(parts)
+    return ImageSplit(
+        parts,
+        [i % NUM_CLASSES for i in range(n)],  # render_sample: image i is of class i mod NUM_CLASSES
+        CLASS_NAMES,
+        Preprocessing(config.image_size),
+        {"dataset": SYNTHETIC, **asdict(config), "split": split},
+        in_memory=True,
+        item_name=lambda i: f"synthetic {split} image {i}",
+    )
 
 
-def load_training_data(spec: DataSpec, progress: bool = True) -> TrainingData:
-    """Train and validation splits of ``spec`` in memory."""
-    if spec.is_synthetic:
-        config = spec.synthetic_config()
-        train = SyntheticParts(config, "train").tensors(progress=progress)
-        val = SyntheticParts(config, "val").tensors(progress=progress)
-        return TrainingData(
-            train[0], train[1], val[0], val[1], tuple(CLASS_NAMES), spec.preprocessing(), spec.describe()
+class _FolderItems:
+    """Items ``indices`` of an :class:`ImageFolderDataset`, decoded on access (raises on an unreadable file)."""
+
+    def __init__(self, dataset: ImageFolderDataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        return self.dataset.read(self.indices[position])
+
+    def name(self, position: int) -> str:
+        return str(self.dataset.samples[self.indices[position]][0])
+
+
+def _folder_split(
+    dataset: ImageFolderDataset, indices: list[int] | None, split: str, description: dict, workers: int | None
+) -> ImageSplit:
+    items = _FolderItems(dataset, list(range(len(dataset))) if indices is None else indices)
+    labels = [dataset.samples[i][1] for i in items.indices]
+    result = ImageSplit(
+        items,
+        labels,
+        dataset.class_names,
+        dataset.recipe,
+        {**description, "split": split, "images": len(items)},
+        item_name=items.name,
+    )
+    result.workers = workers
+    return result
+
+
+def _open_folder(root: Path, recipe: Preprocessing) -> ImageFolderDataset:
+    # validate=False: listing only. Files are decoded when read (in loader workers); unreadable ones are
+    # skipped there, with one warning per pass, instead of a full decoding pass before any work starts.
+    return ImageFolderDataset(root, recipe, validate=False)
+
+
+def _check_same_classes(reference: ImageFolderDataset, other: ImageFolderDataset) -> None:
+    if reference.class_names != other.class_names:
+        missing = sorted(set(reference.class_names) - set(other.class_names))
+        extra = sorted(set(other.class_names) - set(reference.class_names))
+        raise ValueError(
+            f"the class folders of '{other.root}' differ from those of '{reference.root}' "
+            f"(missing {missing[:5]}, extra {extra[:5]}); labels would not match"
         )
-    dataset = _folder(spec)
-    train_idx, val_idx = dataset.split(spec.val_fraction, spec.seed)
-    train = _folder_tensors(dataset, train_idx, "loading train images", progress)
-    val = _folder_tensors(dataset, val_idx, "loading val images", progress)
-    return TrainingData(*train, *val, tuple(dataset.class_names), spec.preprocessing(), spec.describe())
 
 
-def load_split(spec: DataSpec, split: str, progress: bool = True) -> tuple[Tensor, Tensor, tuple[str, ...], dict]:
-    """One split as ``(images uint8 (N,3,S,S), labels (N,), class_names, description)``.
+def open_split(spec: DataSpec, split: str, cache: bool = True) -> ImageSplit:
+    """One split of ``spec`` (see :meth:`DataSpec.splits` for the names).
 
-    Synthetic splits: ``train``, ``val``, ``test``. Folders: ``train``/``val`` (the
-    seeded split) or ``all``.
+    Args:
+        cache: synthetic only: generate the whole split into memory now (fast repeated passes);
+            with ``False`` images are rendered when read.
+
+    Raises:
+        ValueError: an unknown split name (the message lists the valid ones), a folder that is not
+            a dataset, or split folders whose classes differ.
     """
     if spec.is_synthetic:
-        images, labels, _ = SyntheticParts(spec.synthetic_config(), split).tensors(progress=progress)
-        return images, labels, tuple(CLASS_NAMES), {**spec.describe(), "split": split}
-    dataset = _folder(spec)
+        if split not in SPLITS:
+            raise ValueError(f"the embedded dataset has splits {list(SPLITS)}, got {split!r}")
+        return _synthetic_split(spec.synthetic_config(), split, cache)
+    valid = spec.splits()
+    if split not in valid:
+        raise ValueError(f"the image folder '{spec.source}' has splits {list(valid)}, got {split!r}")
+    root, recipe, description = Path(spec.source), spec.preprocessing(), spec.describe()
+    if split == "val" and spec.val_source is not None:
+        val = _open_folder(Path(spec.val_source), recipe)
+        _check_same_classes(_open_folder(root / "train" if spec.layout() == "splits" else root, recipe), val)
+        return _folder_split(val, None, split, description, spec.workers)
+    if spec.layout() == "splits":
+        dataset = _open_folder(root / split, recipe)
+        if split != "train":
+            _check_same_classes(_open_folder(root / "train", recipe), dataset)
+        return _folder_split(dataset, None, split, description, spec.workers)
+    dataset = _open_folder(root, recipe)
     if split == "all":
-        indices = list(range(len(dataset)))
-    elif split in ("train", "val"):
-        indices = dataset.split(spec.val_fraction, spec.seed)[0 if split == "train" else 1]
-    else:
-        raise ValueError(f"an image folder has splits 'train', 'val' and 'all', got {split!r}")
-    images, labels = _folder_tensors(dataset, indices, f"loading {split} images", progress)
-    return images, labels, tuple(dataset.class_names), {**spec.describe(), "split": split}
+        return _folder_split(dataset, None, split, description, spec.workers)
+    train_idx, val_idx = dataset.split(spec.val_fraction, spec.seed)
+    return _folder_split(dataset, train_idx if split == "train" else val_idx, split, description, spec.workers)
+
+
+def open_training_data(spec: DataSpec) -> TrainingData:
+    """The ``train`` and ``val`` splits of ``spec``.
+
+    Classes layout without ``val_source``: the seeded split; splits layout without a ``val`` folder
+    or ``val_source``: a seeded split of ``train`` (``val_fraction`` of it).
+    """
+    if not spec.is_synthetic and spec.layout() == "splits" and "val" not in spec.splits():
+        dataset = _open_folder(Path(spec.source) / "train", spec.preprocessing())
+        train_idx, val_idx = dataset.split(spec.val_fraction, spec.seed)
+        description = spec.describe()
+        train = _folder_split(dataset, train_idx, "train", description, spec.workers)
+        val = _folder_split(dataset, val_idx, "val", description, spec.workers)
+        return TrainingData(train, val, description)
+    return TrainingData(open_split(spec, "train"), open_split(spec, "val"), spec.describe())
+
+
+def open_recorded_split(description: dict[str, Any], cache: bool = False) -> ImageSplit:
+    """Reopen the split a description (``ImageSplit.description``, e.g. in ``concept_stats.json``) names.
+
+    Raises:
+        ValueError: the description names no known dataset, or its folder is not readable here
+            (moved, deleted, another machine) — the message says which.
+    """
+    dataset = description.get("dataset")
+    split = description.get("split")
+    if dataset == SYNTHETIC:
+        fields = {f: description[f] for f in SyntheticConfig.__dataclass_fields__ if f in description}
+        return _synthetic_split(SyntheticConfig(**fields), str(split), cache)
+    if dataset == "image_folder":
+        root = description.get("root")
+        if not root or not Path(root).is_dir():
+            raise ValueError(f"the dataset folder {root!r} recorded with these statistics is not readable here")
+        spec = DataSpec(
+            source=str(root),
+            image_size=int(description["image_size"]),
+            seed=int(description.get("seed", 0)),
+            val_fraction=float(description.get("val_fraction", 0.1)),
+            resize=description.get("resize"),
+            val_source=description.get("val_source"),
+        )
+        return open_split(spec, str(split))
+    raise ValueError(f"unknown dataset description {dataset!r}; expected 'synthetic' or 'image_folder'")

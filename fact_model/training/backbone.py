@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from fact_model.artifacts import save
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.config import FaCTConfig
+from fact_model.data.loading import TrainingData, shuffled_order
 from fact_model.model import FaCTModel
 from fact_model.training.checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
-from fact_model.training.common import TrainingData, accuracy, as_float, batches, print_summary, warmup_cosine
+from fact_model.training.common import accuracy, print_summary, warmup_cosine
 
 __all__ = ["BackboneTrainConfig", "train_backbone"]
 
@@ -78,7 +79,7 @@ def train_backbone(
 
     Args:
         config: hyper-parameters.
-        data: in-memory train/val splits.
+        data: train/val splits, streamed (a fresh seeded order every epoch: ``shuffled_order(seed, epoch)``).
         run_dir: where the checkpoint (``checkpoint/``) and the artifact (``model/``) go.
         progress: show progress bars.
     """
@@ -86,7 +87,7 @@ def train_backbone(
     torch.manual_seed(config.seed)
     model = FaCTModel(_model_config(config, data))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(data.train_images) // config.batch_size)
+    steps_per_epoch = -(-len(data.train) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(config.seed)
@@ -112,30 +113,35 @@ def train_backbone(
     for epoch in range(start_epoch, config.epochs):
         model.train()
         losses = []
+        order = shuffled_order(len(data.train), config.seed, epoch)
+        pin = model.device.type == "cuda"
+        reader = data.train.batches(config.batch_size, order=order, pin_memory=pin)
         bar = tqdm(
-            batches(len(data.train_images), config.batch_size, generator),
+            reader,
             total=steps_per_epoch,
             desc=f"backbone epoch {epoch + 1}/{config.epochs}",
             disable=not progress,
             leave=False,
         )
-        for i, idx in enumerate(bar):
+        for i, batch in enumerate(bar):
+            if not len(batch):
+                continue  # every item of this batch was unreadable
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * warmup_cosine(step, total_steps, warmup)
-            images = as_float(data.train_images[idx])
+            images = batch.float_images(model.device)
             if config.flip:
-                flip = torch.rand(len(idx), generator=generator) < 0.5
+                flip = (torch.rand(len(batch), generator=generator) < 0.5).to(images.device)
                 images[flip] = images[flip].flip(-1)
             logits = model.forward_encoded(encode_rgb(images)).logits
-            targets = F.one_hot(data.train_labels[idx], model.num_classes).float()
+            targets = F.one_hot(batch.labels.to(logits.device), model.num_classes).float()
             loss = F.binary_cross_entropy_with_logits(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        val_acc = accuracy(model, data.val_images, data.val_labels)
+        val_acc = accuracy(model, data.val)
         history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "val_acc": val_acc})
         log.info("epoch %d: loss %.4f, val acc %.4f", epoch + 1, history[-1]["loss"], val_acc)
         if val_acc > best_acc:

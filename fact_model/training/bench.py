@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
+from fact_model.data.loading import ImageSplit
 from fact_model.model import FaCTModel
 from fact_model.training.concepts import ConceptTrainConfig, train_sae
 from fact_model.training.features import FeatureShards, collect_features
@@ -83,11 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     # Feature collection at the last stage.
     model.eval()
     uint8_images = (torch.rand(args.images, 3, args.size, args.size) * 255).to(torch.uint8)
+    split = ImageSplit.from_tensors(uint8_images, torch.randint(0, 10, (args.images,)), config.class_names)
     with tempfile.TemporaryDirectory() as tmp:
         counter = iter(range(10**6))
 
         def collect() -> None:
-            collect_features(model, uint8_images, "layer3", Path(tmp) / str(next(counter)), 16, progress=False)
+            collect_features(model, split, "layer3", Path(tmp) / str(next(counter)), 16, progress=False)
 
         seconds = _median_time(collect, max(1, args.repeats // 2))
         rows.append(

@@ -1,60 +1,20 @@
-"""Pieces shared by the training steps: in-memory data, schedules, evaluation loops, summaries."""
+"""Pieces shared by the training steps: schedules, evaluation loops, summaries."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from torch import Tensor
 
 from fact_model.bcos.encoding import encode_rgb
-from fact_model.config import Preprocessing
+from fact_model.data.loading import ImageSplit, TrainingData
 from fact_model.explanation import rank_classes
 from fact_model.model import FaCTModel
 
-__all__ = ["TrainingData", "accuracy", "as_float", "batches", "print_summary", "warmup_cosine"]
-
-
-@dataclass
-class TrainingData:
-    """A classification dataset held in memory as uint8 images.
-
-    Attributes:
-        train_images, val_images: ``(N, 3, H, W)`` uint8.
-        train_labels, val_labels: ``(N,)`` int64.
-        class_names: one name per class.
-        preprocessing: how the images were (or user images will be) brought to ``(3, H, W)``.
-        source: JSON-able description for the artifact's provenance.
-    """
-
-    train_images: Tensor
-    train_labels: Tensor
-    val_images: Tensor
-    val_labels: Tensor
-    class_names: tuple[str, ...]
-    preprocessing: Preprocessing
-    source: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("train", "val"):
-            images, labels = getattr(self, f"{name}_images"), getattr(self, f"{name}_labels")
-            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"{name} images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-            if len(images) != len(labels) or len(images) == 0:
-                raise ValueError(f"{name} split needs as many labels as images (≥ 1), got {len(images)}/{len(labels)}")
-        if len(self.class_names) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {len(self.class_names)}")
-
-
-def as_float(images: Tensor) -> Tensor:
-    """uint8 ``(N, 3, H, W)`` → float32 in [0, 1]."""
-    return images.float().div_(255)
+__all__ = ["TrainingData", "accuracy", "print_summary", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -65,23 +25,26 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
-    """Index batches over ``range(n)``, shuffled when a generator is given."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    yield from order.split(batch_size)
-
-
 @torch.no_grad()
-def accuracy(model: FaCTModel, images: Tensor, labels: Tensor, concepts: bool = True, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (with or without its concept layers) on uint8 images."""
+def accuracy(model: FaCTModel, split: ImageSplit, concepts: bool = True, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (with or without its concept layers) on ``split``, streamed in batches.
+
+    Unreadable items are left out (and reported once by the split); the accuracy is over the rest.
+    """
     was_training = model.training
     model.eval()
-    correct = 0
-    for idx in batches(len(images), batch_size):
-        record = model.forward_encoded(encode_rgb(as_float(images[idx])), concepts=concepts)
-        correct += int((rank_classes(record.scores)[:, 0] == labels[idx]).sum())
+    correct = total = 0
+    pin = model.device.type == "cuda"
+    for batch in split.batches(batch_size, pin_memory=pin):
+        if not len(batch):
+            continue
+        record = model.forward_encoded(encode_rgb(batch.float_images(model.device)), concepts=concepts)
+        correct += int((rank_classes(record.scores)[:, 0].cpu() == batch.labels).sum())
+        total += len(batch)
     model.train(was_training)
-    return correct / len(images)
+    if total == 0:
+        raise ValueError(f"no readable image in {split!r}")
+    return correct / total
 
 
 def print_summary(title: str, rows: dict[str, object], console: Console | None = None) -> None:

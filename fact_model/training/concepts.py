@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from fact_model.artifacts import save
 from fact_model.concept_layer import ConceptLayer
 from fact_model.config import ConceptLayerSpec
+from fact_model.data.loading import TrainingData
 from fact_model.model import FaCTModel
 from fact_model.training.checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
-from fact_model.training.common import TrainingData, accuracy, print_summary, warmup_cosine
+from fact_model.training.common import accuracy, print_summary, warmup_cosine
 from fact_model.training.features import FeatureShards, collect_features
 
 __all__ = ["ConceptTrainConfig", "SAEResult", "train_concepts", "train_sae", "with_concept_layer"]
@@ -57,6 +58,7 @@ class ConceptTrainConfig:
         dead_after: a latent is dead when it has not fired for this many vectors
             (``None``: half an epoch).
         frequent_threshold: fraction of vectors above which a latent counts as over-active.
+        feature_dtype: ``"float32"`` or ``"float16"`` feature shards on disk (half the space).
         seed: sampling and shuffling.
     """
 
@@ -69,6 +71,7 @@ class ConceptTrainConfig:
     aux_weight: float = 1 / 32
     dead_after: int | None = None
     frequent_threshold: float = 0.5
+    feature_dtype: str = "float32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -169,44 +172,44 @@ def train_sae(
             disable=not progress,
             leave=False,
         )
-        for shard in shards.iterate(generator):
-            for batch in (shard * norm_factor).split(config.batch_size):
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * warmup_cosine(step, total_steps, config.warmup_steps)
-                pre = F.relu(batch @ layer.encoder.t())  # (B, K)
-                values, indices = pre.topk(spec.k, dim=1)
-                recon = F.embedding_bag(indices, layer.decoder, per_sample_weights=values, mode="sum")
-                residual = batch - recon
-                loss = residual.square().sum(dim=1).mean() / dim
-                nmse = residual.detach().square().sum() / batch.square().sum()
+        for unscaled in shards.batches(config.batch_size, generator):
+            batch = unscaled * norm_factor
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * warmup_cosine(step, total_steps, config.warmup_steps)
+            pre = F.relu(batch @ layer.encoder.t())  # (B, K)
+            values, indices = pre.topk(spec.k, dim=1)
+            recon = F.embedding_bag(indices, layer.decoder, per_sample_weights=values, mode="sum")
+            residual = batch - recon
+            loss = residual.square().sum(dim=1).mean() / dim
+            nmse = residual.detach().square().sum() / batch.square().sum()
 
-                fired = torch.zeros(k_total, dtype=torch.bool)
-                fired[indices[values > 0]] = True
-                fire_counts += torch.bincount(indices[values > 0], minlength=k_total)
-                since_fired += len(batch)
-                since_fired[fired] = 0
-                dead = since_fired > dead_after
-                aux = torch.zeros(())
-                if dead.any():
-                    aux_k = min(config.aux_k, int(dead.sum()))
-                    aux_values, aux_indices = pre.masked_fill(~dead, 0).topk(aux_k, dim=1)
-                    aux_recon = F.embedding_bag(aux_indices, layer.decoder, per_sample_weights=aux_values, mode="sum")
-                    target = residual.detach()
-                    aux = (target - aux_recon).square().sum() / target.square().sum().clamp_min(1e-12)
-                    loss = loss + config.aux_weight * aux
+            fired = torch.zeros(k_total, dtype=torch.bool)
+            fired[indices[values > 0]] = True
+            fire_counts += torch.bincount(indices[values > 0], minlength=k_total)
+            since_fired += len(batch)
+            since_fired[fired] = 0
+            dead = since_fired > dead_after
+            aux = torch.zeros(())
+            if dead.any():
+                aux_k = min(config.aux_k, int(dead.sum()))
+                aux_values, aux_indices = pre.masked_fill(~dead, 0).topk(aux_k, dim=1)
+                aux_recon = F.embedding_bag(aux_indices, layer.decoder, per_sample_weights=aux_values, mode="sum")
+                target = residual.detach()
+                aux = (target - aux_recon).square().sum() / target.square().sum().clamp_min(1e-12)
+                loss = loss + config.aux_weight * aux
 
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                _remove_parallel_gradient(layer.decoder)
-                torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
-                optimizer.step()
-                _normalise_directions(layer.decoder.data)
-                sums["loss"] += loss.item()
-                sums["nmse"] += float(nmse)
-                sums["aux"] += aux.item()
-                sums["batches"] += 1
-                step += 1
-                bar.update(1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _remove_parallel_gradient(layer.decoder)
+            torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
+            optimizer.step()
+            _normalise_directions(layer.decoder.data)
+            sums["loss"] += loss.item()
+            sums["nmse"] += float(nmse)
+            sums["aux"] += aux.item()
+            sums["batches"] += 1
+            step += 1
+            bar.update(1)
         bar.close()
         state = _folded(layer, norm_factor)
         val_acc = evaluate(state)
@@ -278,16 +281,17 @@ def train_concepts(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     started = time.perf_counter()
-    backbone_acc = accuracy(model, data.val_images, data.val_labels, concepts=False)
+    backbone_acc = accuracy(model, data.val, concepts=False)
     summary: dict[str, object] = {"backbone val accuracy": backbone_acc}
     records = []
     for spec in sorted(specs, key=lambda s: stage_order[s.layer]):
         shards = collect_features(
             model,
-            data.train_images,
+            data.train,
             spec.layer,
             run_dir / "features" / spec.layer,
             positions_per_image=config.positions_per_image,
+            dtype=config.feature_dtype,
             seed=config.seed,
             progress=progress,
         )
@@ -300,7 +304,7 @@ def train_concepts(
             state: dict[str, Tensor], candidate: FaCTModel = candidate, target: ConceptLayer = candidate_layer
         ) -> float:
             target.load_state_dict(state)
-            return accuracy(candidate, data.val_images, data.val_labels)
+            return accuracy(candidate, data.val)
 
         result = train_sae(shards, spec, config, evaluate, run_dir / f"checkpoint_{spec.layer}", progress=progress)
         candidate_layer.load_state_dict(result.layer.state_dict())
@@ -314,7 +318,7 @@ def train_concepts(
         )
         records.append({"spec": asdict(spec), "norm_factor": result.norm_factor, "history": result.history})
 
-    fact_acc = accuracy(model, data.val_images, data.val_labels)
+    fact_acc = accuracy(model, data.val)
     summary["FaCT val accuracy"] = fact_acc
     summary["seconds (this session)"] = round(time.perf_counter() - started, 1)
     provenance = {
