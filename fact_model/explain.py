@@ -35,8 +35,14 @@ from torch import Tensor
 
 from fact_model._validation import ClassSpec, resolve_classes
 from fact_model.bcos.encoding import encode_rgb
-from fact_model.bcos.functional import PATCH_NORM_EPS, dynamic_scale, unit_norm_rows
-from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept, rank_classes
+from fact_model.explanation import (
+    CrossLayerTrace,
+    Explanation,
+    ExplanationMaps,
+    PositionalShares,
+    TopConcept,
+    rank_classes,
+)
 from fact_model.model import FaCTModel, ForwardRecord
 from kernels._common import env_choice
 
@@ -69,24 +75,26 @@ def _eval_mode(model: FaCTModel) -> Iterator[None]:
 
 
 def closed_form_applies(model: FaCTModel) -> bool:
-    """True when the last concept layer feeds the head directly and the head is a plain 1×1 B-cos conv."""
+    """True when the last concept layer feeds the head directly and the head has a closed form.
+
+    CNN heads: a plain 1×1 B-cos conv (stride 1, one group, no MaxOut). ViT heads (mean
+    over tokens → centred layer norm → B-cos linear without MaxOut) have one too; see
+    :meth:`~fact_model.backbones.vit.BcosViTBackbone.head_linearisation`. Otherwise
+    :func:`explain` runs one backward pass from the logit instead.
+    """
     if not model.concept_layers:
         return False
-    head = model.backbone.head
-    return (
-        model.concept_layers[-1].name == model.backbone.stage_names[-1]
-        and head.kernel_size == (1, 1)
-        and head.stride == (1, 1)
-        and head.groups == 1
-        and head.max_out == 1
-    )
+    return model.concept_layers[-1].name == model.backbone.stage_names[-1] and model.backbone.head_has_closed_form
 
 
 def closed_form_code_gradient(model: FaCTModel, record: ForwardRecord, classes: Tensor) -> Tensor:
     """``∂y_c/∂u`` at the last concept layer's selected slots, in closed form.
 
-    ``y_c = (1/(P·T)) Σ_p s_{c,p} ŵ_c·f̂_p`` with ``f̂_p = Σ_j u_{p,j} D[:, id_{p,j}]``
-    and ``s`` detached, so ``∂y_c/∂u_{p,j} = s_{c,p} (Ŵ_head D)[c, id_{p,j}] / (P·T)``.
+    The head is linear in its input ``f̂`` once its input-dependent factors are detached,
+    ``∂y_c/∂f̂_p = scale_{c,p} · direction_c`` (:meth:`StagedBackbone.head_linearisation`),
+    and ``f̂_p = Σ_j u_{p,j} D[:, id_{p,j}]``, so ``∂y_c/∂u_{p,j} = scale_{c,p} (direction_c·D)[id_{p,j}]``.
+    For a CNN's 1×1 B-cos head that is ``s_{c,p} (Ŵ_head D)[c, id_{p,j}] / (P·T)``; for a
+    ViT's head ``s_c (Cent(γ⊙ŵ_c)·D)[id_{p,j}] / (σ·P·T)``, the same for every token.
 
     Args:
         classes: ``(N,)`` class per image.
@@ -97,20 +105,11 @@ def closed_form_code_gradient(model: FaCTModel, record: ForwardRecord, classes: 
     layer_name = model.concept_layers[-1].name
     codes = record.codes[layer_name]
     decoder = model.concept_layer(layer_name).decoder
-    head = model.backbone.head
     with torch.no_grad():
-        features = record.head_input.detach().flatten(2)  # (N, C, P)
-        n, _, p = features.shape
-        w_c = unit_norm_rows(head.weight).flatten(1)[classes]  # (N, C)
-        concept_weights = w_c @ decoder.t()  # (N, K): rows of Ŵ_head·D (decoder holds Dᵀ)
+        scale, direction = model.backbone.head_linearisation(record.head_input.detach(), classes)  # (N, P), (N, C)
+        concept_weights = direction @ decoder.t()  # (N, K): direction_c · D (decoder holds Dᵀ)
         per_slot = concept_weights.gather(1, codes.indices.flatten(1)).view_as(codes.values)
-        if head.b == 1:
-            scale = features.new_ones(n, p)
-        else:
-            linear_out = torch.einsum("nc,ncp->np", w_c, features)
-            norms = (features.square().sum(dim=1) + PATCH_NORM_EPS).sqrt()
-            scale = dynamic_scale(linear_out, norms, head.b)
-        return scale[..., None] * per_slot / (p * model.logit_temperature)
+        return scale[..., None] * per_slot
 
 
 def _positive_shares(contributions: Tensor) -> Tensor:
@@ -244,16 +243,19 @@ def explain(
         for name in layer_names
     }
     concept_map_layers = mapped if maps and "concepts" in map_kinds else ()
-    traces, concept_maps = backprop.rank_passes(top_ids, concept_map_layers, batched_vjp)
+    traces, concept_maps, concept_shares = backprop.rank_passes(top_ids, concept_map_layers, batched_vjp)
     explanation_maps = None
     if maps:
-        logit_map = other_map = None
+        logit_map = other_map = logit_share = other_share = None
         if "logit" in map_kinds:
-            logit_map = backprop.to_input(0, code_grads[layer_names[0]])
+            logit_map, logit_share = backprop.to_input(0, code_grads[layer_names[0]])
         if "other" in map_kinds:
             shown = codes[top_layer].select(top_ids[top_layer]).sum(dim=1).clamp(max=1)
-            other_map = backprop.to_input(len(layer_names) - 1, code_grads[top_layer] * (1 - shown))
-        explanation_maps = ExplanationMaps(x6.detach(), concept_maps, logit_map, other_map)
+            other_map, other_share = backprop.to_input(len(layer_names) - 1, code_grads[top_layer] * (1 - shown))
+        positional = None
+        if backprop.offset is not None:
+            positional = PositionalShares(concept_shares, logit_share, other_share)
+        explanation_maps = ExplanationMaps(x6.detach(), concept_maps, logit_map, other_map, positional)
 
     backward_done = time.perf_counter()
     residuals = {name: (contributions[name].sum(dim=1) - explained).abs() for name in layer_names}
@@ -292,17 +294,22 @@ def _top_ids(contributions: Tensor, top_k: int) -> Tensor:
     return contributions.topk(min(top_k, contributions.shape[1]), dim=1).indices
 
 
-def concept_input_maps(model: FaCTModel, images: Tensor, layer: str, concept_ids: Tensor) -> tuple[Tensor, Tensor]:
+def concept_input_maps(
+    model: FaCTModel, images: Tensor, layer: str, concept_ids: Tensor, *, return_positional: bool = False
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor | None]:
     """Input maps ``∂(Σ_p u_{k,p})/∂x`` of given concepts (not necessarily the top ones).
 
     Args:
         images: ``(N, 3, H, W)`` in [0, 1].
         layer: concept layer name.
         concept_ids: ``(N, R)`` concept ids per image.
+        return_positional: also return the positional embedding's share ``(N, R)`` of each
+            activation (None for a bias-free CNN; see :class:`~fact_model.explanation.PositionalShares`).
 
     Returns:
-        ``(maps (N, R, 6, H, W), x6 (N, 6, H, W))``; ``(x6 ⊙ map).sum`` over channels and
-        pixels equals the concept's activation in the image.
+        ``(maps (N, R, 6, H, W), x6 (N, 6, H, W))`` [``, positional``]; ``(x6 ⊙ map).sum``
+        over channels and pixels equals the concept's activation (minus the positional
+        share for a ViT).
     """
     names = tuple(info.name for info in model.concept_layers)
     if layer not in names:
@@ -315,8 +322,12 @@ def concept_input_maps(model: FaCTModel, images: Tensor, layer: str, concept_ids
     codes = record.codes[layer]
     selection = codes.select(concept_ids.to(codes.indices.device))
     index = names.index(layer)
-    maps = [backprop.to_input(index, selection[:, r]) for r in range(concept_ids.shape[1])]
-    return torch.stack(maps, dim=1), x6.detach()
+    per_rank = [backprop.to_input(index, selection[:, r]) for r in range(concept_ids.shape[1])]
+    maps = torch.stack([m for m, _ in per_rank], dim=1)
+    if not return_positional:
+        return maps, x6.detach()
+    positional = None if backprop.offset is None else torch.stack([p for _, p in per_rank], dim=1)
+    return maps, x6.detach(), positional
 
 
 class _CodeBackprop:
@@ -327,6 +338,10 @@ class _CodeBackprop:
     into its features with the sparse :meth:`ConceptLayer.encoder_vjp`, then one
     backward over the segment below carries it to layer i−1's codes (or to the
     input). Each call covers the whole batch.
+
+    When the backbone adds an input-independent term after its first stage (a ViT's
+    positional embedding ``pe``), the last step also differentiates the first stage's
+    output ``t`` and reports ``Σ pe ⊙ ∂/∂t``, the share no input map contains.
     """
 
     def __init__(self, model: FaCTModel, record: ForwardRecord, x6: Tensor | None) -> None:
@@ -334,31 +349,44 @@ class _CodeBackprop:
         self.record = record
         self.x6 = x6
         self.names = tuple(info.name for info in model.concept_layers)
+        self.offset: Tensor | None = None  # (1, C, h, w), with x6 only: it matters for input maps
+        if x6 is not None and record.first_output is not None:
+            self.offset = model.backbone.input_offset(record.first_output.detach())
 
-    def step_down(self, i: int, seed: Tensor) -> Tensor:
-        """Seed ``(N, P, k)`` on layer i's codes → gradient on layer i−1's codes, or on the input for i = 0.
-
-        A seed ``(R, N, P, k)`` is R seeds at once: one batched VJP (``vmap`` over the
-        backward) gives ``(R, …)``.
-        """
+    def _segment_vjp(self, i: int, seed: Tensor, below: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Seed on layer i's codes → gradients on ``below`` (one backward over segment i, batched for a leading R)."""
         name = self.names[i]
         codes = self.record.codes[name]
         feature_seed = self.model.concept_layer(name).encoder_vjp(codes, seed)
-        below = self.record.codes[self.names[i - 1]].values if i > 0 else self.x6
         features = self.record.features[name]
 
-        def vjp(cotangent: Tensor) -> Tensor:
-            return torch.autograd.grad(features, below, cotangent, retain_graph=True)[0]
+        def vjp(cotangent: Tensor) -> tuple[Tensor, ...]:
+            return torch.autograd.grad(features, below, cotangent, retain_graph=True)
 
         if seed.dim() == codes.values.dim() + 1:
             return torch.func.vmap(vjp)(feature_seed)
         return vjp(feature_seed)
 
-    def to_input(self, i: int, seed: Tensor) -> Tensor:
-        """Seed on layer i's codes → ``(N, 6, H, W)`` gradient on the encoded input."""
-        for j in range(i, -1, -1):
+    def step_down(self, i: int, seed: Tensor) -> Tensor:
+        """Seed ``(N, P, k)`` on layer i ≥ 1's codes → gradient on layer i−1's codes.
+
+        A seed ``(R, N, P, k)`` is R seeds at once: one batched VJP (``vmap`` over the
+        backward) gives ``(R, …)``.
+        """
+        return self._segment_vjp(i, seed, (self.record.codes[self.names[i - 1]].values,))[0]
+
+    def to_input(self, i: int, seed: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Seed on layer i's codes → ``(N, 6, H, W)`` gradient on the encoded input, and the offset's share.
+
+        The share is ``(N,)`` (``(R, N)`` for R seeds), or None when the backbone adds no
+        input-independent term.
+        """
+        for j in range(i, 0, -1):
             seed = self.step_down(j, seed)
-        return seed
+        if self.offset is None:
+            return self._segment_vjp(0, seed, (self.x6,))[0], None
+        grad_x, grad_first = self._segment_vjp(0, seed, (self.x6, self.record.first_output))
+        return grad_x, (self.offset * grad_first).sum(dim=(-3, -2, -1))
 
     def code_gradients(self, target: Tensor, contrast: Tensor | None, closed_form: bool) -> dict[str, Tensor]:
         """``∂y/∂u`` at every concept layer's code slots: layer → ``(N, P, k)``, detached."""
@@ -381,7 +409,7 @@ class _CodeBackprop:
 
     def rank_passes(
         self, top_ids: dict[str, Tensor], map_layers: Sequence[str], batched: bool = False
-    ) -> tuple[list[CrossLayerTrace], dict[str, Tensor]]:
+    ) -> tuple[list[CrossLayerTrace], dict[str, Tensor], dict[str, Tensor]]:
         """Per (layer, rank): the rank-r concept's cross-layer trace and, for ``map_layers``, its input map.
 
         ``top_ids``: layer → ``(N, R_layer)``; each layer runs its own ``R_layer`` ranks.
@@ -389,9 +417,13 @@ class _CodeBackprop:
         codes; its first step down yields the decomposition over the layer below (the
         trace), the remaining steps the input map. ``batched``: all ranks of a layer
         in one batched VJP per step instead of a loop over ranks.
+
+        Returns the traces, the maps (layer → ``(N, R, 6, H, W)``) and, when the backbone
+        adds an input-independent term, its shares (layer → ``(N, R)``; else empty).
         """
         traces: list[CrossLayerTrace] = []
         concept_maps: dict[str, Tensor] = {}
+        shares: dict[str, Tensor] = {}
         for i, name in enumerate(self.names):
             with_maps = name in map_layers
             r = top_ids[name].shape[1]
@@ -399,22 +431,26 @@ class _CodeBackprop:
                 continue
             selection = self.record.codes[name].select(top_ids[name])  # (N, R, P, k)
             seeds = [selection.movedim(1, 0)] if batched else [selection[:, rank] for rank in range(r)]
-            maps_r, trace_r = [], []
+            maps_r, shares_r, trace_r = [], [], []
             for seed in seeds:
-                grad = self.step_down(i, seed)
+                grad = seed
                 if i > 0:
+                    grad = self.step_down(i, seed)
                     lower = self.record.codes[self.names[i - 1]]
                     per_rank = grad if batched else grad[None]
                     trace_r.extend(lower.scatter(lower.values.detach() * g) for g in per_rank)
-                    if with_maps:
-                        grad = self.to_input(i - 1, grad)
                 if with_maps:
-                    maps_r.extend(grad if batched else [grad])
+                    input_grad, share = self.to_input(i - 1, grad) if i > 0 else self.to_input(0, seed)
+                    maps_r.extend(input_grad if batched else [input_grad])
+                    if share is not None:
+                        shares_r.extend(share if batched else [share])
             if with_maps:
                 concept_maps[name] = torch.stack(maps_r, dim=1)
+                if shares_r:
+                    shares[name] = torch.stack(shares_r, dim=1)
             if i > 0:
                 traces.append(CrossLayerTrace(name, self.names[i - 1], top_ids[name], torch.stack(trace_r, dim=1)))
-        return traces, concept_maps
+        return traces, concept_maps, shares
 
 
 def _top_concept_lists(

@@ -3,7 +3,7 @@
 All tensors are detached, on the model's device. ``N`` = images, ``C`` = classes,
 ``K`` = concepts of a layer, ``R`` = that layer's top concepts per image
 (``min(top_k, K)``, so layers of different sizes can have different ``R``),
-``(h, w)`` = the concept layer's feature-map size, ``(H, W)`` = the input size.
+``(h, w)`` = the concept layer's feature-map size (a ViT's token grid), ``(H, W)`` = the input size.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["CrossLayerTrace", "Explanation", "ExplanationMaps", "TopConcept", "rank_classes"]
+__all__ = ["CrossLayerTrace", "Explanation", "ExplanationMaps", "PositionalShares", "TopConcept", "rank_classes"]
 
 
 def rank_classes(scores: Tensor) -> Tensor:
@@ -67,11 +67,31 @@ class CrossLayerTrace:
 
 
 @dataclass(frozen=True)
+class PositionalShares:
+    """What a ViT's positional embedding contributed to each mapped quantity.
+
+    The embedding is added to the tokens independently of the image, so it is not in any
+    input map: for every map, ``Σ_pixels x ⊙ W + share = the mapped quantity`` exactly,
+    with ``share = Σ pe ⊙ ∂(quantity)/∂tokens`` over the first stage's token grid.
+
+    Attributes:
+        concepts: layer → ``(N, R)``: share in each top concept's activation.
+        logit: ``(N,)`` share in the explained logit ``y``, or None (no logit map).
+        other: ``(N,)`` share in "all other concepts", or None (no such map).
+    """
+
+    concepts: dict[str, Tensor] = field(default_factory=dict)
+    logit: Tensor | None = None
+    other: Tensor | None = None
+
+
+@dataclass(frozen=True)
 class ExplanationMaps:
     """Input-level maps ``W = ∂(·)/∂x`` on the 6-channel encoded input, in explanation mode.
 
     Render a map with :mod:`fact_model.render`; its per-pixel contribution is
-    ``(inputs ⊙ W).sum(channel)``, which sums over pixels to the explained quantity.
+    ``(inputs ⊙ W).sum(channel)``, which sums over pixels to the explained quantity
+    (for a ViT, to the quantity minus its ``positional`` share).
 
     Attributes:
         inputs: ``(N, 6, H, W)`` the encoded input ``[r, g, b, 1-r, 1-g, 1-b]``.
@@ -80,12 +100,16 @@ class ExplanationMaps:
         logit: ``(N, 6, H, W)`` map of the explained logit ``y`` (all concepts), or None.
         other: ``(N, 6, H, W)`` map of ``y`` minus the shown top concepts of the last
             concept layer ("all other concepts"), or None.
+        positional: the shares of an input-independent term that the maps leave out (a
+            ViT's positional embedding), or None for bias-free networks (B-cos CNNs),
+            whose maps sum to the quantity exactly.
     """
 
     inputs: Tensor
     concepts: dict[str, Tensor] = field(default_factory=dict)
     logit: Tensor | None = None
     other: Tensor | None = None
+    positional: PositionalShares | None = None
 
     def pixel_contributions(self, weights: Tensor) -> Tensor:
         """``Σ_channels x ⊙ W``: ``(N, [R,] 6, H, W)`` → ``(N, [R,] H, W)``."""

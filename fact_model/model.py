@@ -3,6 +3,9 @@
     images (N, 3, H, W) in [0, 1] → [r,g,b,1-r,1-g,1-b] → stages … → concept layer(s) …
       → B-cos 1×1 head → mean over positions → logit/T + b
 
+(A ViT backbone's stages run on token grids and its head pools first, then normalises
+and applies a B-cos linear layer: :mod:`fact_model.backbones.vit`.)
+
 The concept layers replace the features at their stage with the reconstruction
 ``f̂ = D·TopK(ReLU(E f))``, so accuracy is that of the model with the concepts in
 place, and every explanation identity (spec section 1) holds exactly.
@@ -56,6 +59,9 @@ class ForwardRecord:
         features: concept-layer name → the stage output ``f`` that layer encoded.
         head_input: ``(N, C, h, w)`` features entering the head (``f̂`` when a concept
             layer sits at the last stage).
+        first_output: ``(N, C, h, w)`` output of the first stage when the backbone adds an
+            input-independent term there (``backbone.has_input_offset``: a ViT's positional
+            embedding), else None; explanations report that term's share of input maps.
     """
 
     logits: Tensor
@@ -63,6 +69,7 @@ class ForwardRecord:
     codes: dict[str, ConceptCodes]
     features: dict[str, Tensor]
     head_input: Tensor
+    first_output: Tensor | None = None
 
 
 def _module_key(layer: str) -> str:
@@ -168,12 +175,15 @@ class FaCTModel(nn.Module):
         """
         codes: dict[str, ConceptCodes] = {}
         features: dict[str, Tensor] = {}
+        first_output = None
         # NHWC: oneDNN/cuDNN convolutions (and especially their input-gradient passes,
         # which explanations run many of) are markedly faster in channels_last, and the
         # concept layer's per-position view of NHWC features needs no copy.
         h = x6.contiguous(memory_format=torch.channels_last)
-        for name, stage in self.backbone.stages:
+        for i, (name, stage) in enumerate(self.backbone.stages):
             h = stage(h)
+            if i == 0 and self.backbone.has_input_offset:
+                first_output = h
             if concepts and name in self._layer_names:
                 layer = self.concepts[_module_key(name)]
                 features[name] = h
@@ -186,7 +196,7 @@ class FaCTModel(nn.Module):
                 codes[name] = code
                 h = layer.decode(code)
         scores = self.backbone.head_scores(h)
-        return ForwardRecord(scores + self.logit_bias, scores, codes, features, h)
+        return ForwardRecord(scores + self.logit_bias, scores, codes, features, h, first_output)
 
     def _stage_index(self, name: str) -> int:
         names = self.backbone.stage_names

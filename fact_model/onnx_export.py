@@ -5,7 +5,8 @@ The exported graph computes, for a batch ``images`` ``(N, 3, H, W)`` in [0, 1] (
 * ``logits`` ``(N, classes)`` (bias included);
 * ``top_ids`` / ``top_contributions`` ``(N, top_k)``: the last concept layer's concepts with
   the largest contributions to the predicted class's ``logit − b``, in closed form
-  (spec section 4: ``s_{c,p} (Ŵ_head D)[c,k] / (P·T)``, no backward pass);
+  (spec section 4: ``s_{c,p} (Ŵ_head D)[c,k] / (P·T)``, no backward pass; a ViT's head has
+  its own closed form, :func:`~fact_model.explain.closed_form_code_gradient`);
 * ``concept_totals`` ``(N, K)``: each concept's total activation ``Σ_p u_{k,p}``;
 * ``residual`` ``(N,)``: ``|Σ_k contribution − (logit − b)|`` of the predicted class;
 * ``scores`` ``(N, classes)``: the bias-free scores ``logit − b`` the graph ranked;
@@ -49,7 +50,9 @@ class PredictionGraph(nn.Module):
         if not closed_form_applies(model):
             raise ValueError(
                 "ONNX export needs the closed-form decomposition: the last concept layer must feed the "
-                "B-cos 1×1 head directly (put a concept layer at the last stage)"
+                f"head directly (put a concept layer at the last stage, {model.backbone.stage_names[-1]!r}) "
+                "and the head must have a closed form (a 1×1 B-cos conv, or a ViT's pooled norm + B-cos "
+                "linear, without MaxOut)"
             )
         self.model = model
         self.layer = model.concept_layers[-1].name

@@ -45,13 +45,22 @@ def load_bcos_v2_checkpoint(backbone: StagedBackbone, path: str | Path) -> Stage
     """Load a B-cos-v2 checkpoint into ``backbone.net`` with ``strict=True``.
 
     Use the matching architecture, e.g. ``create_backbone("bcos_v2_resnet50")`` for
-    ``resnet_50_long-*.pth``. Returns ``backbone`` (modified in place).
+    ``resnet_50_long-*.pth``, ``create_backbone("bcos_v2_vitc_s_patch1_14")`` for
+    ``bcos_vitc_s_patch1_14-*.pth``. Returns ``backbone`` (modified in place).
+
+    A source model that wraps ``net`` stores its keys under
+    ``backbone.checkpoint_prefix`` (bcos's ViTs: ``BcosSequential(vit, LogitLayer)``,
+    keys ``0.<key>``); when every key carries that prefix it is stripped. Either way the
+    load is strict: no key may be missing or left over.
 
     Raises:
         ValueError: the checkpoint's keys or shapes do not match the architecture
             (the message names the first offending keys).
     """
     state = read_state_dict(path)
+    prefix = backbone.checkpoint_prefix
+    if prefix and state and all(key.startswith(prefix) for key in state):
+        state = {key[len(prefix) :]: value for key, value in state.items()}
     try:
         backbone.net.load_state_dict(state, strict=True)
     except RuntimeError as err:
