@@ -64,7 +64,16 @@ def _run(url: str, endpoint: str, images: list[str], clients: int, requests: int
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in argv:  # the 224 px ResNet-50 measurement has its own options (service/bench_scale.py)
+        from service.bench_scale import main as scale_main
+
+        scale_main([a for a in argv if a != "--scale"])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--scale", action="store_true", help="measure a 224 px ResNet-50 instead (python -m service.bench_scale -h)"
+    )
     parser.add_argument("--requests", type=int, default=200, help="requests per (endpoint, concurrency)")
     parser.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     parser.add_argument("--runtime", choices=["pytorch", "onnx"], default="pytorch", help="/predict runtime")

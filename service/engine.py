@@ -10,12 +10,14 @@ import functools
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from fact_model import render
@@ -30,16 +32,24 @@ from fact_model.explain import (
 )
 from fact_model.explanation import Explanation, rank_classes
 from fact_model.model import FaCTModel
+from service.cards import ExampleImages, check_statistics
 from service.errors import RequestError
 from service.images import decode_image, default_max_pixels
 from service.settings import Settings
 
-__all__ = ["HEATMAP_FORMATS", "HEATMAP_KINDS", "Engine"]
+__all__ = ["HEATMAP_FORMATS", "HEATMAP_KINDS", "MIN_HEATMAP_SIZE", "Engine"]
 
 log = logging.getLogger(__name__)
 
-HEATMAP_FORMATS = ("none", "png", "array")
-HEATMAP_KINDS = ("bcos", "signed")
+HEATMAP_FORMATS = ("none", *render.ENCODINGS, "array", "float32")
+"""``none``; images: ``png`` (lossless), ``png8`` (palette), ``webp`` (lossy); exact floats: ``array`` (JSON
+lists), ``float32`` (base64 of little-endian float32, row-major)."""
+HEATMAP_KINDS = ("bcos", "signed", "spatial")
+"""``bcos`` / ``signed``: per-pixel maps of each concept's activation (one backward pass per concept);
+``spatial``: each concept's contribution to the explained logit per feature-map position (closed form:
+no backward pass), drawn as a signed map over the image."""
+MIN_HEATMAP_SIZE = 8
+"""Smallest ``heatmap_size`` (pixels per side); the largest is the model's input size."""
 TOP_CLASSES = 5
 _CLASS_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: "٣" or "²" are names, not numbers
 
@@ -64,9 +74,26 @@ class Engine:
         self.manifest = read_manifest(self.artifact_dir)
         self.name, self.version = name, version
         self.layer_names = tuple(info.name for info in self.model.concept_layers)
-        self.stats, self.stats_meta = None, None
+        self.stats, self.stats_meta, self.stats_error = None, None, None
         if (self.artifact_dir / STATS_META).is_file():
-            self.stats, self.stats_meta = load_concept_stats(self.artifact_dir)
+            try:
+                self.stats, self.stats_meta = load_concept_stats(self.artifact_dir)
+            except Exception as err:  # a corrupt or mismatching file: cards say so; the model still serves
+                self.stats_error = f"the model's concept statistics cannot be read ({type(err).__name__}: {err})"
+                log.warning("%s", self.stats_error)
+        self.stats_problems = (
+            {}
+            if self.stats is None
+            else check_statistics(
+                self.stats, {i.name: i.num_concepts for i in self.model.concept_layers}, self.model.num_classes
+            )
+        )
+        for layer, problem in self.stats_problems.items():
+            if problem is not None:
+                log.warning("concept cards of %s unavailable: %s", layer, problem)
+        self.example_images = ExampleImages((self.stats_meta or {}).get("data"), tuple(self.model.class_names))
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.artifact_bytes = {f.name: f.stat().st_size for f in sorted(self.artifact_dir.iterdir()) if f.is_file()}
         evaluation = self.artifact_dir / "evaluation.json"
         self.evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else None
         self.closed_form = closed_form_applies(self.model)
@@ -80,6 +107,11 @@ class Engine:
     @property
     def model_identity(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version, "weights_sha256": self.manifest["weights"]["sha256"]}
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square model input, in pixels (the default and largest ``heatmap_size``)."""
+        return self.model.config.preprocessing.input_size
 
     @property
     def max_pixels(self) -> int:
@@ -122,6 +154,28 @@ class Engine:
             )
         return top_k
 
+    def check_heatmaps(self, heatmaps: str, kind: str, size: int | None) -> int:
+        """Validate the heatmap options; returns the output side length in pixels (``size`` or the input size)."""
+        if heatmaps not in HEATMAP_FORMATS:
+            raise RequestError(
+                400, "bad_heatmaps", f"heatmaps must be one of {list(HEATMAP_FORMATS)}, got {heatmaps!r}"
+            )
+        if kind not in HEATMAP_KINDS:
+            raise RequestError(
+                400, "bad_heatmap_kind", f"heatmap_kind must be one of {list(HEATMAP_KINDS)}, got {kind!r}"
+            )
+        if size is None:
+            return self.input_size
+        if isinstance(size, bool) or not isinstance(size, int) or not MIN_HEATMAP_SIZE <= size <= self.input_size:
+            shown = repr(size) if len(repr(size)) <= 40 else repr(size)[:40] + "…"
+            raise RequestError(
+                400,
+                "invalid_request",
+                f"field 'heatmap_size' must be an integer in [{MIN_HEATMAP_SIZE}, {self.input_size}] (pixels per "
+                f"side; {self.input_size} is this model's input size, the default), got {shown}",
+            )
+        return size
+
     def check_layers(self, layers: Sequence[str] | None) -> tuple[str, ...]:
         if not layers:
             return self.layer_names
@@ -159,10 +213,12 @@ class Engine:
 
         Returns route → (seconds of a warm call, its work units: images × (1 + top_k) for explanations).
         """
-        size = self.model.config.preprocessing.input_size
+        size = self.input_size
         image = Image.new("RGB", (size, size), (120, 80, 60))
         self.predict([image], top_k=3)
         self.explain(image, None, None, 3, None, "png", "bcos")
+        for heatmaps, kind in (("webp", "signed"), ("png8", "spatial")):  # first use of each encoder
+            self.explain(image, None, None, 1, None, heatmaps, kind, heatmap_size=max(MIN_HEATMAP_SIZE, size // 2))
         timings = {}
         started = time.perf_counter()
         self.predict([image], top_k=3)
@@ -244,8 +300,11 @@ class Engine:
         heatmaps: str,
         heatmap_kind: str,
         preprocess_ms: float = 0.0,
+        heatmap_size: int | None = None,
     ) -> dict[str, Any]:
-        return self.explain_many([image], [target], [contrast], top_k, layers, heatmaps, heatmap_kind, preprocess_ms)[0]
+        return self.explain_many(
+            [image], [target], [contrast], top_k, layers, heatmaps, heatmap_kind, preprocess_ms, heatmap_size
+        )[0]
 
     def explain_many(
         self,
@@ -257,18 +316,16 @@ class Engine:
         heatmaps: str,
         heatmap_kind: str,
         decode_ms: float = 0.0,
+        heatmap_size: int | None = None,
     ) -> list[dict[str, Any]]:
-        """One explanation per image, computed as one batch (targets may differ per image)."""
+        """One explanation per image, computed as one batch (targets may differ per image).
+
+        ``heatmap_size``: side of the heatmaps in pixels, in [:data:`MIN_HEATMAP_SIZE`, input size]
+        (None: the input size); images are area-averaged, ``array``/``float32`` maps block-summed.
+        """
         top_k = self.check_top_k(top_k)
         selected = self.check_layers(layers)
-        if heatmaps not in HEATMAP_FORMATS:
-            raise RequestError(
-                400, "bad_heatmaps", f"heatmaps must be one of {list(HEATMAP_FORMATS)}, got {heatmaps!r}"
-            )
-        if heatmap_kind not in HEATMAP_KINDS:
-            raise RequestError(
-                400, "bad_heatmap_kind", f"heatmap_kind must be one of {list(HEATMAP_KINDS)}, got {heatmap_kind!r}"
-            )
+        size = self.check_heatmaps(heatmaps, heatmap_kind, heatmap_size)
         target_idx = [self.resolve_class(t, "target") for t in targets]
         contrast_idx = [self.resolve_class(c, "contrast") for c in contrasts]
         started = time.perf_counter()
@@ -276,12 +333,12 @@ class Engine:
         preprocess_ms = decode_ms + 1e3 * (time.perf_counter() - started)
 
         primary = selected[-1]
-        with_maps = heatmaps != "none"
+        with_maps = heatmaps != "none" and heatmap_kind != "spatial"  # spatial maps need no backward pass
         explanations = self._explain_grouped(batch, target_idx, contrast_idx, top_k, with_maps, primary)
         results = []
-        for expl, row in explanations:
+        for i, (expl, row) in enumerate(explanations):
             started = time.perf_counter()
-            result = self._response(expl, row, selected, primary, heatmaps, heatmap_kind)
+            result = self._response(expl, row, batch[i], selected, primary, heatmaps, heatmap_kind, size)
             render_ms = 1e3 * (time.perf_counter() - started)
             result["timings_ms"] = {
                 "preprocess": preprocess_ms / len(images),
@@ -332,30 +389,56 @@ class Engine:
                 out[i] = (expl, j)
         return out  # type: ignore[return-value]  (every row was filled)
 
-    def _heatmaps(self, weights: torch.Tensor, inputs: torch.Tensor, heatmaps: str, kind: str) -> list[dict[str, Any]]:
-        """One heatmap per map in ``weights`` ``(R, 6, H, W)`` of one image ``inputs`` ``(6, H, W)``."""
-        contributions = (inputs[None] * weights).sum(dim=1)  # (R, H, W)
-        if heatmaps == "array":
-            return [
-                {"format": "array", "kind": "contribution", "shape": list(c.shape), "data": c.tolist()}
-                for c in contributions
-            ]
+    def _heatmaps(
+        self, expl: Explanation, n: int, image: torch.Tensor, layer: str, heatmaps: str, kind: str, size: int
+    ) -> list[dict[str, Any]]:
+        """One heatmap per top concept of ``layer`` in image ``n``, at ``size × size`` pixels.
+
+        Pixel kinds start from the concept maps ``W`` ``(R, 6, S, S)`` and the encoded input
+        ``(6, S, S)``: per-pixel contributions ``Σ_ch x ⊙ W`` ``(R, S, S)`` sum to each concept's
+        activation. ``spatial`` starts from ``Explanation.spatial`` ``(R, h, w)`` (sums to each
+        concept's contribution). Images are rendered at ``S`` and area-averaged to ``size``;
+        ``image`` ``(3, S, S)`` in [0, 1] is the preprocessed input the signed kinds are drawn over.
+        """
+        if kind == "spatial":
+            values = expl.spatial[layer][n]  # (R, h, w)
+        else:
+            weights, inputs = expl.maps.concepts[layer][n], expl.maps.inputs[n]  # (R, 6, S, S), (6, S, S)
+            values = (inputs[None] * weights).sum(dim=1)  # (R, S, S)
+        if heatmaps in ("array", "float32"):
+            value_kind = "spatial" if kind == "spatial" else "contribution"
+            if kind != "spatial":  # spatial maps stay at the concept layer's resolution
+                values = render.sum_pool(values, size)
+            return [_float_map(v, heatmaps, value_kind) for v in values.cpu()]
         if kind == "bcos":  # all maps of the image in one call
             rgba = render.bcos_colour(weights, inputs[None].expand_as(weights))
         else:
-            rgba = torch.stack([render.signed_heatmap(c, inputs[:3]) for c in contributions])
+            if kind == "spatial":  # each position's value over its receptive-field block of the image
+                values = F.interpolate(values[:, None], size=image.shape[-2:], mode="nearest")[:, 0]
+            rgba = render.signed_heatmaps(values, image)
+        blobs = render.encode_rgba(render.resize_rgba(rgba, size).cpu(), heatmaps)
+        key = "webp_base64" if heatmaps == "webp" else "png_base64"
         return [
             {
-                "format": "png",
+                "format": heatmaps,
                 "kind": kind,
-                "size": list(contributions.shape[1:]),
-                "png_base64": base64.b64encode(render.to_png(image.cpu())).decode(),
+                "size": [size, size],
+                "media_type": render.MEDIA_TYPES[heatmaps],
+                key: base64.b64encode(blob).decode(),
             }
-            for image in rgba
+            for blob in blobs
         ]
 
     def _response(
-        self, expl: Explanation, n: int, selected: tuple[str, ...], primary: str, heatmaps: str, kind: str
+        self,
+        expl: Explanation,
+        n: int,
+        image: torch.Tensor,
+        selected: tuple[str, ...],
+        primary: str,
+        heatmaps: str,
+        kind: str,
+        size: int,
     ) -> dict[str, Any]:
         logits, probabilities = expl.logits[n], expl.probabilities[n]
         prediction, top_classes = self._classes(logits, probabilities, expl.ranking[n])
@@ -366,8 +449,8 @@ class Engine:
         trace = next((t for t in expl.traces if t.upper == primary and t.lower == lower), None)
         concepts = []
         maps = None
-        if heatmaps != "none" and expl.maps is not None and ids:
-            maps = self._heatmaps(expl.maps.concepts[primary][n], expl.maps.inputs[n], heatmaps, kind)
+        if heatmaps != "none" and ids and (expl.maps is not None or kind == "spatial"):
+            maps = self._heatmaps(expl, n, image, primary, heatmaps, kind, size)
         for rank, concept in enumerate(ids):
             value = float(contributions[concept])
             entry: dict[str, Any] = {
@@ -415,6 +498,7 @@ class Engine:
 
     # ------------------------------------------------------------------ model and concept cards
     def model_summary(self) -> dict[str, Any]:
+        size = self.input_size
         return {
             **self.model_identity,
             "architecture": self.model.config.backbone,
@@ -423,7 +507,14 @@ class Engine:
                 {"name": i.name, "num_concepts": i.num_concepts, "k": i.k, "channels": i.in_features}
                 for i in self.model.concept_layers
             ],
-            "input_size": self.model.config.preprocessing.input_size,
+            "input_size": size,
+            "input_resolution": {"height": size, "width": size, "channels": 3},
+            "size": {
+                "parameters": self.parameters,
+                "weights_bytes": self.artifact_bytes.get("model.safetensors", 0),
+                "bytes_on_disk": sum(self.artifact_bytes.values()),
+                "files": self.artifact_bytes,
+            },
             "preprocessing": self.manifest["model"]["preprocessing"],
             "output_activation": self.model.config.output_activation,
             "logit_bias": self.model.logit_bias,
@@ -434,7 +525,13 @@ class Engine:
             else {
                 k: self.evaluation[k] for k in ("backbone_accuracy", "fact_accuracy", "images") if k in self.evaluation
             },
-            "concept_statistics": self.stats_meta is not None,
+            "concept_statistics": self.stats is not None,
+            "concept_cards": {layer: self._cards_problem(layer) is None for layer in self.layer_names},
+            "heatmaps": {
+                "formats": list(HEATMAP_FORMATS),
+                "kinds": list(HEATMAP_KINDS),
+                "size": {"min": MIN_HEATMAP_SIZE, "max": size, "default": size},
+            },
             "runtime": {
                 "predict": "onnxruntime" if self.onnx is not None else "pytorch",
                 "explain": "pytorch",
@@ -442,13 +539,26 @@ class Engine:
             },
         }
 
+    def _cards_problem(self, layer: str) -> str | None:
+        """Why ``layer`` has no concept cards (a sentence), or None when its statistics are usable."""
+        if self.stats_error is not None:
+            return self.stats_error
+        if self.stats is None:
+            return (
+                f"this model has no concept statistics, so there are no concept cards or listings; compute them "
+                f"with `fact stats --model {self.artifact_dir}` (they are saved next to the model; GET /model "
+                "reports concept_statistics)"
+            )
+        return self.stats_problems.get(layer)
+
     def _check_concept(self, layer: str, concept: int | None = None) -> None:
         if layer not in self.layer_names:
             raise RequestError(
                 404, "unknown_layer", f"no concept layer {layer!r}; concept layers: {list(self.layer_names)}"
             )
-        if self.stats is None:
-            raise RequestError(404, "no_statistics", "this model has no concept statistics (run `fact stats`)")
+        problem = self._cards_problem(layer)
+        if problem is not None:
+            raise RequestError(404, "no_statistics", problem)
         if concept is not None:
             k = self.model.concept_layer(layer).num_concepts
             if not 0 <= concept < k:
@@ -476,6 +586,12 @@ class Engine:
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one engine per worker; bounded)
     def concept_card(self, layer: str, concept: int, examples: int = 6) -> dict[str, Any]:
+        """A concept's card: frequency, supported classes, top dataset images with heatmaps.
+
+        ``example_images`` says whether the images could be shown (``available``) and if not why
+        (``reason``: ``dataset_unreadable``, ``dataset_changed``, ``dataset_unknown``; ``message``):
+        the numbers come from the statistics either way.
+        """
         self._check_concept(layer, concept)
         stats = self.stats
         class_means = stats[f"{layer}/class_mean_contributions"][:, concept]
@@ -484,42 +600,47 @@ class Engine:
             for c in class_means.argsort(descending=True).tolist()
             if float(class_means[c]) > 0
         ]
-        top_indices = stats[f"{layer}/top_indices"][concept, :examples].tolist()
-        top_activations = stats[f"{layer}/top_activations"][concept, :examples].tolist()
-        examples_out = []
-        images = self._example_images(top_indices)
-        if images is not None:
-            batch = self.model.preprocess(images)
-            maps, x6 = concept_input_maps(self.model, batch, layer, torch.full((len(images), 1), concept))
-            for i, (index, activation) in enumerate(zip(top_indices, top_activations, strict=True)):
-                png_image = render.to_png(render.overlay(torch.zeros(*batch.shape[-2:], 4), batch[i]))
-                rgba = render.bcos_colour(maps[i, 0], x6[i])
-                examples_out.append(
-                    {
-                        "index": index,
-                        "activation": activation,
-                        "image_png_base64": base64.b64encode(png_image).decode(),
-                        "heatmap_png_base64": base64.b64encode(render.to_png(rgba)).decode(),
-                    }
-                )
-        else:
-            examples_out = [{"index": i, "activation": a} for i, a in zip(top_indices, top_activations, strict=True)]
+        top_activations = stats[f"{layer}/top_activations"][concept, :examples]
+        top_indices = stats[f"{layer}/top_indices"][concept, :examples][top_activations > 0].tolist()
+        top_activations = top_activations[top_activations > 0].tolist()  # a concept active in fewer images
+        images, availability = self.example_images.get(top_indices)
+        examples_out: list[dict[str, Any]] = [
+            {"index": i, "activation": a} for i, a in zip(top_indices, top_activations, strict=True)
+        ]
+        shown = [i for i, image in enumerate(images) if image is not None]
+        if shown:
+            batch = self.model.preprocess([images[i] for i in shown]).to(self.device)
+            maps, x6 = concept_input_maps(self.model, batch, layer, torch.full((len(shown), 1), concept))
+            rgba = render.bcos_colour(maps[:, 0], x6)  # (n, S, S, 4)
+            opaque = torch.cat([batch.permute(0, 2, 3, 1), torch.ones_like(batch[:, :1]).permute(0, 2, 3, 1)], -1)
+            pictures = render.encode_rgba(opaque.cpu(), "png")
+            heatmaps = render.encode_rgba(rgba.cpu(), "png")
+            for row, i in enumerate(shown):
+                examples_out[i]["image_png_base64"] = base64.b64encode(pictures[row]).decode()
+                examples_out[i]["heatmap_png_base64"] = base64.b64encode(heatmaps[row]).decode()
         return {
             "layer": layer,
             "id": concept,
             "frequency": float(stats[f"{layer}/frequency"][concept]),
             "supports": supports,
             "examples": examples_out,
+            "example_images": availability.to_json(),
             "dataset": (self.stats_meta or {}).get("data"),
         }
 
-    def _example_images(self, indices: list[int]) -> list[Image.Image] | None:
-        """The statistics' dataset images by index, when they can be regenerated or read here."""
-        description = (self.stats_meta or {}).get("data") or {}
-        if description.get("dataset") == "synthetic":
-            from fact_model.data.synthetic import SyntheticConfig, render_sample
 
-            fields = {k: description[k] for k in ("image_size", "seed", "train", "val", "test", "max_distractors")}
-            config = SyntheticConfig(**fields)
-            return [Image.fromarray(render_sample(config, description["split"], i)[0]) for i in indices]
-        return None
+def _float_map(values: torch.Tensor, fmt: str, kind: str) -> dict[str, Any]:
+    """One exact float map ``(h, w)`` as JSON: nested lists (``array``) or base64 float32 (``float32``)."""
+    shape = list(values.shape)
+    if fmt == "array":
+        return {"format": "array", "kind": kind, "shape": shape, "data": values.tolist()}
+    data = values.to(torch.float32).contiguous().numpy()
+    if sys.byteorder != "little":
+        data = data.byteswap()
+    return {
+        "format": "float32",
+        "kind": kind,
+        "shape": shape,
+        "dtype": "<f4",
+        "data_base64": base64.b64encode(data.tobytes()).decode(),
+    }

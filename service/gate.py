@@ -44,7 +44,7 @@ Send = Callable[[Message], Awaitable[None]]
 _DECODED: contextvars.ContextVar[dict[str, Image.Image] | None] = contextvars.ContextVar("fact_decoded", default=None)
 _ASCII_INT = re.compile(r"[0-9]{1,9}")
 _MULTIPART_LISTS = frozenset({"layers"})
-_MULTIPART_INTS = frozenset({"top_k"})
+_MULTIPART_INTS = frozenset({"top_k", "heatmap_size"})
 
 
 def decoded_image(text: str) -> Image.Image | None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import Any, get_args
 
 from service.errors import send_error
+from service.schemas import HEATMAP_KIND_DESCRIPTION, HEATMAPS_DESCRIPTION, HeatmapFormat, HeatmapKind
 
 __all__ = ["OpenAPIDocument", "complete_spec"]
 
@@ -188,8 +189,21 @@ def complete_spec(base: dict[str, Any], version: str) -> dict[str, Any]:
                     "type": "string",
                     "description": "comma-separated concept layer names (or repeat the field)",
                 },
-                "heatmaps": {"type": "string", "enum": ["none", "png", "array"]},
-                "heatmap_kind": {"type": "string", "enum": ["bcos", "signed"]},
+                "heatmaps": {
+                    "type": "string",
+                    "enum": list(get_args(HeatmapFormat)),
+                    "description": HEATMAPS_DESCRIPTION,
+                },
+                "heatmap_kind": {
+                    "type": "string",
+                    "enum": list(get_args(HeatmapKind)),
+                    "description": HEATMAP_KIND_DESCRIPTION,
+                },
+                "heatmap_size": {
+                    "type": "integer",
+                    "minimum": 8,
+                    "description": "heatmap side in pixels, at most the model's input size (default)",
+                },
             },
         }
         content["multipart/form-data"] = {"schema": form}

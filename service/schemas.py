@@ -27,8 +27,8 @@ __all__ = [
     "PredictRequest",
 ]
 
-HeatmapFormat = Literal["none", "png", "array"]
-HeatmapKind = Literal["bcos", "signed"]
+HeatmapFormat = Literal["none", "png", "png8", "webp", "array", "float32"]
+HeatmapKind = Literal["bcos", "signed", "spatial"]
 MAX_LAYER_NAMES = 16
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -46,6 +46,22 @@ ClassRef = Annotated[
     Field(description="class index (an integer, or a string of ASCII digits) or class name (GET /model lists them)"),
 ]
 TopK = Annotated[StrictInt, Field(ge=1, le=SETTINGS.max_top_k, description="concepts per layer to report")]
+HeatmapSize = Annotated[
+    StrictInt | None,
+    Field(
+        description="side of each heatmap in pixels, from 8 to the model's input size (GET /model: "
+        "heatmaps.size); default: the input size. Images are area-averaged, array/float32 maps block-summed "
+        "(they still sum to the concept's activation)",
+    ),
+]
+HEATMAPS_DESCRIPTION = (
+    "none; images: png (lossless RGBA), png8 (palette PNG, ≤ 256 colours), webp (lossy, smallest); exact "
+    "floats: array (JSON lists), float32 (base64 little-endian float32, row-major)"
+)
+HEATMAP_KIND_DESCRIPTION = (
+    "bcos (B-cos colour of each concept's input map), signed (red/blue per-pixel contribution over the image), "
+    "spatial (contribution to the logit per feature-map position, no backward pass: fastest)"
+)
 LayerNames = Annotated[
     list[Annotated[str, StringConstraints(min_length=1, max_length=128)]],
     Field(max_length=MAX_LAYER_NAMES, description="concept layers to trace (default: all; GET /model lists them)"),
@@ -61,8 +77,9 @@ class ExplainRequest(bentoml.IODescriptor):
     contrast: ClassRef | None = Field(None, description="explain target rather than this class (a 'why not')")
     top_k: TopK = 5
     layers: LayerNames | None = None
-    heatmaps: HeatmapFormat = "png"
-    heatmap_kind: HeatmapKind = "bcos"
+    heatmaps: HeatmapFormat = Field("png", description=HEATMAPS_DESCRIPTION)
+    heatmap_kind: HeatmapKind = Field("bcos", description=HEATMAP_KIND_DESCRIPTION)
+    heatmap_size: HeatmapSize = None
 
 
 class ExplainItem(BaseModel):
@@ -81,8 +98,9 @@ class ExplainBatchRequest(bentoml.IODescriptor):
     items: list[ExplainItem] = Field(min_length=1, max_length=SETTINGS.max_batch_items)
     top_k: TopK = 5
     layers: LayerNames | None = None
-    heatmaps: HeatmapFormat = "none"
-    heatmap_kind: HeatmapKind = "bcos"
+    heatmaps: HeatmapFormat = Field("none", description=HEATMAPS_DESCRIPTION)
+    heatmap_kind: HeatmapKind = Field("bcos", description=HEATMAP_KIND_DESCRIPTION)
+    heatmap_size: HeatmapSize = None
 
 
 class PredictItem(BaseModel):

@@ -283,6 +283,7 @@ class FaCTService:
                 request["heatmaps"],
                 request["heatmap_kind"],
                 decode_ms,
+                request["heatmap_size"],
                 units=explain_units(1, request["top_k"]),
             )
         except RequestError as err:
@@ -309,6 +310,7 @@ class FaCTService:
                 request["heatmaps"],
                 request["heatmap_kind"],
                 decode_ms,
+                request["heatmap_size"],
                 units=explain_units(len(items), request["top_k"]),
             )
         except RequestError as err:
