@@ -5,8 +5,9 @@ One forward pass in explanation mode records every concept layer's sparse codes
 for the explained quantity ``y`` (``logit[target] − b``, or a contrast difference):
 
 * **last concept layer** — when it feeds the head directly, ``∂y/∂u`` has the
-  closed form ``s_{c,p} (Ŵ_head D)[c,k] / (P·T)`` (no backward pass); otherwise
-  one backward from ``y``;
+  closed form ``s_{c,p} (Ŵ_head D)[c,k] / (P·T)`` (no backward pass; a ViT's
+  pool → norm → B-cos linear head has its own, the same for every token, see
+  :func:`closed_form_code_gradient`); otherwise one backward from ``y``;
 * **lower concept layers** — ``∂y/∂u`` is carried down one segment at a time:
   a sparse step through the encoder (``E[id]`` rows where the ReLU is active,
   never the dense ``(N, P, K)`` Jacobian) and one backward over the segment below;
@@ -15,6 +16,10 @@ for the explained quantity ``y`` (``logit[target] − b``, or a contrast differe
   rank) for the whole batch, seeded with the 0/1 selection of each image's rank-r
   concept; its first step yields the decomposition over the layer below, the
   rest the input map. No per-image or per-concept loop.
+* **positional share** — a ViT adds its positional embedding ``pe`` to the tokens, an
+  input-independent term no input map can hold: the last backward step also yields
+  ``Σ pe ⊙ ∂/∂tokens``, reported in ``ExplanationMaps.positional`` so that
+  ``Σ x ⊙ map + share`` is the mapped quantity exactly (None for B-cos CNNs).
 
 Ranks are looped by default: on CPU a loop measured faster than vmap
 (``docs/BENCHMARKS.md``). ``batched_vjp=True`` (or ``FACT_EXPLAIN_VJP=batched``) instead
