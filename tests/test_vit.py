@@ -425,3 +425,30 @@ def test_deep_copy_of_a_vit_model_is_independent(vit_images):
         assert not torch.equal(clone(vit_images), model(vit_images))
     with clone.explanation_mode():
         assert clone.backbone.net.transformer[0].attn.detach and not model.backbone.net.transformer[0].attn.detach
+
+
+# ---------------------------------------------------------------------------- positions, paper sizes
+@pytest.mark.parametrize("stage", ["to_patch_embedding", *(f"transformer.encoder_{i}" for i in range(4))])
+def test_every_stage_is_a_concept_layer_position(stage, vit_images):
+    model = vit_model([(stage, 16, 4)])
+    expl = model.explain(vit_images[:2], top_k=2)
+    expected = reference_scores(model, vit_images[:2]).gather(1, expl.target[:, None]).squeeze(1)
+    magnitude = torch.maximum(expected.abs(), 1e-2 * token_magnitude(model, vit_images[:2], expl.target))
+    assert_sums_to(expl.contributions[stage], expected, magnitude)
+    assert expl.spatial[stage].shape == (2, 2, 4, 4)
+
+
+def test_paper_placement_on_vitc_s():
+    """ViT-c S at 224 px with the paper's sizes: blocks 4 (K 8,192, k 32) and 10 (K 16,384, k 64)."""
+    layers = [("transformer.encoder_4", 8192, 32), ("transformer.encoder_10", 16384, 64)]
+    model = make_model(layers, backbone="bcos_v2_vitc_s_patch1_14")
+    assert explain_module.closed_form_applies(model)
+    image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    expl = model.explain(image, top_k=2)
+    expected = reference_scores(model, image).gather(1, expl.target[:, None]).squeeze(1)
+    magnitude = torch.maximum(expected.abs(), 1e-2 * token_magnitude(model, image, expl.target))
+    for name, _, _ in layers:
+        assert_sums_to(expl.contributions[name], expected, magnitude)
+        assert expl.spatial[name].shape == (1, 2, 14, 14)
+    (trace,) = expl.traces
+    assert_sums_to(trace.contributions, expl.activations[trace.upper].gather(1, trace.upper_ids))

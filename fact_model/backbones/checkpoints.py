@@ -8,6 +8,7 @@ rebuilds tensors and plain containers (no code runs from the file).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from safetensors.torch import load_file
 from fact_model.backbones.staged import StagedBackbone
 
 __all__ = ["load_bcos_v2_checkpoint", "read_state_dict"]
+
+log = logging.getLogger(__name__)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -61,6 +64,7 @@ def load_bcos_v2_checkpoint(backbone: StagedBackbone, path: str | Path) -> Stage
     prefix = backbone.checkpoint_prefix
     if prefix and state and all(key.startswith(prefix) for key in state):
         state = {key[len(prefix) :]: value for key, value in state.items()}
+        log.debug("%s: stripped the source model's key prefix %r", path, prefix)
     try:
         backbone.net.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -111,6 +111,7 @@ class PatchEmbeddingStage(nn.Module):
         return tokens_to_grid(pe[None], h, w)
 
     def forward(self, x6: Tensor) -> Tensor:
+        """``(N, 6, H, W)`` → ``(N, D, h, w)`` tokens + positional embedding."""
         patches = self.embedding(x6)  # (N, h, w, D)
         _, h, w, _ = patches.shape
         tokens = patches.flatten(1, 2) + self.positional(patches)  # (N, h·w, D), in bcos's order
@@ -125,6 +126,7 @@ class EncoderStage(nn.Module):
         self.block = block
 
     def forward(self, grid: Tensor) -> Tensor:
+        """``(N, D, h, w)`` → ``(N, D, h, w)``."""
         _, _, h, w = grid.shape
         return tokens_to_grid(self.block(grid_to_tokens(grid)), h, w)
 
@@ -154,6 +156,9 @@ class BcosExplanationSwitch(Detachable, nn.Module):
     def detach_dynamic(self, value: bool) -> None:
         for module in self._targets():
             module.set_explanation_mode(bool(value))
+
+    def extra_repr(self) -> str:
+        return f"bcos_modules={len(self._targets())}"
 
 
 class BcosViTBackbone(StagedBackbone):
