@@ -26,6 +26,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fact_model._memory import pin_large_allocations_to_mmap
+
 __all__ = ["main"]
 
 log = logging.getLogger("fact")
@@ -77,6 +79,18 @@ def _workers(value: int | None) -> int | None:
     if value is not None and value < 0:
         raise ValueError(f"--workers must be ≥ 0, got {value}")
     return value
+
+
+_EVAL_BATCH_HELP = "images per explanation pass (default: about 110,000 input pixels per batch, 8–256 images)"
+
+
+def _eval_batch_size(args: argparse.Namespace) -> int:
+    """``--batch-size``, or a size that keeps one batch's activations about as large as 48 images of 48²."""
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+        return args.batch_size
+    return max(8, min(256, (48 * 48 * 48) // (args.image_size * args.image_size)))
 
 
 def _layer_spec(text: str):
@@ -135,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
         "--split", default=None, help="synthetic: train/val/test (default test); folder: all (default), train, val; "
         "ROOT/{train,val,test}: test if present, else val",
     )  # fmt: skip
+    evaluate.add_argument("--batch-size", type=int, default=None, help=_EVAL_BATCH_HELP)
     evaluate.add_argument("--out", type=Path, required=True, help="where evaluation.json/.md go")
 
     stats = commands.add_parser("stats", help="per-concept dataset statistics, saved next to the model")
@@ -142,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--model", required=True, help="artifact directory (the statistics are written into it)")
     stats.add_argument("--split", default=None, help="as for fact evaluate")
     stats.add_argument("--top", type=int, default=16, help="top-activating images kept per concept")
+    stats.add_argument("--batch-size", type=int, default=None, help=_EVAL_BATCH_HELP)
 
     quality = commands.add_parser("quality", help="C²-score and ground-truth recovery of concepts vs channels")
     _add_data_args(quality)
@@ -281,7 +297,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> None:
 
     model = load(args.model)
     split = _eval_split(args, model)
-    report = evaluate(model, split, progress=progress)
+    report = evaluate(model, split, batch_size=_eval_batch_size(args), progress=progress)
     json_path, md_path = report.save(args.out)
     rows: dict[str, object] = {"backbone accuracy": report.backbone_accuracy, "FaCT accuracy": report.fact_accuracy}
     for f in report.layers:
@@ -303,7 +319,7 @@ def _stats(args: argparse.Namespace, progress: bool) -> None:
 
     model = load(args.model)
     split = _eval_split(args, model)
-    stats = compute_concept_stats(model, split, top=args.top, progress=progress)
+    stats = compute_concept_stats(model, split, top=args.top, batch_size=_eval_batch_size(args), progress=progress)
     meta = {"data": split.description, "top": args.top, "skipped": len(split.skipped)}
     path = save_concept_stats(resolve_artifact_path(args.model), stats, meta)
     rows = {"images": len(split) - len(split.skipped), "layers": len(model.concept_layers), "file": str(path)}
@@ -558,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     command = _COMMANDS[(args.command, getattr(args, "what", None))]
+    pin_large_allocations_to_mmap()  # peak memory of a long pass set by the batch, not by its length
     try:
         command(args, progress=not args.quiet and sys.stderr.isatty())
     except (ValueError, FileNotFoundError, FileExistsError) as err:

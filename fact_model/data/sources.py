@@ -11,7 +11,7 @@ decodes a whole folder up front). Folder layouts:
   ``train``/``val``/``test`` and ``train`` itself has sub-folders.
 
 ``val_source`` (``--val-data``) names a separate validation folder (classes layout, all of it),
-which replaces the ``val`` split of either layout. Every split records a JSON description from
+which replaces the ``val`` split of either layout (a classes-layout root then trains on all of it). Every split records a JSON description from
 which :func:`open_recorded_split` reopens it (galleries, concept cards).
 """
 
@@ -218,7 +218,7 @@ def open_split(spec: DataSpec, split: str, cache: bool = True) -> ImageSplit:
             _check_same_classes(_open_folder(root / "train", recipe), dataset)
         return _folder_split(dataset, None, split, description, spec.workers)
     dataset = _open_folder(root, recipe)
-    if split == "all":
+    if split == "all" or (split == "train" and spec.val_source is not None):  # a separate val folder: train on all
         return _folder_split(dataset, None, split, description, spec.workers)
     train_idx, val_idx = dataset.split(spec.val_fraction, spec.seed)
     return _folder_split(dataset, train_idx if split == "train" else val_idx, split, description, spec.workers)
