@@ -8,7 +8,9 @@ and applies a B-cos linear layer: :mod:`fact_model.backbones.vit`.)
 
 The concept layers replace the features at their stage with the reconstruction
 ``f̂ = D·TopK(ReLU(E f))``, so accuracy is that of the model with the concepts in
-place, and every explanation identity (spec section 1) holds exactly.
+place, and every explanation identity (spec section 1) holds exactly (a ViT adds its
+positional embedding to the tokens, a term input maps cannot hold: explanations report
+its share beside them).
 """
 
 from __future__ import annotations

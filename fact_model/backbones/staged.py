@@ -56,6 +56,8 @@ class StagedBackbone(nn.Module):
     checkpoint_prefix: str = ""
     """Key prefix of the source model's own state dict in front of ``net``'s keys ("" when
     they coincide); :func:`~fact_model.backbones.load_bcos_v2_checkpoint` strips it."""
+    has_input_offset: bool = False
+    """Whether the first stage adds an input-independent term (see :meth:`input_offset`)."""
 
     def __init__(
         self,
@@ -143,9 +145,6 @@ class StagedBackbone(nn.Module):
                 norms = (flat.square().sum(dim=1) + PATCH_NORM_EPS).sqrt()
                 scale = dynamic_scale(linear_out, norms, head.b)
             return scale / (p * self.logit_layer.temperature), direction
-
-    has_input_offset: bool = False
-    """Whether the first stage adds an input-independent term (see :meth:`input_offset`)."""
 
     def input_offset(self, first_output: Tensor) -> Tensor | None:
         """The input-independent term the first stage adds to its output, or None (bias-free).
