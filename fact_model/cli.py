@@ -47,7 +47,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--workers", type=int, default=None, help="folder: image-decoding worker processes (default: spare cores)"
     )
-    group.add_argument("--image-size", type=int, default=48, help="model input size in pixels")
+    group.add_argument("--image-size", type=int, default=None, help="model input size in pixels (default 48)")
     group.add_argument("--data-seed", type=int, default=0, help="synthetic generation / folder split seed")
     group.add_argument("--train-size", type=int, default=6000, help="synthetic train split size")
     group.add_argument("--val-size", type=int, default=1000, help="synthetic val split size")
@@ -63,7 +63,7 @@ def _data_spec(args: argparse.Namespace):
 
     return DataSpec(
         source=args.data,
-        image_size=args.image_size,
+        image_size=_image_size(args),
         seed=args.data_seed,
         train=args.train_size,
         val=args.val_size,
@@ -90,7 +90,12 @@ def _eval_batch_size(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
         return args.batch_size
-    return max(8, min(256, (48 * 48 * 48) // (args.image_size * args.image_size)))
+    size = _image_size(args)
+    return max(8, min(256, (48 * 48 * 48) // (size * size)))
+
+
+def _image_size(args: argparse.Namespace) -> int:
+    return 48 if args.image_size is None else args.image_size
 
 
 def _layer_spec(text: str):
@@ -125,22 +130,28 @@ def _parser() -> argparse.ArgumentParser:
 
     concepts = train.add_parser("concepts", help="add and train concept layers (backbone frozen)")
     _add_data_args(concepts)
-    source = concepts.add_mutually_exclusive_group(required=True)
+    source = concepts.add_mutually_exclusive_group()
     source.add_argument("--model", help="a trained model artifact directory (e.g. RUN/model)")
     source.add_argument("--bcos-v2-checkpoint", type=Path, help="a local B-cos-v2 .pth/.safetensors checkpoint")
     concepts.add_argument("--arch", help="architecture of --bcos-v2-checkpoint, e.g. bcos_v2_resnet50")
     concepts.add_argument(
-        "--layer", type=_layer_spec, action="append", required=True, help="LAYER:K:k, repeatable (e.g. layer3:256:8)"
+        "--layer", type=_layer_spec, action="append", default=None, help="LAYER:K:k, repeatable (e.g. layer3:256:8)"
     )
-    concepts.add_argument("--epochs", type=int, default=10)
-    concepts.add_argument("--batch-size", type=int, default=1024)
-    concepts.add_argument("--lr", type=float, default=1e-3)
-    concepts.add_argument("--positions", type=int, default=16, help="feature vectors sampled per image")
+    concepts.add_argument(
+        "--preset", default=None, help="a configuration of the paper, e.g. resnet50_long/layer4 (see --list-presets): "
+        "architecture, layer, K/k, preprocessing and the SAE recipe; explicit flags override it",
+    )  # fmt: skip
+    concepts.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    concepts.add_argument("--epochs", type=int, default=None, help="SAE epochs (default 10; presets: 16)")
+    concepts.add_argument("--batch-size", type=int, default=None, help="feature vectors per SAE step (default 1024)")
+    concepts.add_argument("--lr", type=float, default=None, help="SAE learning rate (default 1e-3)")
+    concepts.add_argument("--aux-k", type=int, default=None, help="auxiliary latents reviving dead concepts (64)")
+    concepts.add_argument("--positions", type=int, default=None, help="feature vectors sampled per image (16)")
     concepts.add_argument(
         "--feature-dtype", choices=["float32", "float16"], default="float32", help="feature shards on disk"
     )
     concepts.add_argument("--seed", type=int, default=0)
-    concepts.add_argument("--out", type=Path, required=True, help="run directory (features/, checkpoints, model/)")
+    concepts.add_argument("--out", type=Path, default=None, help="run directory (features/, checkpoints, model/)")
 
     evaluate = commands.add_parser("evaluate", help="accuracy and concept figures of a model")
     _add_data_args(evaluate)
@@ -224,7 +235,7 @@ def _train_backbone(args: argparse.Namespace, progress: bool) -> None:
     train_backbone(config, data, args.out, progress=progress)
 
 
-def _start_model(args: argparse.Namespace, data):
+def _start_model(args: argparse.Namespace, data, arch: str | None, output_activation: str = "sigmoid"):
     from fact_model.artifacts import load
     from fact_model.backbones import load_bcos_v2_checkpoint
     from fact_model.config import FaCTConfig
@@ -237,35 +248,71 @@ def _start_model(args: argparse.Namespace, data):
                 f"the model's classes {list(model.class_names)[:5]}… differ from the data's "
                 f"{list(data.class_names)[:5]}…"
             )
+        if arch is not None and model.config.backbone != arch:
+            raise ValueError(f"the model's backbone is {model.config.backbone!r}, the preset's {arch!r}")
         return model
-    if not args.arch:
-        raise ValueError("--bcos-v2-checkpoint needs --arch (e.g. bcos_v2_resnet50 or bcos_v2_densenet121)")
+    if not arch:
+        raise ValueError("--bcos-v2-checkpoint needs --arch (e.g. bcos_v2_resnet50, bcos_v2_densenet121) or --preset")
     config = FaCTConfig(
-        backbone=args.arch,
+        backbone=arch,
         class_names=data.class_names,
         preprocessing=data.preprocessing,
-        output_activation="sigmoid",
+        output_activation=output_activation,
     )
     model = FaCTModel(config)
     load_bcos_v2_checkpoint(model.backbone, args.bcos_v2_checkpoint)
     return model.eval()
 
 
+def _list_presets() -> None:
+    from fact_model.presets import presets_table
+
+    table = Table(title="concept-layer presets (FaCT spec section 7)")
+    for column in ("preset", "architecture", "layer", "K / k", "resize→crop", "output", "paper"):
+        table.add_column(column, no_wrap=column in ("preset", "architecture", "layer"))
+    for row in presets_table():
+        table.add_row(*row)
+    Console(width=max(Console().width, 150)).print(table)
+
+
 def _train_concepts(args: argparse.Namespace, progress: bool) -> None:
+    import dataclasses
+
     from fact_model.data.sources import open_training_data
+    from fact_model.presets import get_preset
     from fact_model.training.concepts import ConceptTrainConfig, train_concepts
 
-    config = ConceptTrainConfig(
-        positions_per_image=args.positions,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        feature_dtype=args.feature_dtype,
-        seed=args.seed,
-    )
-    data = open_training_data(_data_spec(args))
-    model = _start_model(args, data)
-    train_concepts(model, data, list(args.layer), config, args.out, progress=progress)
+    if args.list_presets:
+        _list_presets()
+        return
+    preset = get_preset(args.preset) if args.preset else None
+    if not (args.model or args.bcos_v2_checkpoint):
+        raise ValueError("fact train concepts needs --model ARTIFACT or --bcos-v2-checkpoint FILE")
+    if args.out is None:
+        raise ValueError("fact train concepts needs --out RUN_DIRECTORY")
+    layers = list(args.layer or ([preset.layer] if preset else []))
+    if not layers:
+        raise ValueError("give --layer LAYER:K:k (repeatable) or --preset NAME (see --list-presets)")
+    if preset and args.arch and args.arch != preset.arch:
+        raise ValueError(f"--arch {args.arch} contradicts --preset {preset.name} (architecture {preset.arch})")
+    recipe = dict(preset.training) if preset else {}
+    explicit = {
+        "positions_per_image": args.positions,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "aux_k": args.aux_k,
+    }
+    recipe.update({k: v for k, v in explicit.items() if v is not None})
+    config = ConceptTrainConfig(**recipe, feature_dtype=args.feature_dtype, seed=args.seed)
+    spec = _data_spec(args)
+    if preset is not None and args.image_size is None:  # the preset's preprocessing, unless given
+        pre = preset.preprocessing
+        spec = dataclasses.replace(spec, image_size=pre.input_size, resize=args.resize or pre.resize)
+    data = open_training_data(spec)
+    arch = args.arch or (preset.arch if preset else None)
+    model = _start_model(args, data, arch, preset.output_activation if preset else "sigmoid")
+    train_concepts(model, data, layers, config, args.out, progress=progress)
 
 
 def _eval_split(args: argparse.Namespace, model=None):
