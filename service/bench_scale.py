@@ -8,7 +8,8 @@ rocket, sent as JPEG at their own size):
 
 * ``/predict``, ``/explain`` without heatmaps and with top-5 heatmaps in every encoding, kind and
   two sizes, ``/explain_batch`` of 4: latency p50 / p95, response bytes, and the server's own
-  ``timings_ms`` (``render`` = colour maps + resizing + image encoding + base64, ``backward``);
+  ``timings_ms`` (``render`` = colour maps + resizing + image encoding + base64, ``backward``),
+  the scenarios taking turns request by request;
 * the server's resident memory (every process of it) at idle after loading and at its peak;
 * the goals: ``/explain`` with top-5 heatmaps ≤ 1.5 × the p50 without, and ≤ 150 kB per response.
 
@@ -119,27 +120,40 @@ def _server_timings(data: bytes, route: str) -> list[dict[str, float]]:
     return []
 
 
-def measure(url: str, scenario: Scenario, images: list[str], requests: int, warmup: int = 2) -> dict[str, float]:
-    """Latency p50/p95 (ms), mean response bytes and the server's median stage timings of one scenario."""
+def measure(
+    url: str, scenarios: list[Scenario], images: list[str], requests: int, warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Per scenario: latency p50/p95 (ms), mean response bytes and the server's median stage timings.
+
+    The scenarios take turns, one request each per round, so that a slower spell of the
+    machine (other jobs on a shared box) falls on all of them alike and their ratios stay fair.
+    """
     for i in range(warmup):
-        _post(url + scenario.route, _body(scenario, images, i))
-    latencies, sizes, stages = [], [], {}
+        for scenario in scenarios:
+            _post(url + scenario.route, _body(scenario, images, i))
+    latencies: dict[str, list[float]] = {s.name: [] for s in scenarios}
+    sizes: dict[str, list[int]] = {s.name: [] for s in scenarios}
+    stages: dict[str, dict[str, list[float]]] = {s.name: {} for s in scenarios}
     for i in range(requests):
-        status, data, seconds = _post(url + scenario.route, _body(scenario, images, i))
-        if status != 200:
-            raise RuntimeError(f"{scenario.name}: HTTP {status}: {data[:300]!r}")
-        latencies.append(seconds)
-        sizes.append(len(data))
-        for timings in _server_timings(data, scenario.route):
-            for stage, ms in timings.items():
-                stages.setdefault(stage, []).append(ms)
-    latencies.sort()
-    return {
-        "p50_ms": 1e3 * statistics.median(latencies),
-        "p95_ms": 1e3 * latencies[int(0.95 * (len(latencies) - 1))],
-        "bytes": statistics.mean(sizes),
-        **{f"{stage}_ms": statistics.median(values) for stage, values in stages.items()},
-    }
+        for scenario in scenarios:
+            status, data, seconds = _post(url + scenario.route, _body(scenario, images, i))
+            if status != 200:
+                raise RuntimeError(f"{scenario.name}: HTTP {status}: {data[:300]!r}")
+            latencies[scenario.name].append(seconds)
+            sizes[scenario.name].append(len(data))
+            for timings in _server_timings(data, scenario.route):
+                for stage, ms in timings.items():
+                    stages[scenario.name].setdefault(stage, []).append(ms)
+    rows = {}
+    for scenario in scenarios:
+        ordered = sorted(latencies[scenario.name])
+        rows[scenario.name] = {
+            "p50_ms": 1e3 * statistics.median(ordered),
+            "p95_ms": 1e3 * ordered[int(0.95 * (len(ordered) - 1))],
+            "bytes": statistics.mean(sizes[scenario.name]),
+            **{f"{stage}_ms": statistics.median(v) for stage, v in stages[scenario.name].items()},
+        }
+    return rows
 
 
 class RssSampler:
@@ -171,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=20, help="measured requests per scenario (after 2 warm-up)")
     parser.add_argument("--only", help="comma-separated scenario names to run (default: all)")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(width=140)
     images = photographs()
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only.split(",")]
     with tempfile.TemporaryDirectory() as home:
@@ -187,11 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             ready_s = time.perf_counter() - started
             idle_rss = server_rss(url.pid)
             model = http("GET", f"{url}/model")[1]
-            rows = {}
             with RssSampler(url.pid) as rss:
-                for scenario in chosen:
-                    rows[scenario.name] = measure(url, scenario, images, args.requests)
-                    console.print(f"  {scenario.name}: p50 {rows[scenario.name]['p50_ms']:.0f} ms")
+                rows = measure(url, chosen, images, args.requests)
             peak_rss = rss.peak
     _report(console, model, rows, ready_s, idle_rss, peak_rss, args.requests)
 
