@@ -395,16 +395,16 @@ def test_vit_exports_to_onnx_and_matches_explain(tmp_path, vit_images):
     from fact_model.onnx_export import export_onnx
     from fact_model.onnx_runtime import OnnxPredictor
 
-    model = vit_model(LAST)
+    model = vit_model([("transformer.encoder_1", 48, 4)], depth=2)  # two blocks: a smaller graph to export
     directory = fact_model.save(model, tmp_path / "vit")
     entry = export_onnx(directory, top_k=3)
-    assert entry["layer"] == "transformer.encoder_3"
+    assert entry["layer"] == "transformer.encoder_1"
     outputs = OnnxPredictor(directory, device="cpu").run(vit_images)
     expl = model.explain(vit_images, top_k=3)
     torch.testing.assert_close(torch.from_numpy(outputs["logits"]), expl.logits, rtol=1e-4, atol=1e-5)
     assert torch.equal(torch.from_numpy(outputs["predicted"]), expl.target)
-    assert torch.equal(torch.from_numpy(outputs["top_ids"]), expl.top_ids["transformer.encoder_3"])
-    contributions = expl.contributions["transformer.encoder_3"].gather(1, expl.top_ids["transformer.encoder_3"])
+    assert torch.equal(torch.from_numpy(outputs["top_ids"]), expl.top_ids["transformer.encoder_1"])
+    contributions = expl.contributions["transformer.encoder_1"].gather(1, expl.top_ids["transformer.encoder_1"])
     torch.testing.assert_close(torch.from_numpy(outputs["top_contributions"]), contributions, rtol=1e-4, atol=1e-6)
     assert (torch.from_numpy(outputs["residual"]) <= REL_TOL * expl.explained.abs()).all()
 
@@ -445,7 +445,8 @@ def test_paper_placement_on_vitc_s():
     assert explain_module.closed_form_applies(model)
     image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     expl = model.explain(image, top_k=2)
-    expected = reference_scores(model, image).gather(1, expl.target[:, None]).squeeze(1)
+    with torch.no_grad():  # the plain forward pass (a float64 copy of this model would cost more than the test)
+        expected = (model(image) - model.logit_bias).gather(1, expl.target[:, None]).squeeze(1)
     magnitude = torch.maximum(expected.abs(), 1e-2 * token_magnitude(model, image, expl.target))
     for name, _, _ in layers:
         assert_sums_to(expl.contributions[name], expected, magnitude)
