@@ -17,6 +17,7 @@ input maps by three methods, against a plain forward pass:
 (c') the same with ``batched_vjp=True``: all ranks in one ``torch.func.vmap``'d backward.
 
 Prints medians (seconds per batch), images/s and the ratios the issue asks for.
+``--scale`` runs :mod:`fact_model.scale_bench` instead (the paper's models at 224²).
 Not a test: timings are recorded in ``docs/BENCHMARKS.md``.
 """
 
@@ -26,6 +27,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -192,6 +194,12 @@ def run_benchmark(model: FaCTModel, batch: int, top_n: int, repeats: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--scale" in argv:  # the 224 px benchmark of the paper's models (fact_model.scale_bench)
+        from fact_model import scale_bench
+
+        scale_bench.main([a for a in argv if a != "--scale"])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="bcos_resnet14", help="small backbone architecture")
     parser.add_argument("--width", type=int, default=16, help="first-stage channels")

@@ -20,3 +20,15 @@ def test_variants_agree():
     torch.testing.assert_close(per_rank, concept_maps, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(per_image, concept_maps, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(batch_vmap(stack, images, top_n).movedim(0, 1), concept_maps, rtol=1e-5, atol=1e-7)
+
+
+def test_scale_bench_smoke_reports_every_figure_and_exact_explanations():
+    from fact_model import scale_bench
+
+    results = scale_bench.main(["--smoke", "--models", "resnet_tiny", "--repeats", "1", "--threads", "1"])
+    figures = results["resnet_tiny"]
+    for key in ("forward_b1", "forward_b8", "forward_backbone_b1", "explain_no_maps_b1", "explain_maps_b8"):
+        assert figures[key] > 0, key
+    assert 0.3 < figures["peak_rss_gb"] < 8  # a real process's peak, in GB
+    assert figures["completeness_relative"] < 1e-4
+    assert set(figures["ratios"]) == {"explain_no_maps_b1", "explain_maps_b1", "explain_maps_b8", "concept_share"}
