@@ -9,6 +9,7 @@
     fact explain IMAGE…   explain images locally (table, JSON, PNG maps)
     fact export-onnx      ONNX graph of the prediction and last-layer concept decomposition
     fact data export      write embedded-dataset images as PNG folders
+    fact data digits      write scikit-learn's real handwritten digits as an ImageNet-layout folder
 
 The CLI only parses arguments into configs; the work is in :mod:`fact_model.training`,
 :mod:`fact_model.analysis` and :mod:`fact_model.explain`.
@@ -207,13 +208,23 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     explain.add_argument("--out", type=Path, default=None, help="write PNG maps here")
 
-    data = commands.add_parser("data", help="embedded dataset utilities").add_subparsers(dest="what", required=True)
+    data = commands.add_parser("data", help="dataset utilities (embedded dataset, real digits)").add_subparsers(
+        dest="what", required=True
+    )
     export = data.add_parser("export", help="write embedded-dataset images as PNGs, one folder per class")
     _add_data_args(export)
     export.add_argument("--split", default="test", choices=["train", "val", "test"])
     export.add_argument("--n", type=int, default=None, help="first N images of the split (default: all)")
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--overwrite", action="store_true")
+    digits = data.add_parser(
+        "digits", help="write scikit-learn's 1,797 real handwritten digits as ROOT/{train,test}/<digit>/*.png"
+    )
+    digits.add_argument("--out", type=Path, required=True)
+    digits.add_argument("--size", type=int, default=32, help="side of the upsampled images in pixels")
+    digits.add_argument("--test-fraction", type=float, default=0.25, help="share of each digit in test/")
+    digits.add_argument("--per-split", type=int, default=None, help="first N images of each split (default: all)")
+    digits.add_argument("--overwrite", action="store_true")
     return parser
 
 
@@ -601,6 +612,14 @@ def _export(args: argparse.Namespace, progress: bool) -> None:
     print_summary("export", {"images": sum(counts.values()), "classes": len(counts), "folder": str(args.out)})
 
 
+def _digits(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.data.digits import export_digits
+    from fact_model.training.common import print_summary
+
+    counts = export_digits(args.out, args.size, args.test_fraction, overwrite=args.overwrite, per_split=args.per_split)
+    print_summary("digits", {**{f"{k} images": v for k, v in counts.items()}, "folder": str(args.out)})
+
+
 _COMMANDS = {
     ("train", "backbone"): _train_backbone,
     ("train", "concepts"): _train_concepts,
@@ -611,6 +630,7 @@ _COMMANDS = {
     ("export-onnx", None): _export_onnx,
     ("explain", None): _explain,
     ("data", "export"): _export,
+    ("data", "digits"): _digits,
 }
 
 

@@ -34,8 +34,12 @@ def export_digits(
     test_fraction: float = 0.25,
     seed: int = 0,
     overwrite: bool = False,
+    per_split: int | None = None,
 ) -> dict[str, int]:
     """Write the digits as ``out_dir/{train,test}/<class>/*.png`` RGB images of ``size``².
+
+    Args:
+        per_split: keep only the first this many images of each split (small stand-ins), else all.
 
     Returns:
         Images written per split, e.g. ``{"train": 1347, "test": 450}``.
@@ -47,6 +51,8 @@ def export_digits(
     """
     if not (isinstance(size, int) and size >= 8):
         raise ValueError(f"size must be an int ≥ 8, got {size!r}")
+    if per_split is not None and per_split < 10:
+        raise ValueError(f"per_split must be ≥ 10 (one image per class at least), got {per_split}")
     try:
         from sklearn.datasets import load_digits
     except ModuleNotFoundError as err:
@@ -62,7 +68,7 @@ def export_digits(
     train_idx, test_idx = split_indices(labels, test_fraction, seed)
     counts = {}
     for split, indices in (("train", train_idx), ("test", test_idx)):
-        index = torch.tensor(indices)
+        index = torch.tensor(indices[:per_split] if per_split else indices)
         export_png_folder(images[index], labels[index], DIGIT_NAMES, out / split, overwrite=overwrite)
-        counts[split] = len(indices)
+        counts[split] = len(index)
     return counts
