@@ -71,6 +71,10 @@ SCENARIOS = (
 """Every request is for the top 5 concepts (the default ``top_k``)."""
 
 
+COMPLETENESS_BOUND = 1e-4
+"""Largest relative completeness residual a measured response may have (else the benchmark stops)."""
+
+
 def photographs() -> list[str]:
     """Base64 JPEGs of scikit-image's natural photographs (their own sizes; the server resizes them)."""
     import base64
@@ -120,6 +124,28 @@ def _server_timings(data: bytes, route: str) -> list[dict[str, float]]:
     return []
 
 
+def _completeness(data: bytes, route: str) -> list[float]:
+    """Relative completeness residual of every explanation in a response, recomputed from its numbers.
+
+    ``|Σ reported contributions + other − y| / |y|`` with ``y = logit − b`` as reported (``explained``;
+    ``logit − b`` itself is checked to agree within float32 rounding), and the server's own
+    ``completeness.relative_residual``: the larger of the two per explanation.
+    """
+    import json
+
+    parsed = json.loads(data)
+    results = [parsed] if route == "/explain" else parsed.get("results", []) if route == "/explain_batch" else []
+    residuals = []
+    for r in results:
+        total = sum(c["contribution"] for c in r["concepts"]) + r["other"]["contribution"]
+        explained = r["explained"]  # y = logit − b, computed before b is added (logit − b would lose digits)
+        recomputed = abs(total - explained) / max(abs(explained), 1e-6)
+        if abs(r["prediction"]["logit"] - r["logit_bias"] - explained) > 1e-5 * max(1.0, abs(r["logit_bias"])):
+            raise RuntimeError(f"logit − bias differs from explained beyond float32 rounding: {r['prediction']}")
+        residuals.append(max(recomputed, float(r["completeness"]["relative_residual"])))
+    return residuals
+
+
 def measure(
     url: str, scenarios: list[Scenario], images: list[str], requests: int, warmup: int = 2
 ) -> dict[str, dict[str, float]]:
@@ -134,6 +160,7 @@ def measure(
     latencies: dict[str, list[float]] = {s.name: [] for s in scenarios}
     sizes: dict[str, list[int]] = {s.name: [] for s in scenarios}
     stages: dict[str, dict[str, list[float]]] = {s.name: {} for s in scenarios}
+    completeness: dict[str, tuple[int, float]] = {}  # explanations checked, largest relative residual
     for i in range(requests):
         for scenario in scenarios:
             status, data, seconds = _post(url + scenario.route, _body(scenario, images, i))
@@ -141,6 +168,15 @@ def measure(
                 raise RuntimeError(f"{scenario.name}: HTTP {status}: {data[:300]!r}")
             latencies[scenario.name].append(seconds)
             sizes[scenario.name].append(len(data))
+            checked = _completeness(data, scenario.route)
+            if checked:
+                worst = max(checked)
+                completeness[scenario.name] = (
+                    completeness.get(scenario.name, (0, 0.0))[0] + len(checked),
+                    max(completeness.get(scenario.name, (0, 0.0))[1], worst),
+                )
+                if worst > COMPLETENESS_BOUND:
+                    raise RuntimeError(f"{scenario.name}: a response is not complete (relative residual {worst:.2e})")
             for timings in _server_timings(data, scenario.route):
                 for stage, ms in timings.items():
                     stages[scenario.name].setdefault(stage, []).append(ms)
@@ -153,6 +189,10 @@ def measure(
             "bytes": statistics.mean(sizes[scenario.name]),
             **{f"{stage}_ms": statistics.median(v) for stage, v in stages[scenario.name].items()},
         }
+        if scenario.name in completeness:
+            rows[scenario.name]["explanations_checked"], rows[scenario.name]["max_relative_residual"] = completeness[
+                scenario.name
+            ]
     return rows
 
 
@@ -238,6 +278,14 @@ def _report(
             f"{r['render_ms']:.1f}" if "render_ms" in r else "",
         )
     console.print(table)
+    checked = [
+        (r["explanations_checked"], r["max_relative_residual"]) for r in rows.values() if "explanations_checked" in r
+    ]
+    if checked:
+        console.print(
+            f"completeness: {sum(n for n, _ in checked)} explanations checked in every response, largest relative "
+            f"residual {max(w for _, w in checked):.1e} (bound {COMPLETENESS_BOUND:g})"
+        )
     base = rows.get("explain none")
     if base is None:
         return
