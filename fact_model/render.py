@@ -288,20 +288,25 @@ def signed_heatmap(
         ValueError: wrong shapes or dtypes, non-finite values, or ``percentile`` /
             ``opacity`` out of range.
     """
-    contribution = _check_tensor(contribution, "contribution")
-    if contribution.ndim != 2 or contribution.numel() == 0:
-        raise ValueError(f"contribution must have shape (H, W), got {_shape(contribution)}")
-    if contribution.dtype == torch.bool or contribution.is_complex():
-        raise ValueError(f"contribution must be real-valued, got dtype {contribution.dtype}")
-    if not torch.isfinite(contribution).all():
-        raise ValueError("contribution contains NaN or infinite values")
-    _check_percentile(percentile, "percentile")
-    if not 0 <= opacity <= 1:
-        raise ValueError(f"opacity must lie in [0, 1], got {opacity!r}")
-
+    contribution = _check_signed_arguments(contribution, "contribution", "(H, W)", percentile, opacity)
     if image is not None:
         image = _check_image(image, _shape(contribution))
     return _signed(contribution[None], image, percentile, opacity)[0]
+
+
+def _check_signed_arguments(maps: Tensor, name: str, shape: str, percentile: float, opacity: float) -> Tensor:
+    """Validate the maps (real, finite, of ``shape``: ``"(H, W)"`` or ``"(N, H, W)"``), percentile and opacity."""
+    maps = _check_tensor(maps, name)
+    if maps.ndim != shape.count(",") + 1 or maps.numel() == 0:
+        raise ValueError(f"{name} must have shape {shape}, got {_shape(maps)}")
+    if maps.dtype == torch.bool or maps.is_complex():
+        raise ValueError(f"{name} must be real-valued, got dtype {maps.dtype}")
+    if not torch.isfinite(maps).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    _check_percentile(percentile, "percentile")
+    if not 0 <= opacity <= 1:
+        raise ValueError(f"opacity must lie in [0, 1], got {opacity!r}")
+    return maps
 
 
 def signed_heatmaps(
@@ -324,16 +329,7 @@ def signed_heatmaps(
     Raises:
         ValueError: as for :func:`signed_heatmap`.
     """
-    contributions = _check_tensor(contributions, "contributions")
-    if contributions.ndim != 3 or contributions.numel() == 0:
-        raise ValueError(f"contributions must have shape (N, H, W), got {_shape(contributions)}")
-    if contributions.dtype == torch.bool or contributions.is_complex():
-        raise ValueError(f"contributions must be real-valued, got dtype {contributions.dtype}")
-    if not torch.isfinite(contributions).all():
-        raise ValueError("contributions contain NaN or infinite values")
-    _check_percentile(percentile, "percentile")
-    if not 0 <= opacity <= 1:
-        raise ValueError(f"opacity must lie in [0, 1], got {opacity!r}")
+    contributions = _check_signed_arguments(contributions, "contributions", "(N, H, W)", percentile, opacity)
     if image is not None:
         image = _check_image(image, _shape(contributions)[1:])
     return _signed(contributions, image, percentile, opacity)
