@@ -48,7 +48,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--workers", type=int, default=None, help="folder: image-decoding worker processes (default: spare cores)"
     )
-    group.add_argument("--image-size", type=int, default=None, help="model input size in pixels (default 48)")
+    group.add_argument(
+        "--image-size", type=int, default=None, help="model input size in pixels (default: the model's, else 48)"
+    )
     group.add_argument("--data-seed", type=int, default=0, help="synthetic generation / folder split seed")
     group.add_argument("--train-size", type=int, default=6000, help="synthetic train split size")
     group.add_argument("--val-size", type=int, default=1000, help="synthetic val split size")
@@ -59,18 +61,25 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resize", type=int, default=None, help="folder: shorter side before centre crop")
 
 
-def _data_spec(args: argparse.Namespace):
+def _data_spec(args: argparse.Namespace, preprocessing=None):
+    """The data of a command; without ``--image-size``, at ``preprocessing`` (the model's or a preset's) if given."""
     from fact_model.data.sources import DataSpec
 
+    resize = args.resize
+    if args.image_size is None and preprocessing is not None:
+        image_size = preprocessing.input_size
+        resize = preprocessing.resize if resize is None else resize
+    else:
+        image_size = _image_size(args)
     return DataSpec(
         source=args.data,
-        image_size=_image_size(args),
+        image_size=image_size,
         seed=args.data_seed,
         train=args.train_size,
         val=args.val_size,
         test=args.test_size,
         val_fraction=args.val_fraction,
-        resize=args.resize,
+        resize=resize,
         val_source=args.val_data,
         workers=_workers(args.workers),
     )
@@ -85,13 +94,12 @@ def _workers(value: int | None) -> int | None:
 _EVAL_BATCH_HELP = "images per explanation pass (default: about 110,000 input pixels per batch, 8–256 images)"
 
 
-def _eval_batch_size(args: argparse.Namespace) -> int:
+def _eval_batch_size(args: argparse.Namespace, size: int) -> int:
     """``--batch-size``, or a size that keeps one batch's activations about as large as 48 images of 48²."""
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
         return args.batch_size
-    size = _image_size(args)
     return max(8, min(256, (48 * 48 * 48) // (size * size)))
 
 
@@ -287,7 +295,6 @@ def _list_presets() -> None:
 
 
 def _train_concepts(args: argparse.Namespace, progress: bool) -> None:
-    import dataclasses
 
     from fact_model.data.sources import open_training_data
     from fact_model.presets import get_preset
@@ -316,11 +323,13 @@ def _train_concepts(args: argparse.Namespace, progress: bool) -> None:
     }
     recipe.update({k: v for k, v in explicit.items() if v is not None})
     config = ConceptTrainConfig(**recipe, feature_dtype=args.feature_dtype, seed=args.seed)
-    spec = _data_spec(args)
-    if preset is not None and args.image_size is None:  # the preset's preprocessing, unless given
-        pre = preset.preprocessing
-        spec = dataclasses.replace(spec, image_size=pre.input_size, resize=args.resize or pre.resize)
-    data = open_training_data(spec)
+    if args.model:  # a trained artifact: its own preprocessing unless --image-size says otherwise
+        from fact_model.artifacts import load
+
+        preprocessing = load(args.model).config.preprocessing
+    else:
+        preprocessing = preset.preprocessing if preset is not None else None
+    data = open_training_data(_data_spec(args, preprocessing))
     arch = args.arch or (preset.arch if preset else None)
     model = _start_model(args, data, arch, preset.output_activation if preset else "sigmoid")
     train_concepts(model, data, layers, config, args.out, progress=progress)
@@ -330,7 +339,7 @@ def _eval_split(args: argparse.Namespace, model=None):
     """The split a data-reading command works on (default: synthetic ``test``, a folder's ``val`` or ``all``)."""
     from fact_model.data.sources import open_split
 
-    spec = _data_spec(args)
+    spec = _data_spec(args, model.config.preprocessing if model is not None else None)
     if args.split:
         split = args.split
     elif spec.is_synthetic:
@@ -355,7 +364,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> None:
 
     model = load(args.model)
     split = _eval_split(args, model)
-    report = evaluate(model, split, batch_size=_eval_batch_size(args), progress=progress)
+    report = evaluate(model, split, batch_size=_eval_batch_size(args, split.image_size), progress=progress)
     json_path, md_path = report.save(args.out)
     rows: dict[str, object] = {"backbone accuracy": report.backbone_accuracy, "FaCT accuracy": report.fact_accuracy}
     for f in report.layers:
@@ -377,7 +386,9 @@ def _stats(args: argparse.Namespace, progress: bool) -> None:
 
     model = load(args.model)
     split = _eval_split(args, model)
-    stats = compute_concept_stats(model, split, top=args.top, batch_size=_eval_batch_size(args), progress=progress)
+    stats = compute_concept_stats(
+        model, split, top=args.top, batch_size=_eval_batch_size(args, split.image_size), progress=progress
+    )
     meta = {"data": split.description, "top": args.top, "skipped": len(split.skipped)}
     path = save_concept_stats(resolve_artifact_path(args.model), stats, meta)
     rows = {"images": len(split) - len(split.skipped), "layers": len(model.concept_layers), "file": str(path)}
@@ -392,10 +403,10 @@ def _quality(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES
     from fact_model.training.common import print_summary
 
-    spec = _data_spec(args)
+    model = load(args.model)
+    spec = _data_spec(args, model.config.preprocessing)
     if not spec.is_synthetic:
         raise ValueError("fact quality needs ground-truth part maps: use --data synthetic")
-    model = load(args.model)
     split = open_split(spec, args.split)
     images, _ = split.materialise()  # generated data: in memory, with its ground-truth part maps
     part_maps = split.part_maps()
@@ -434,10 +445,10 @@ def _report(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES
     from fact_model.training.common import print_summary
 
-    spec = _data_spec(args)
+    model = load(args.model)
+    spec = _data_spec(args, model.config.preprocessing)
     if not spec.is_synthetic:
         raise ValueError("fact report needs ground-truth part maps: use --data synthetic")
-    model = load(args.model)
     directory = resolve_artifact_path(args.model)
     split = open_split(spec, args.split)
     images, labels = split.materialise()  # generated data: in memory, with its ground-truth part maps

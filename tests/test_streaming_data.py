@@ -248,3 +248,15 @@ def test_shard_batches_cover_every_vector_once_with_a_bounded_buffer(tmp_path):
     assert not torch.equal(seen, stored)  # shuffled
     assert json.loads((shards.directory / "done.json").read_text())["dtype"] == "float16"
     assert shards.paths[0].stat().st_size < 32 * shards.dim * 2 + 200  # stored as 2 bytes per value
+
+
+def test_evaluate_and_stats_read_at_the_models_resolution_by_default(tmp_path):
+    """Without --image-size a command reads the data at the model's own preprocessing, not a fixed default."""
+    artifact = tmp_path / "model"
+    save(_narrow_model(40), artifact)
+    folder = _write_folder(tmp_path / "folder", 6, 64)
+    args = ["--model", str(artifact), "--data", str(folder), "--workers", "0"]
+    assert main(["-q", "evaluate", *args, "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["data"]["image_size"] == 40
+    assert main(["-q", "stats", *args]) == 0
+    assert json.loads((artifact / "concept_stats.json").read_text())["data"]["image_size"] == 40
