@@ -9,7 +9,7 @@ Public API (see README):
 
 from fact_model.artifacts import ArtifactError, load, save
 from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
-from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, TopConcept
+from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, PositionalShares, TopConcept
 from fact_model.model import ConceptLayerInfo, FaCTModel
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "ExplanationMaps",
     "FaCTConfig",
     "FaCTModel",
+    "PositionalShares",
     "Preprocessing",
     "TopConcept",
     "__version__",
