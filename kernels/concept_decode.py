@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
+from kernels._topk import _next_pow2
 
 __all__ = [
     "gather_dot",
@@ -157,10 +158,6 @@ def _scatter_rows_kernel(
 
 
 # --------------------------------------------------------------------------- input checks
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _data_checks_possible(tensor: Tensor) -> bool:
     """Whether a data-dependent check is cheap here: real CPU tensors outside tracing."""
     from torch._subclasses.fake_tensor import is_fake

@@ -56,14 +56,14 @@ from torch.library import triton_op
 
 from kernels._common import (
     KernelInputError,
-    check_same_device,
     check_tensor,
     env_choice,
     interpreting,
     launchable,
     sm_count,
 )
-from kernels.concept_decode import _next_pow2
+from kernels._topk import MAX_K, _check_encode, _insert_keys, _next_pow2, merge_candidates
+from kernels.concept_select import encode_topk_gemm_select
 from kernels.path_table import PathTable
 
 __all__ = [
@@ -84,29 +84,6 @@ __all__ = [
 
 PATH_ENV = "FACT_CONCEPT_ENCODE_PATH"
 PATHS = ("auto", "fused", "gemm_select")
-
-MAX_K = 256
-"""Largest ``k`` the fused kernel keeps per row (its running top-k lives in registers)."""
-
-
-@triton.jit
-def _insert_keys(best, thresh, keys):
-    """Merge a tile's ``(BLOCK_M, BLOCK_N)`` keys into the running top-k ``best`` ``(BLOCK_M, KP)``.
-
-    ``thresh`` is each row's current k-th key (``min(best)``); masked keys are -2^62. The
-    tile's keys go in in decreasing order, each replacing its row's k-th key, while one
-    beats it: one tile pass per insertion, and after the first tiles few keys qualify.
-    Returns the new ``(best, thresh)``.
-    """
-    top = tl.max(keys, axis=1)
-    beats = top > thresh
-    while tl.max(beats.to(tl.int32), axis=0) > 0:
-        replace = (best == thresh[:, None]) & beats[:, None]
-        best = tl.where(replace, top[:, None], best)
-        thresh = tl.min(best, axis=1)
-        top = tl.max(tl.where(keys < top[:, None], keys, -0x4000000000000000), axis=1)
-        beats = top > thresh
-    return best, thresh
 
 
 @triton.jit
@@ -247,25 +224,6 @@ def encode_config(
     return EncodeConfig(bm, bn, bc, splits, tiles_per_split, num_tiles)
 
 
-def _check_encode(x: Tensor, encoder: Tensor, k: int) -> None:
-    check_tensor("x", x, ndim=2)
-    check_tensor("encoder", encoder, ndim=2)
-    check_same_device(x=x, encoder=encoder)
-    if encoder.dtype != x.dtype:
-        raise KernelInputError(f"encoder has dtype {encoder.dtype} but x has {x.dtype}")
-    if encoder.shape[1] != x.shape[1]:
-        raise KernelInputError(
-            f"encoder has {encoder.shape[1]} input channels (shape {tuple(encoder.shape)}) "
-            f"but x has {x.shape[1]} (shape {tuple(x.shape)})"
-        )
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise KernelInputError(f"k must be a positive int, got {k!r}")
-    if k > encoder.shape[0]:
-        raise KernelInputError(f"k ({k}) exceeds the number of concepts K = encoder.shape[0] ({encoder.shape[0]})")
-    if k > MAX_K:
-        raise KernelInputError(f"k ({k}) exceeds the fused kernel's limit of {MAX_K}; use the PyTorch reference")
-
-
 def encode_candidates(
     x: Tensor,
     encoder: Tensor,
@@ -329,13 +287,6 @@ def encode_candidates(
     return out
 
 
-def merge_candidates(keys: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest of ``(M, S, k)`` keys → values ``(M, k)`` (``dtype``, descending) and int64 ids."""
-    top = torch.topk(keys.flatten(1), k, dim=1).values  # flatten, not reshape(M, -1): M may be 0
-    values = (top >> 32).to(torch.int32).view(torch.float32).to(dtype)
-    return values, top & 0xFFFFFFFF
-
-
 def encode_topk(
     x: Tensor,
     encoder: Tensor,
@@ -374,8 +325,6 @@ path_table = PathTable()
 def _run_path(path: str, x: Tensor, encoder: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Values and indices ``(M, k)`` by ``path`` (``fused`` or ``gemm_select``)."""
     if path == "gemm_select":
-        from kernels.concept_select import encode_topk_gemm_select  # imports this module
-
         return encode_topk_gemm_select(x, encoder, k)
     return merge_candidates(encode_candidates(x, encoder, k), k, x.dtype)
 

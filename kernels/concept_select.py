@@ -10,13 +10,13 @@ selection in Triton, without ever materialising the whole ``(M, K)`` pre-activat
   kernel reads it back, once, while it is still in L2;
 * :func:`select_candidates` (the kernel) turns ``S`` into the candidate keys of the
   fused kernel — int64 ``(float bits of ReLU(s)) << 32 | concept id`` in an
-  ``(M, lanes, k)`` buffer — and :func:`kernels.concept_encode.merge_candidates`
+  ``(M, lanes, k)`` buffer — and :func:`kernels._topk.merge_candidates`
   finishes with ``torch.topk`` over ``lanes·k`` candidates per row.
 
 The select kernel: a program owns ``BLOCK_M`` rows and one *lane*, a column range of
 ``span`` columns of the chunk, streams it in ``(BLOCK_M, BLOCK_N)`` tiles and merges each
 tile into a running top-k per row held in registers (the fused kernel's insertion merge,
-:func:`kernels.concept_encode._insert_keys`). Why insertion and not ``k`` rounds of
+:func:`kernels._topk._insert_keys`). Why insertion and not ``k`` rounds of
 max-extraction per tile: extraction costs ``k`` full passes over every element (16 at
 ``k = 16``, 256 at ``MAX_K``), while insertion costs one pass (build keys, row max,
 compare) plus one tile pass per key that enters the running top-k — for a row in random
@@ -50,8 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._common import KernelInputError, check_same_device, check_tensor, launchable, sm_count
-from kernels.concept_decode import _next_pow2
-from kernels.concept_encode import MAX_K, _check_encode, _insert_keys, merge_candidates
+from kernels._topk import MAX_K, _check_encode, _insert_keys, _next_pow2, merge_candidates
 
 __all__ = [
     "CHUNK_BYTES",
