@@ -5,14 +5,33 @@ Public API (see README):
 * :class:`FaCTModel`, :class:`FaCTConfig`, :class:`ConceptLayerSpec`, :class:`Preprocessing`
 * :func:`load` / :func:`save` — safetensors weights + JSON manifest
 * :class:`Explanation` — what :meth:`FaCTModel.explain` returns
+
+The names are imported on first use (PEP 562), so ``import fact_model`` and the ``fact`` command's
+``--help`` do not pay for torch, torchvision and bcos until something needs them.
 """
 
-from fact_model.artifacts import ArtifactError, load, save
-from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
-from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, PositionalShares, TopConcept
-from fact_model.model import ConceptLayerInfo, FaCTModel
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "ArtifactError": "fact_model.artifacts",
+    "load": "fact_model.artifacts",
+    "save": "fact_model.artifacts",
+    "ConceptLayerSpec": "fact_model.config",
+    "FaCTConfig": "fact_model.config",
+    "Preprocessing": "fact_model.config",
+    "CrossLayerTrace": "fact_model.explanation",
+    "Explanation": "fact_model.explanation",
+    "ExplanationMaps": "fact_model.explanation",
+    "PositionalShares": "fact_model.explanation",
+    "TopConcept": "fact_model.explanation",
+    "ConceptLayerInfo": "fact_model.model",
+    "FaCTModel": "fact_model.model",
+}
 
 __all__ = [
     "ArtifactError",
@@ -30,3 +49,22 @@ __all__ = [
     "load",
     "save",
 ]
+
+if TYPE_CHECKING:
+    from fact_model.artifacts import ArtifactError, load, save
+    from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
+    from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, PositionalShares, TopConcept
+    from fact_model.model import ConceptLayerInfo, FaCTModel
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fact_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -316,3 +316,28 @@ def test_resolve_plain_paths(tmp_path: Path) -> None:
     assert resolve_artifact_path(tmp_path / "x") == tmp_path / "x"
     assert resolve_artifact_path("some/dir") == Path("some/dir")
     assert resolve_artifact_path(Path("default")) == Path("default")  # a Path is always a path
+
+
+def test_package_exports_resolve_lazily_and_completely():
+    """``import fact_model`` is cheap; every public name resolves to the object of its module."""
+    import subprocess
+    import sys
+
+    import fact_model
+    from fact_model import artifacts, config, explanation, model
+
+    assert set(fact_model.__all__) - {"__version__"} == set(fact_model._EXPORTS)
+    for name, module in fact_model._EXPORTS.items():
+        assert getattr(fact_model, name) is getattr(
+            {
+                "fact_model.artifacts": artifacts,
+                "fact_model.config": config,
+                "fact_model.explanation": explanation,
+                "fact_model.model": model,
+            }[module],
+            name,
+        )
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = fact_model.nope
+    code = "import sys, fact_model; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
