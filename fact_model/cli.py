@@ -51,12 +51,12 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--image-size", type=int, default=None, help="model input size in pixels (default: the model's, else 48)"
     )
-    group.add_argument("--data-seed", type=int, default=0, help="synthetic generation / folder split seed")
-    group.add_argument("--train-size", type=int, default=6000, help="synthetic train split size")
-    group.add_argument("--val-size", type=int, default=1000, help="synthetic val split size")
-    group.add_argument("--test-size", type=int, default=1000, help="synthetic test split size")
+    group.add_argument("--data-seed", type=int, default=None, help="synthetic generation / folder split seed (0)")
+    group.add_argument("--train-size", type=int, default=None, help="synthetic train split size (6000)")
+    group.add_argument("--val-size", type=int, default=None, help="synthetic val split size (1000)")
+    group.add_argument("--test-size", type=int, default=None, help="synthetic test split size (1000)")
     group.add_argument(
-        "--val-fraction", type=float, default=0.1, help="folder without val/: share of each class for validation"
+        "--val-fraction", type=float, default=None, help="folder without val/: share of each class for validation (0.1)"
     )
     group.add_argument("--resize", type=int, default=None, help="folder: shorter side before centre crop")
 
@@ -65,20 +65,21 @@ def _data_spec(args: argparse.Namespace, preprocessing=None):
     """The data of a command; without ``--image-size``, at ``preprocessing`` (the model's or a preset's) if given."""
     from fact_model.data.sources import DataSpec
 
-    resize = args.resize
-    if args.image_size is None and preprocessing is not None:
+    resize, image_size = args.resize, args.image_size
+    if image_size is None and preprocessing is not None:
         image_size = preprocessing.input_size
         resize = preprocessing.resize if resize is None else resize
-    else:
-        image_size = _image_size(args)
+    given = {
+        "image_size": image_size,
+        "seed": args.data_seed,
+        "train": args.train_size,
+        "val": args.val_size,
+        "test": args.test_size,
+        "val_fraction": args.val_fraction,
+    }
     return DataSpec(
         source=args.data,
-        image_size=image_size,
-        seed=args.data_seed,
-        train=args.train_size,
-        val=args.val_size,
-        test=args.test_size,
-        val_fraction=args.val_fraction,
+        **{name: value for name, value in given.items() if value is not None},  # else DataSpec's defaults
         resize=resize,
         val_source=args.val_data,
         workers=_workers(args.workers),
@@ -101,10 +102,6 @@ def _eval_batch_size(args: argparse.Namespace, size: int) -> int:
             raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
         return args.batch_size
     return max(8, min(256, (48 * 48 * 48) // (size * size)))
-
-
-def _image_size(args: argparse.Namespace) -> int:
-    return 48 if args.image_size is None else args.image_size
 
 
 def _layer_spec(text: str):

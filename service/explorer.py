@@ -45,8 +45,7 @@ def _sample_config(data_json: str, class_names: tuple[str, ...]) -> tuple[Any, s
 
     description = json.loads(data_json) if data_json else {}
     if description.get("dataset") == "synthetic":
-        fields = {k: description[k] for k in ("image_size", "seed", "train", "val", "test", "max_distractors")}
-        return SyntheticConfig(**fields), description.get("split", "test")
+        return SyntheticConfig.from_description(description), description.get("split", "test")
     if tuple(class_names) == CLASS_NAMES:  # no statistics, but trained on the embedded data
         return SyntheticConfig(), "test"
     return None

@@ -135,3 +135,21 @@ def test_train_concepts_from_a_bcos_v2_checkpoint(tmp_path):
     assert torch.equal(model.backbone.net.conv1.linear.weight, theirs.conv1.linear.weight)
     assert main([*args[:3], *sizes, "--bcos-v2-checkpoint", str(tmp_path / "resnet_18.pth"), "--layer", "layer4:16:2",
                  "--out", str(tmp_path / "run2")]) == 2  # no --arch: a clear error  # fmt: skip
+
+
+def test_data_defaults_live_once():
+    """The CLI does not copy the data defaults: without flags its DataSpec is DataSpec()'s, whose synthetic
+    settings are SyntheticConfig()'s; a recorded description rebuilds the same SyntheticConfig."""
+    from dataclasses import asdict
+
+    from fact_model.cli import _data_spec, _parser
+    from fact_model.data.sources import DataSpec
+    from fact_model.data.synthetic import SyntheticConfig
+
+    args = _parser().parse_args(["evaluate", "--out", "unused"])
+    assert _data_spec(args) == DataSpec()
+    assert DataSpec().synthetic_config() == SyntheticConfig()
+    config = SyntheticConfig(image_size=32, seed=4, train=10, val=5, test=7, max_distractors=1)
+    assert SyntheticConfig.from_description({"dataset": "synthetic", "split": "test", **asdict(config)}) == config
+    given = _parser().parse_args(["evaluate", "--out", "u", "--train-size", "12", "--val-fraction", "0.3"])
+    assert (_data_spec(given).train, _data_spec(given).val_fraction) == (12, 0.3)

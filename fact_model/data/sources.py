@@ -11,8 +11,9 @@ decodes a whole folder up front). Folder layouts:
   ``train``/``val``/``test`` and ``train`` itself has sub-folders.
 
 ``val_source`` (``--val-data``) names a separate validation folder (classes layout, all of it),
-which replaces the ``val`` split of either layout (a classes-layout root then trains on all of it). Every split records a JSON description from
-which :func:`open_recorded_split` reopens it (galleries, concept cards).
+which replaces the ``val`` split of either layout (a classes-layout root then trains on all of it).
+Every split records a JSON description from which :func:`open_recorded_split` reopens it
+(galleries, concept cards).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
 
 SYNTHETIC = "synthetic"
 SPLIT_FOLDERS = ("train", "val", "test")
+_SYNTHETIC_DEFAULTS = SyntheticConfig()  # the embedded dataset's defaults live in SyntheticConfig only
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,11 @@ class DataSpec:
     """
 
     source: str = SYNTHETIC
-    image_size: int = 48
-    seed: int = 0
-    train: int = 6000
-    val: int = 1000
-    test: int = 1000
+    image_size: int = _SYNTHETIC_DEFAULTS.image_size
+    seed: int = _SYNTHETIC_DEFAULTS.seed
+    train: int = _SYNTHETIC_DEFAULTS.train
+    val: int = _SYNTHETIC_DEFAULTS.val
+    test: int = _SYNTHETIC_DEFAULTS.test
     val_fraction: float = 0.1
     resize: int | None = None
     val_source: str | None = None
@@ -250,8 +252,7 @@ def open_recorded_split(description: dict[str, Any], cache: bool = False) -> Ima
     dataset = description.get("dataset")
     split = description.get("split")
     if dataset == SYNTHETIC:
-        fields = {f: description[f] for f in SyntheticConfig.__dataclass_fields__ if f in description}
-        return _synthetic_split(SyntheticConfig(**fields), str(split), cache)
+        return _synthetic_split(SyntheticConfig.from_description(description), str(split), cache)
     if dataset == "image_folder":
         root = description.get("root")
         if not root or not Path(root).is_dir():

@@ -115,6 +115,17 @@ class SyntheticConfig:
         """Number of images in ``split`` (``'train'``, ``'val'`` or ``'test'``)."""
         return int(getattr(self, _check_split(split)))
 
+    @classmethod
+    def from_description(cls, description: dict) -> SyntheticConfig:
+        """The settings recorded in a data description (``{"dataset": "synthetic", "image_size": …, …}``).
+
+        Keys that are not settings (``dataset``, ``split``, …) are ignored; missing ones take the defaults.
+
+        Raises:
+            ValueError: a recorded setting out of range (as for the constructor).
+        """
+        return cls(**{name: description[name] for name in cls.__dataclass_fields__ if name in description})
+
 
 def _check_split(split: object) -> str:
     if not isinstance(split, str) or split not in _SPLIT_IDS:
