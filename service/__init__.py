@@ -1,4 +1,5 @@
-"""BentoML explanation service (``/explain``, ``/predict``, concept cards, metrics).
+"""BentoML explanation service: ``/explain``, ``/explain_batch``, ``/predict``, concept cards, ``/model``, metrics.
 
-Not implemented yet (issue 4); the library in :mod:`fact_model` is usable on its own.
+``service.service`` declares the HTTP service; ``service.engine`` holds the model-side logic. The
+library in :mod:`fact_model` is usable on its own.
 """

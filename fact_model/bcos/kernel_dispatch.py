@@ -1,8 +1,10 @@
 """How the B-cos layers hand over to the Triton kernels of ``kernels/`` (CUDA).
 
-The layers call :func:`triton_runs_on` on their input: true on CUDA unless
-``FACT_KERNELS=torch`` (and on the CPU under ``FACT_KERNELS=triton`` with
-``TRITON_INTERPRET=1``, for tests). Importing :mod:`kernels._common` does not import
+The layers call :func:`triton_runs_on` on their input. With ``FACT_KERNELS=auto`` (the default) it is
+true for CUDA inputs when no gradient is being recorded (plain inference);
+``FACT_KERNELS=triton`` uses the kernels on CUDA always, and on the CPU under ``TRITON_INTERPRET=1``
+(tests); ``FACT_KERNELS=torch`` never. Float64 inputs and graphs being exported (ONNX) always take
+the PyTorch path. Importing :mod:`kernels._common` does not import
 Triton; the kernel modules are imported only when a layer first runs on them.
 """
 
