@@ -251,14 +251,14 @@ def _train_backbone(args: argparse.Namespace, progress: bool) -> None:
     train_backbone(config, data, args.out, progress=progress)
 
 
-def _start_model(args: argparse.Namespace, data, arch: str | None, output_activation: str = "sigmoid"):
-    from fact_model.artifacts import load
+def _start_model(args: argparse.Namespace, data, arch: str | None, output_activation: str = "sigmoid", trained=None):
+    """``trained`` (the ``--model`` artifact, loaded), checked against the data; else the B-cos-v2 checkpoint."""
     from fact_model.backbones import load_bcos_v2_checkpoint
     from fact_model.config import FaCTConfig
     from fact_model.model import FaCTModel
 
-    if args.model:
-        model = load(args.model)
+    if trained is not None:
+        model = trained
         if tuple(model.class_names) != tuple(data.class_names):
             raise ValueError(
                 f"the model's classes {list(model.class_names)[:5]}… differ from the data's "
@@ -323,12 +323,14 @@ def _train_concepts(args: argparse.Namespace, progress: bool) -> None:
     if args.model:  # a trained artifact: its own preprocessing unless --image-size says otherwise
         from fact_model.artifacts import load
 
-        preprocessing = load(args.model).config.preprocessing
+        trained = load(args.model)
+        preprocessing = trained.config.preprocessing
     else:
+        trained = None
         preprocessing = preset.preprocessing if preset is not None else None
     data = open_training_data(_data_spec(args, preprocessing))
     arch = args.arch or (preset.arch if preset else None)
-    model = _start_model(args, data, arch, preset.output_activation if preset else "sigmoid")
+    model = _start_model(args, data, arch, preset.output_activation if preset else "sigmoid", trained)
     train_concepts(model, data, layers, config, args.out, progress=progress)
 
 

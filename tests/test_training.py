@@ -13,8 +13,8 @@ from fact_model.artifacts import load
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.config import ConceptLayerSpec
 from fact_model.data.loading import ImageSplit
-from fact_model.data.synthetic import CLASS_NAMES
 from fact_model.data.sources import DataSpec, open_split, open_training_data
+from fact_model.data.synthetic import CLASS_NAMES
 from fact_model.training import backbone as backbone_module
 from fact_model.training.backbone import BackboneTrainConfig, train_backbone
 from fact_model.training.checkpoint import CheckpointError, load_checkpoint

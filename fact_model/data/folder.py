@@ -34,7 +34,7 @@ from fact_model import image_io
 from fact_model.config import Preprocessing
 from fact_model.preprocessing import preprocess_images
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "split_indices"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "folder_class_names", "split_indices"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,23 @@ def _read_class_names(root: Path, folders: list[str]) -> list[str]:
     return list(names)
 
 
+def _class_folders(root: Path) -> list[str]:
+    """The class sub-folders of ``root``, sorted (hidden entries and ``__MACOSX`` ignored)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+
+
+def folder_class_names(root: str | os.PathLike[str]) -> list[str]:
+    """The class names an :class:`ImageFolderDataset` of ``root`` would have, without listing its files.
+
+    Raises:
+        ValueError: ``root`` is not a directory.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"dataset root '{root}' is not a directory")
+    return _read_class_names(root, _class_folders(root))
+
+
 class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
     """Images in ``root/<class folder>/**`` with integer labels, preprocessed with a recorded recipe.
 
@@ -151,7 +168,7 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
         if not self.root.is_dir():
             raise ValueError(f"dataset root '{self.root}' is not a directory")
 
-        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+        folders = _class_folders(self.root)
         if not folders:
             raise ValueError(
                 f"dataset root '{self.root}' has no class sub-folders; "

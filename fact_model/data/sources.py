@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fact_model.config import Preprocessing
-from fact_model.data.folder import ImageFolderDataset
+from fact_model.data.folder import ImageFolderDataset, folder_class_names
 from fact_model.data.loading import ImageSplit, TrainingData
 from fact_model.data.synthetic import CLASS_NAMES, NUM_CLASSES, SPLITS, SyntheticConfig, SyntheticParts
 
@@ -181,12 +181,14 @@ def _open_folder(root: Path, recipe: Preprocessing) -> ImageFolderDataset:
     return ImageFolderDataset(root, recipe, validate=False)
 
 
-def _check_same_classes(reference: ImageFolderDataset, other: ImageFolderDataset) -> None:
-    if reference.class_names != other.class_names:
-        missing = sorted(set(reference.class_names) - set(other.class_names))
-        extra = sorted(set(other.class_names) - set(reference.class_names))
+def _check_same_classes(reference: Path, other: ImageFolderDataset) -> None:
+    """Refuse a split folder whose classes are not those of ``reference`` (compared by name, nothing listed)."""
+    expected = folder_class_names(reference)
+    if expected != other.class_names:
+        missing = sorted(set(expected) - set(other.class_names))
+        extra = sorted(set(other.class_names) - set(expected))
         raise ValueError(
-            f"the class folders of '{other.root}' differ from those of '{reference.root}' "
+            f"the class folders of '{other.root}' differ from those of '{reference}' "
             f"(missing {missing[:5]}, extra {extra[:5]}); labels would not match"
         )
 
@@ -209,15 +211,15 @@ def open_split(spec: DataSpec, split: str, cache: bool = True) -> ImageSplit:
     valid = spec.splits()
     if split not in valid:
         raise ValueError(f"the image folder '{spec.source}' has splits {list(valid)}, got {split!r}")
-    root, recipe, description = Path(spec.source), spec.preprocessing(), spec.describe()
+    root, recipe, description, layout = Path(spec.source), spec.preprocessing(), spec.describe(), spec.layout()
     if split == "val" and spec.val_source is not None:
         val = _open_folder(Path(spec.val_source), recipe)
-        _check_same_classes(_open_folder(root / "train" if spec.layout() == "splits" else root, recipe), val)
+        _check_same_classes(root / "train" if layout == "splits" else root, val)
         return _folder_split(val, None, split, description, spec.workers)
-    if spec.layout() == "splits":
+    if layout == "splits":
         dataset = _open_folder(root / split, recipe)
         if split != "train":
-            _check_same_classes(_open_folder(root / "train", recipe), dataset)
+            _check_same_classes(root / "train", dataset)
         return _folder_split(dataset, None, split, description, spec.workers)
     dataset = _open_folder(root, recipe)
     if split == "all" or (split == "train" and spec.val_source is not None):  # a separate val folder: train on all
@@ -230,16 +232,24 @@ def open_training_data(spec: DataSpec) -> TrainingData:
     """The ``train`` and ``val`` splits of ``spec``.
 
     Classes layout without ``val_source``: the seeded split; splits layout without a ``val`` folder
-    or ``val_source``: a seeded split of ``train`` (``val_fraction`` of it).
+    or ``val_source``: a seeded split of ``train`` (``val_fraction`` of it). Either way the folder is
+    listed once for both splits.
     """
-    if not spec.is_synthetic and spec.layout() == "splits" and "val" not in spec.splits():
-        dataset = _open_folder(Path(spec.source) / "train", spec.preprocessing())
-        train_idx, val_idx = dataset.split(spec.val_fraction, spec.seed)
-        description = spec.describe()
-        train = _folder_split(dataset, train_idx, "train", description, spec.workers)
-        val = _folder_split(dataset, val_idx, "val", description, spec.workers)
-        return TrainingData(train, val, description)
-    return TrainingData(open_split(spec, "train"), open_split(spec, "val"), spec.describe())
+    if spec.is_synthetic:
+        return TrainingData(open_split(spec, "train"), open_split(spec, "val"), spec.describe())
+    layout, description = spec.layout(), spec.describe()
+    seeded = None
+    if layout == "classes" and spec.val_source is None:
+        seeded = Path(spec.source)
+    elif layout == "splits" and "val" not in spec.splits():
+        seeded = Path(spec.source) / "train"
+    if seeded is None:
+        return TrainingData(open_split(spec, "train"), open_split(spec, "val"), description)
+    dataset = _open_folder(seeded, spec.preprocessing())
+    train_idx, val_idx = dataset.split(spec.val_fraction, spec.seed)
+    train = _folder_split(dataset, train_idx, "train", description, spec.workers)
+    val = _folder_split(dataset, val_idx, "val", description, spec.workers)
+    return TrainingData(train, val, description)
 
 
 def open_recorded_split(description: dict[str, Any], cache: bool = False) -> ImageSplit:
