@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m fact_model.bench
+	$(PY) -m benchmarks.explain
 
 # Soak (not in CI): 10 minutes at about half the sustainable mixed rate (6 users × 4 tasks/s ≈ 24 req/s),
 # with per-minute req/s, p50/p95/p99 and server RSS in runs/soak/summary.json (docs/LOAD.md).

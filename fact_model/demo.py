@@ -1,8 +1,7 @@
 """``python -m fact_model.demo``: explain a few embedded-dataset test images and write their heatmaps.
 
-Uses the shipped default model when this installation has one; otherwise a
-random-weight model (the numbers are then meaningless as a classifier, but every
-identity still holds exactly, which the demo prints). Writes PNGs to ``--out``.
+Uses the shipped default model (or ``--model DIR``) and prints every identity it checks
+(contributions sum to the explained logit exactly). Writes PNGs to ``--out``.
 """
 
 from __future__ import annotations
@@ -16,22 +15,11 @@ from rich.console import Console
 from rich.table import Table
 
 from fact_model import render
-from fact_model.artifacts import ArtifactError, load
-from fact_model.bench import build_bench_model
+from fact_model.artifacts import load
 from fact_model.data.synthetic import SyntheticConfig, SyntheticParts
 from fact_model.model import FaCTModel
 
 log = logging.getLogger(__name__)
-
-
-def _model(source: str) -> tuple[FaCTModel, str]:
-    try:
-        return load(source), f"artifact {source!r}"
-    except ArtifactError as err:
-        if source != "default":
-            raise
-        log.warning("%s — using a random-weight model instead", err)
-        return build_bench_model("bcos_resnet8", 16, 32, 64, 4, 10), "random weights (no default model shipped yet)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    model, origin = _model(args.model)
+    model: FaCTModel = load(args.model)
+    origin = f"artifact {args.model!r}"
     size = model.config.preprocessing.input_size
     test_split = SyntheticParts(SyntheticConfig(image_size=size), "test")
     images = torch.stack([test_split[i][0] for i in range(args.images)])

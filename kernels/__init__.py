@@ -4,7 +4,7 @@
 * :mod:`kernels.bcos_conv` — fused B-cos convolution (implicit GEMM, norm and scale in the epilogue);
 * :mod:`kernels.bcos_layer` — the B-cos layer on the kernels: autograd and per-shape path dispatch;
 * :mod:`kernels.concept_encode`, :mod:`kernels.concept_decode` — the concept layer's kernels;
-* :mod:`kernels.bench` — correctness and speed on a GPU (``--smoke`` on the CPU interpreter).
+* :mod:`benchmarks.gpu_kernels` — correctness and speed on a GPU (``--smoke`` on the CPU interpreter).
 
 Each kernel file holds its kernels, their launchers (which validate their inputs), the PyTorch
 references and the ``torch.ops.fact.*`` operator registrations.

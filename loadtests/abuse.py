@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.harness import grey_png, http, jpeg_declaring, post_json, running_server, server_rss  # noqa: E402
+from tests._support.server import grey_png, http, jpeg_declaring, post_json, running_server, server_rss  # noqa: E402
 
 
 def _sample_png() -> bytes:

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.harness import http, running_server, server_rss  # noqa: E402
+from tests._support.server import http, running_server, server_rss  # noqa: E402
 
 log = logging.getLogger("loadtests.run")
 

@@ -1,0 +1,1 @@
+"""Test tooling shared by tests, benchmarks and load tests (a real server on loopback, crafted images)."""
