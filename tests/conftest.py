@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -53,3 +54,15 @@ def make_model(
 def images() -> torch.Tensor:
     """Four random RGB images (4, 3, 32, 32) in [0, 1]."""
     return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(123))
+
+
+@pytest.fixture
+def use_options():
+    """``use_options(kernels="triton", ...)``: library options (:mod:`fact_model.options`) for the rest of a test.
+
+    Each call nests inside the previous one; all are undone when the test ends.
+    """
+    from fact_model import options
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(options.using(**changes))
