@@ -19,10 +19,8 @@ Both return lists of flat dicts (one table row each).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fact_model import options
 from kernels._common import interpreting
 from kernels.concept_decode import (
     gather_dot,
@@ -40,7 +39,6 @@ from kernels.concept_decode import (
     scatter_rows_reference,
 )
 from kernels.concept_encode import (
-    PATH_ENV,
     encode_candidates,
     encode_config,
     encode_path,
@@ -103,20 +101,6 @@ def _row(kernel: str, dtype: torch.dtype, shape: dict[str, int], rel_err: float,
             "threshold": threshold, "ok": ok, **extra}  # fmt: skip
 
 
-@contextlib.contextmanager
-def _forced_path(path: str):  # type: ignore[no-untyped-def]
-    """``FACT_CONCEPT_ENCODE_PATH=path`` inside the block (the previous value restored after)."""
-    previous = os.environ.get(PATH_ENV)
-    os.environ[PATH_ENV] = path
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(PATH_ENV, None)
-        else:
-            os.environ[PATH_ENV] = previous
-
-
 def _gemm_select_chunk(shape: dict[str, int]) -> int | None:
     """The default chunk at the layer4 shape; elsewhere ~K/3, so that K is not a multiple of it."""
     return None if shape["K"] >= 8192 else max(shape["k"], shape["K"] // 3)
@@ -143,7 +127,7 @@ def _check_encode_path(path: str, shape: dict[str, int], device: torch.device, d
     keys, written = _poisoned_keys(path, x, encoder, shape)
     values, indices = merge_candidates(keys, k, dtype)
     dispatch = encode_path(x, encoder, k)  # what the operator picks unforced (timed once per shape on CUDA)
-    with _forced_path(path):
+    with options.using(concept_encode_path=path):
         op_values, op_indices = torch.ops.fact.concept_encode(x, encoder, k)
     own_values, own_indices = values, indices
     if path == "gemm_select":  # the operator runs the default chunk

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fact_model import options
+
 __all__ = ["main"]
 
 log = logging.getLogger("benchmarks.gpu_kernels")
@@ -172,38 +174,37 @@ def check_bcos(device: str, dtype_name: str, smoke: bool) -> list[dict[str, Any]
         for path in ("fused", "fused_map", "cudnn"):
             if path != "cudnn" and (groups > 1 or max_out > 1):
                 continue
-            os.environ["FACT_BCOS_CONV_PATH"] = path
-            for mode in ("forward", "training", "explanation"):
-                x64 = torch.randn(n, c, h, w, device=device).to(dtype).double().requires_grad_(True)
-                reference.detach_dynamic = mode == "explanation"
-                ref = reference(x64)
-                seed = torch.randn_like(ref)
-                geometry = ConvGeometry(h, w, (kernel,) * 2, (stride,) * 2, (padding,) * 2, (dilation,) * 2, groups)
-                x = x64.detach().to(dtype).requires_grad_(mode != "forward")
-                weight = reference.weight.detach().to(dtype).requires_grad_(mode != "forward")
-                _poison(device)
-                with torch.set_grad_enabled(mode != "forward"):
-                    out = bcos_conv2d(x, unit_norm_rows(weight), geometry, b, max_out, mode == "explanation")
-                checks = {"out": (out, ref)}
-                if mode != "forward":
-                    ref_dx, ref_dw = torch.autograd.grad(ref, (x64, reference.weight), seed)
-                    dx, dw = torch.autograd.grad(out, (x, weight), seed.to(dtype))
-                    checks |= {"dx": (dx, ref_dx), "dw": (dw, ref_dw)}
-                for what, (got, expected) in checks.items():
-                    err = _rel(got, expected)
-                    finite = bool(torch.isfinite(got).all())
-                    rows.append(
-                        {
-                            "kernel": f"bcos conv [{path}] {mode} {what}",
-                            "case": f"k{kernel} s{stride} p{padding} d{dilation} g{groups} B{b} mo{max_out}",
-                            "dtype": dtype_name,
-                            "rel_err": err,
-                            "threshold": threshold,
-                            "all_written": finite,
-                            "ok": finite and err <= threshold,
-                        }
-                    )
-    os.environ.pop("FACT_BCOS_CONV_PATH", None)
+            with options.using(bcos_conv_path=path):
+                for mode in ("forward", "training", "explanation"):
+                    x64 = torch.randn(n, c, h, w, device=device).to(dtype).double().requires_grad_(True)
+                    reference.detach_dynamic = mode == "explanation"
+                    ref = reference(x64)
+                    seed = torch.randn_like(ref)
+                    geometry = ConvGeometry(h, w, (kernel,) * 2, (stride,) * 2, (padding,) * 2, (dilation,) * 2, groups)
+                    x = x64.detach().to(dtype).requires_grad_(mode != "forward")
+                    weight = reference.weight.detach().to(dtype).requires_grad_(mode != "forward")
+                    _poison(device)
+                    with torch.set_grad_enabled(mode != "forward"):
+                        out = bcos_conv2d(x, unit_norm_rows(weight), geometry, b, max_out, mode == "explanation")
+                    checks = {"out": (out, ref)}
+                    if mode != "forward":
+                        ref_dx, ref_dw = torch.autograd.grad(ref, (x64, reference.weight), seed)
+                        dx, dw = torch.autograd.grad(out, (x, weight), seed.to(dtype))
+                        checks |= {"dx": (dx, ref_dx), "dw": (dw, ref_dw)}
+                    for what, (got, expected) in checks.items():
+                        err = _rel(got, expected)
+                        finite = bool(torch.isfinite(got).all())
+                        rows.append(
+                            {
+                                "kernel": f"bcos conv [{path}] {mode} {what}",
+                                "case": f"k{kernel} s{stride} p{padding} d{dilation} g{groups} B{b} mo{max_out}",
+                                "dtype": dtype_name,
+                                "rel_err": err,
+                                "threshold": threshold,
+                                "all_written": finite,
+                                "ok": finite and err <= threshold,
+                            }
+                        )
     return rows
 
 
@@ -287,7 +288,6 @@ def time_layers(
         rows.append(_time_shape(shape, device, dtype_name, batch, smoke, compile_ok))
         if compile_ok:
             compile_spent += time.monotonic() - start
-    os.environ.pop("FACT_BCOS_CONV_PATH", None)
     return rows
 
 
@@ -320,8 +320,8 @@ def _time_shape(
 
     def ours(path: str) -> Callable[[], object]:
         def run() -> object:
-            os.environ["FACT_BCOS_CONV_PATH"] = path
-            return bcos_conv2d(x, weight_hat, geometry, shape.b, shape.max_out, False, layouts)
+            with options.using(bcos_conv_path=path):
+                return bcos_conv2d(x, weight_hat, geometry, shape.b, shape.max_out, False, layouts)
 
         return run
 
@@ -355,8 +355,8 @@ def _time_shape(
 
             def dgrad(path: str) -> Callable[[], object]:
                 def run() -> object:
-                    os.environ["FACT_BCOS_CONV_PATH"] = path
-                    return explain_data_grad(grad, scale, layouts, x.shape, geometry)
+                    with options.using(bcos_conv_path=path):
+                        return explain_data_grad(grad, scale, layouts, x.shape, geometry)
 
                 return run
 
@@ -371,7 +371,6 @@ def _time_shape(
                 if device == "cuda" and not smoke:
                     dgrad("auto")()
                     row["dgrad_dispatch_path"] = path_table.choices[dgrad_key(grad, weight_hat, geometry)]
-    os.environ.pop("FACT_BCOS_CONV_PATH", None)
     path_ms = {"fused": "ours_fused_ms", "fused_map": "ours_fused_map_ms", "cudnn": "ours_cudnn_postop_ms"}
     row["ours_dispatch_ms"] = row[path_ms[row["dispatch_path"]]]
     row["vs_floor"] = row["ours_dispatch_ms"] / row["cudnn_floor_ms"]
@@ -423,35 +422,34 @@ def end_to_end(device: str, smoke: bool, batch: int, repeats: int, top: int = 5)
     # near-tied top-k selections (random weights, K = 16384) can flip.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for mode in ("torch", "triton"):
-        os.environ["FACT_KERNELS"] = mode
-        outputs[mode] = explain()
-    os.environ["FACT_KERNELS"] = "triton"
-    outputs["triton_batched"] = explain_batched()
+        with options.using(kernels=mode):
+            outputs[mode] = explain()
+    with options.using(kernels="triton"):
+        outputs["triton_batched"] = explain_batched()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     for mode in ("torch", "triton"):
-        os.environ["FACT_KERNELS"] = mode
-        forward(), explain(), explain_batched()  # warm-up: autotuning, dispatch timing, cuDNN plans
+        with options.using(kernels=mode):
+            forward(), explain(), explain_batched()  # warm-up: autotuning, dispatch timing, cuDNN plans
         if device == "cuda":
             torch.cuda.synchronize()
     passes = (("forward", forward), ("explain", explain), ("explain_batched", explain_batched))
     times: dict[str, list[float]] = {f"{what}_{mode}": [] for what, _ in passes for mode in ("torch", "triton")}
     for _ in range(repeats):  # interleaved, so drift hits both equally
         for mode in ("torch", "triton"):
-            os.environ["FACT_KERNELS"] = mode
-            for what, fn in passes:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[f"{what}_{mode}"].append(time.perf_counter() - start)
+            with options.using(kernels=mode):
+                for what, fn in passes:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    fn()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    times[f"{what}_{mode}"].append(time.perf_counter() - start)
     if device == "cuda" and not smoke:
         results["explain_profile"] = {}
         for mode in ("torch", "triton"):
-            os.environ["FACT_KERNELS"] = mode
-            results["explain_profile"][mode] = _gpu_kernel_profile(explain)
-    os.environ.pop("FACT_KERNELS", None)
+            with options.using(kernels=mode):
+                results["explain_profile"][mode] = _gpu_kernel_profile(explain)
     for name, values in times.items():
         results[f"{name}_images_per_s"] = batch / statistics.median(values)
     for what in ("forward", "explain"):

@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "ArtifactError": "fact_model.artifacts",
+    "Options": "fact_model.options",
     "load": "fact_model.artifacts",
     "save": "fact_model.artifacts",
     "ConceptLayerSpec": "fact_model.config",
@@ -42,6 +43,7 @@ __all__ = [
     "ExplanationMaps",
     "FaCTConfig",
     "FaCTModel",
+    "Options",
     "PositionalShares",
     "Preprocessing",
     "TopConcept",

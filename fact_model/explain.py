@@ -22,7 +22,8 @@ for the explained quantity ``y`` (``logit[target] − b``, or a contrast differe
   ``Σ x ⊙ map + share`` is the mapped quantity exactly (None for B-cos CNNs).
 
 Ranks are looped by default: on CPU a loop measured faster than vmap
-(``docs/BENCHMARKS.md``). ``batched_vjp=True`` (or ``FACT_EXPLAIN_VJP=batched``) instead
+(``docs/BENCHMARKS.md``). ``batched_vjp=True`` (or the ``explain_vjp`` option,
+:mod:`fact_model.options`) instead
 runs each layer's ``R`` rank passes as one batched VJP (``torch.func.vmap`` over the
 backward): every layer's backward then runs once on ``R·N`` cotangents — the Triton
 B-cos and decode kernels through their operators' vmap rules — fewer, larger launches
@@ -38,6 +39,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from fact_model import options
 from fact_model._validation import ClassSpec, resolve_classes
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.explanation import (
@@ -49,11 +51,9 @@ from fact_model.explanation import (
     rank_classes,
 )
 from fact_model.model import FaCTModel, ForwardRecord
-from kernels._common import env_choice
 
 __all__ = [
     "MAP_KINDS",
-    "VJP_ENV",
     "ContrastEqualsTargetError",
     "closed_form_applies",
     "closed_form_code_gradient",
@@ -62,8 +62,6 @@ __all__ = [
 ]
 
 MAP_KINDS = ("concepts", "logit", "other")
-VJP_ENV = "FACT_EXPLAIN_VJP"
-"""``loop`` (default) or ``batched``: how :func:`explain` runs its rank passes when not told."""
 
 
 @contextmanager
@@ -183,8 +181,8 @@ def explain(
         map_layers: concept layers whose top concepts get input maps (default: all);
             each mapped layer costs ``top_k`` backward passes.
         batched_vjp: run each layer's ``top_k`` rank passes as one batched VJP instead
-            of a loop (same results); None reads ``FACT_EXPLAIN_VJP`` (``loop`` |
-            ``batched``, default ``loop``).
+            of a loop (same results); None follows ``fact_model.options.current().explain_vjp``
+            (``FACT_EXPLAIN_VJP``: ``loop``, the default, or ``batched``).
 
     Raises:
         ValueError: bad images (rank, channels, dtype, NaN/inf, range, empty), a
@@ -193,7 +191,7 @@ def explain(
     """
     _check_arguments(top_k, map_kinds)
     if batched_vjp is None:
-        batched_vjp = env_choice(VJP_ENV, ("loop", "batched")) == "batched"
+        batched_vjp = options.current().explain_vjp == "batched"
     if not model.concept_layers:
         raise ValueError("the model has no concept layers to explain with")
     started = time.perf_counter()

@@ -5,7 +5,8 @@ Kernels run on CUDA tensors. On the CPU they run only under Triton's interpreter
 test suite checks them on a machine without a GPU. Everywhere else the PyTorch
 reference of each kernel file is used.
 
-``FACT_KERNELS`` selects the implementation the model layers use:
+``fact_model.options.current().kernels`` (``FACT_KERNELS``) selects the implementation the model
+layers use:
 
 * ``auto`` (default) — Triton kernels for CUDA tensors in inference (no autograd graph being
   recorded: ``/predict``, ``fact evaluate``), the PyTorch reference elsewhere. Passes that record
@@ -16,7 +17,8 @@ reference of each kernel file is used.
 * ``triton`` — Triton kernels on CUDA for every pass, and on the CPU too when the interpreter is on;
 * ``torch`` — always the PyTorch reference (the kernels are off).
 
-The variable is read at each call, so a process can switch it for an A/B comparison.
+It is asked at each call, so ``with fact_model.options.using(kernels=...)`` switches it for a
+block (an A/B comparison).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from fact_model import options
+
 __all__ = [
-    "KERNELS_ENV",
     "KernelInputError",
     "check_same_device",
     "check_tensor",
-    "env_choice",
     "interpreting",
     "kernels_mode",
     "launchable",
@@ -41,8 +43,6 @@ __all__ = [
     "triton_runs_on",
 ]
 
-KERNELS_ENV = "FACT_KERNELS"
-_MODES = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -50,21 +50,13 @@ class KernelInputError(ValueError):
     """A launcher refused its arguments (wrong device, dtype, shape or layout)."""
 
 
-def env_choice(name: str, choices: tuple[str, ...]) -> str:
-    """The value of environment variable ``name``, one of ``choices`` (the first is the default)."""
-    value = os.environ.get(name, "").strip().lower() or choices[0]
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
 def kernels_mode() -> str:
-    """The value of ``FACT_KERNELS`` (``auto``, ``triton`` or ``torch``)."""
-    return env_choice(KERNELS_ENV, _MODES)
+    """The kernel mode in force (``auto``, ``triton`` or ``torch``): :func:`fact_model.options.current`."""
+    return options.current().kernels
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton kernels run in the CPU interpreter (Triton's own ``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -16,7 +16,8 @@ for ``dx = conv_transpose(g ⊙ scale, ŵ)`` with the product taken as the opera
 loaded (stride-1 ungrouped layers without MaxOut); ``cudnn`` multiplies, then runs
 cuDNN's transposed convolution.
 
-``FACT_BCOS_CONV_PATH`` = ``auto`` (default) | ``fused`` | ``fused_map`` | ``cudnn`` picks
+``fact_model.options`` ``bcos_conv_path`` (``FACT_BCOS_CONV_PATH``) = ``auto`` (default) | ``fused`` | ``fused_map`` |
+``cudnn`` picks
 the path (``fused_map`` means ``fused`` for the backward); in ``auto`` the first call of
 each layer shape on a GPU times the candidates and remembers the fastest
 (:class:`PathTable`), separately for the forward and the explanation backward.
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._common import env_choice
+from fact_model import options
+from fact_model.options import BCOS_CONV_PATHS
 from kernels.bcos_conv import WeightLayouts, dgrad_geometry, launch_explain_dgrad, launch_fused_conv
 from kernels.bcos_postop import (
     ConvGeometry,
@@ -59,14 +61,13 @@ __all__ = [
     "path_table",
 ]
 
-PATH_ENV = "FACT_BCOS_CONV_PATH"
-PATHS = ("auto", "fused", "fused_map", "cudnn")
+PATHS = BCOS_CONV_PATHS
 CL = torch.channels_last
 
 
 def conv_path() -> str:
-    """The value of ``FACT_BCOS_CONV_PATH``."""
-    return env_choice(PATH_ENV, PATHS)
+    """The B-cos path in force (``fact_model.options.current().bcos_conv_path``, ``FACT_BCOS_CONV_PATH``)."""
+    return options.current().bcos_conv_path
 
 
 path_table = PathTable()

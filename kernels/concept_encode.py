@@ -32,8 +32,8 @@ except exact ties):
 * ``gemm_select`` — :mod:`kernels.concept_select`: cuBLAS GEMMs over L2-sized ``K``
   chunks, each followed by a Triton top-k select into the same candidate keys.
 
-``FACT_CONCEPT_ENCODE_PATH`` = ``auto`` (default) | ``fused`` | ``gemm_select`` picks
-the path (read at each call). In ``auto`` on CUDA the first call of each shape key
+``fact_model.options`` ``concept_encode_path`` (``FACT_CONCEPT_ENCODE_PATH``) = ``auto`` (default) | ``fused`` |
+``gemm_select`` picks the path (asked at each call). In ``auto`` on CUDA the first call of each shape key
 (``M`` bucketed to a power of two, ``C``, ``K``, ``k``, dtype, TF32 state) times both
 paths and remembers the faster (:data:`path_table`); on the CPU (interpreter) ``auto``
 is ``fused``; under ``torch.compile`` the operator always traces the fused path.
@@ -54,10 +54,11 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
+from fact_model import options
+from fact_model.options import CONCEPT_ENCODE_PATHS
 from kernels._common import (
     KernelInputError,
     check_tensor,
-    env_choice,
     interpreting,
     launchable,
     sm_count,
@@ -69,7 +70,6 @@ from kernels.path_table import PathTable
 __all__ = [
     "MAX_K",
     "PATHS",
-    "PATH_ENV",
     "EncodeConfig",
     "encode_candidates",
     "encode_config",
@@ -82,8 +82,7 @@ __all__ = [
     "path_table",
 ]
 
-PATH_ENV = "FACT_CONCEPT_ENCODE_PATH"
-PATHS = ("auto", "fused", "gemm_select")
+PATHS = CONCEPT_ENCODE_PATHS
 
 
 @triton.jit
@@ -350,8 +349,8 @@ def fastest_encode_path(x: Tensor, encoder: Tensor, k: int, table: PathTable | N
 
 
 def encode_path(x: Tensor, encoder: Tensor, k: int) -> str:
-    """The path the operator takes for these inputs (see the module doc); raises ``ValueError`` on a bad env value."""
-    requested = env_choice(PATH_ENV, PATHS)
+    """The path the operator takes for these inputs (see the module doc)."""
+    requested = options.current().concept_encode_path
     if torch.compiler.is_compiling() or is_fake(x):
         return "fused"
     if requested != "auto":

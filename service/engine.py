@@ -12,15 +12,15 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fact_model import render
+from fact_model import options, render
 from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
 from fact_model.artifacts import load, read_manifest
 from fact_model.bcos.encoding import encode_rgb
@@ -51,7 +51,19 @@ no backward pass), drawn as a signed map over the image."""
 MIN_HEATMAP_SIZE = 8
 """Smallest ``heatmap_size`` (pixels per side); the largest is the model's input size."""
 TOP_CLASSES = 5
+T = TypeVar("T")
 _CLASS_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: "٣" or "²" are names, not numbers
+
+
+def _under_options(method: Callable[..., T]) -> Callable[..., T]:
+    """Run an engine method with the engine's library options (``settings.options``) in force."""
+
+    @functools.wraps(method)
+    def wrapper(self: Engine, *args: Any, **kwargs: Any) -> T:
+        with options.using(self.settings.options):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class Engine:
@@ -229,6 +241,7 @@ class Engine:
         return timings
 
     # ------------------------------------------------------------------ predict
+    @_under_options
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[dict[str, Any]]:
         """Classes, probabilities and the last concept layer's top contributions (closed form)."""
         if not images:
@@ -306,6 +319,7 @@ class Engine:
             [image], [target], [contrast], top_k, layers, heatmaps, heatmap_kind, preprocess_ms, heatmap_size
         )[0]
 
+    @_under_options
     def explain_many(
         self,
         images: list[Image.Image],
@@ -585,6 +599,7 @@ class Engine:
         }
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one engine per worker; bounded)
+    @_under_options
     def concept_card(self, layer: str, concept: int, examples: int = 6) -> dict[str, Any]:
         """A concept's card: frequency, supported classes, top dataset images with heatmaps.
 

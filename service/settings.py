@@ -23,12 +23,18 @@ variable                       default                     meaning
 ``FACT_TORCH_THREADS``         (torch default)             intra-op threads of the model thread
 ``FACT_PREDICT_MAX_LATENCY``   ``500``                     adaptive batching: latency budget (ms); over it → 503
 =============================  ==========================  ==========================================
+
+The library's own options (``FACT_KERNELS``, ``FACT_BCOS_CONV_PATH``, ``FACT_CONCEPT_ENCODE_PATH``,
+``FACT_EXPLAIN_VJP``) are read by :meth:`fact_model.options.Options.from_environ` into
+``Settings.options``, which the engine puts in force around every model call.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from fact_model.options import Options
 
 __all__ = ["SETTINGS", "Settings"]
 
@@ -76,6 +82,7 @@ class Settings:
     queue_budget_s: float = 2.0
     decode_concurrency: int = 2
     cors_origins: tuple[str, ...] = ()
+    options: Options = field(default_factory=Options)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -104,6 +111,7 @@ class Settings:
             queue_budget_s=_float("FACT_QUEUE_BUDGET", 2.0),
             decode_concurrency=_int("FACT_DECODE_CONCURRENCY", 2),
             cors_origins=tuple(o.strip() for o in os.environ.get("FACT_CORS_ORIGINS", "").split(",") if o.strip()),
+            options=Options.from_environ(),
         )
 
     def resolve_device(self) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load as safetensors_load
 from torch import Tensor, nn
+
+from fact_model import options
 
 __all__ = [
     "DINOV2_URL",
@@ -43,7 +44,7 @@ __all__ = [
     "reference_encoder",
 ]
 
-DINOV2_WEIGHTS_ENV = "FACT_DINOV2_WEIGHTS"
+DINOV2_WEIGHTS_ENV = options.ENVIRONMENT["dinov2_weights"]
 """Environment variable naming the DINOv2 ViT-S/14 weights (a file or a directory holding one)."""
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
@@ -499,7 +500,7 @@ def resolve_dinov2_weights(weights: str | Path | None = None) -> Path:
         ValueError: a directory holds several candidate files, or the file has another suffix.
     """
     if weights is None or str(weights) == "":
-        weights = os.environ.get(DINOV2_WEIGHTS_ENV) or None
+        weights = options.current().dinov2_weights
         if weights is None:
             raise FileNotFoundError(
                 _missing_weights_message(f"no DINOv2 weights given and {DINOV2_WEIGHTS_ENV} is unset")
@@ -662,7 +663,7 @@ def reference_encoder(dinov2_weights: str | Path | None = None) -> tuple[DenseEn
         FileNotFoundError: a configured weights path does not exist.
         ValueError: the configured file is not a ViT-S/14 state dict.
     """
-    configured = dinov2_weights not in (None, "") or bool(os.environ.get(DINOV2_WEIGHTS_ENV))
+    configured = dinov2_weights not in (None, "") or options.current().dinov2_weights is not None
     if configured:
         return DinoV2Encoder(dinov2_weights), None
     encoder = ColourTextureEncoder()

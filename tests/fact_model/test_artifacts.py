@@ -324,7 +324,7 @@ def test_package_exports_resolve_lazily_and_completely():
     import sys
 
     import fact_model
-    from fact_model import artifacts, config, explanation, model
+    from fact_model import artifacts, config, explanation, model, options
 
     assert set(fact_model.__all__) - {"__version__"} == set(fact_model._EXPORTS)
     for name, module in fact_model._EXPORTS.items():
@@ -334,6 +334,7 @@ def test_package_exports_resolve_lazily_and_completely():
                 "fact_model.config": config,
                 "fact_model.explanation": explanation,
                 "fact_model.model": model,
+                "fact_model.options": options,
             }[module],
             name,
         )

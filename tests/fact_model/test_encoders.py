@@ -241,8 +241,8 @@ def test_dinov2_refuses_renamed_missing_or_extra_keys(dinov2_state: dict[str, to
         DinoV2Encoder(tmp_path / "wrapped.pth", device="cpu")
 
 
-def test_dinov2_missing_weights_name_the_flag_and_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(DINOV2_WEIGHTS_ENV, raising=False)
+def test_dinov2_missing_weights_name_the_flag_and_variable(tmp_path: Path, use_options) -> None:
+    use_options(dinov2_weights=None)
     for weights in (None, tmp_path / "absent.pth", tmp_path):  # unset; no such file; a directory without weights
         with pytest.raises(FileNotFoundError) as error:
             DinoV2Encoder(weights)
@@ -252,17 +252,17 @@ def test_dinov2_missing_weights_name_the_flag_and_variable(tmp_path: Path, monke
 
 
 def test_reference_encoder_falls_back_or_uses_dinov2(
-    dinov2_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dinov2_files: tuple[Path, Path], tmp_path: Path, use_options
 ) -> None:
-    monkeypatch.delenv(DINOV2_WEIGHTS_ENV, raising=False)
+    use_options(dinov2_weights=None)
     encoder, warning = reference_encoder()
     assert isinstance(encoder, ColourTextureEncoder)
     assert warning is not None and "--dinov2-weights" in warning and DINOV2_WEIGHTS_ENV in warning
     assert encoder.name in warning
-    monkeypatch.setenv(DINOV2_WEIGHTS_ENV, str(dinov2_files[0]))
+    use_options(dinov2_weights=str(dinov2_files[0]))
     encoder, warning = reference_encoder()
     assert isinstance(encoder, DinoV2Encoder) and warning is None
-    monkeypatch.setenv(DINOV2_WEIGHTS_ENV, str(tmp_path / "typo.pth"))  # configured but absent: an error
+    use_options(dinov2_weights=str(tmp_path / "typo.pth"))  # configured but absent: an error
     with pytest.raises(FileNotFoundError, match="typo.pth"):
         reference_encoder()
 

@@ -335,7 +335,7 @@ def test_map_layers_restricts_maps_but_not_traces(images):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # the reference decode's backward under vmap
-def test_batched_vjp_gives_the_loops_maps_and_traces(images, monkeypatch):
+def test_batched_vjp_gives_the_loops_maps_and_traces(images, use_options):
     """All ranks of a layer in one batched VJP (vmap over the backward) = one backward per rank."""
     model = make_model(TWO_LAYERS)
     loop = model.explain(images, top_k=3, maps=True, batched_vjp=False)
@@ -344,12 +344,11 @@ def test_batched_vjp_gives_the_loops_maps_and_traces(images, monkeypatch):
         assert maps.shape == batched.maps.concepts[name].shape == (images.shape[0], 3, 6, 32, 32)
         torch.testing.assert_close(batched.maps.concepts[name], maps, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(batched.traces[0].contributions, loop.traces[0].contributions, rtol=1e-5, atol=1e-7)
-    monkeypatch.setenv(explain_module.VJP_ENV, "batched")
-    from_env = model.explain(images, top_k=3, maps=True)
-    torch.testing.assert_close(from_env.maps.concepts["layer2"], batched.maps.concepts["layer2"])
-    monkeypatch.setenv(explain_module.VJP_ENV, "vectorised")
-    with pytest.raises(ValueError, match="FACT_EXPLAIN_VJP"):
-        model.explain(images, top_k=3, maps=True)
+    use_options(explain_vjp="batched")
+    from_options = model.explain(images, top_k=3, maps=True)
+    torch.testing.assert_close(from_options.maps.concepts["layer2"], batched.maps.concepts["layer2"])
+    with pytest.raises(ValueError, match=r"FACT_EXPLAIN_VJP \(explain_vjp\) must be one of \['loop', 'batched'\]"):
+        use_options(explain_vjp="vectorised")
 
 
 def stable_ranking(scores: torch.Tensor) -> torch.Tensor:

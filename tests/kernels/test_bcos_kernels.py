@@ -6,10 +6,15 @@ launcher here runs the real kernel code, element by element, on CPU tensors.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fact_model import options
 from fact_model.bcos.conv import BcosConv2d
 from fact_model.bcos.functional import unit_norm_rows
 from fact_model.bcos.linear import BcosLinear
@@ -122,10 +127,10 @@ def test_fused_conv_with_tf32_switched_off_uses_full_precision_products(monkeypa
 @pytest.mark.parametrize("case", [c for c in CASES if c[5] != 1], ids=lambda c: "k{}s{}p{}d{}g{}B{}m{}".format(*c))
 @pytest.mark.parametrize("path", ["fused", "fused_map", "cudnn"])
 @pytest.mark.parametrize("mode", ["training", "explanation"])
-def test_layer_forward_and_backward_equal_autograd_of_the_reference(case, path, mode, monkeypatch):
+def test_layer_forward_and_backward_equal_autograd_of_the_reference(case, path, mode, use_options):
     """Both paths, training backward (through the scale and the norm) and explanation backward (scale constant)."""
     kernel, stride, padding, dilation, groups, b, max_out = case  # (B = 1 layers are plain convolutions, no kernels)
-    monkeypatch.setenv("FACT_BCOS_CONV_PATH", path)
+    use_options(bcos_conv_path=path)
     torch.manual_seed(3)
     reference = BcosConv2d(C, OUT, kernel, stride, padding, dilation, groups, b=b, max_out=max_out).double()
     reference.detach_dynamic = mode == "explanation"
@@ -209,8 +214,8 @@ def test_conv_data_grad_keeps_channels_last_and_equals_autograd(case):
     assert _rel(got, want) <= 1e-6
 
 
-def test_layer_caches_its_kernel_weight_layouts_per_weight_version(monkeypatch):
-    monkeypatch.setenv("FACT_KERNELS", "triton")
+def test_layer_caches_its_kernel_weight_layouts_per_weight_version(use_options):
+    use_options(kernels="triton")
     layer = BcosConv2d(C, OUT, 3, 1, 1, b=2)
     layer.detach_dynamic = True
     x = torch.randn(N, C, H, W, requires_grad=True)
@@ -249,14 +254,14 @@ def test_scale_grad_routes_to_the_maxout_winner(max_out):
     assert torch.allclose(dy, want.flatten(1, 2), rtol=1e-6, atol=1e-7)
 
 
-def test_bcos_linear_on_the_kernels_equals_the_reference(monkeypatch):
+def test_bcos_linear_on_the_kernels_equals_the_reference(use_options):
     torch.manual_seed(6)
     layer = BcosLinear(12, 5, b=2.5, max_out=2)
     x = torch.randn(3, 4, 12, requires_grad=True)
-    monkeypatch.setenv("FACT_KERNELS", "torch")
+    use_options(kernels="torch")
     want = layer(x)
     (want_dx,) = torch.autograd.grad(want.square().sum(), x)
-    monkeypatch.setenv("FACT_KERNELS", "triton")
+    use_options(kernels="triton")
     assert triton_runs_on(x)
     got = layer(x)
     (dx,) = torch.autograd.grad(got.square().sum(), x)
@@ -266,20 +271,32 @@ def test_bcos_linear_on_the_kernels_equals_the_reference(monkeypatch):
 
 def test_switches():
     x = torch.ones(2, 2)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FACT_KERNELS", "torch")
+    with options.using(kernels="torch"):
         assert not triton_runs_on(x)
-        mp.setenv("FACT_KERNELS", "auto")  # auto: CUDA inference only, never the CPU
+    with options.using(kernels="auto"):  # auto: CUDA inference only, never the CPU
         assert not triton_runs_on(x)
-        mp.setenv("FACT_KERNELS", "triton")
+    with options.using(kernels="triton"):
         assert triton_runs_on(x) and not triton_runs_on(x.double())  # float64 stays on the reference
-        mp.setenv("FACT_KERNELS", "fast")
-        with pytest.raises(ValueError, match="FACT_KERNELS"):
-            triton_runs_on(x)
-        mp.setenv("FACT_KERNELS", "triton")
-        mp.setenv("FACT_BCOS_CONV_PATH", "gpu")
-        with pytest.raises(ValueError, match="FACT_BCOS_CONV_PATH"):
-            bcos_conv2d(torch.ones(1, 2, 3, 3), torch.ones(2, 2, 1, 1) / 2**0.5, ConvGeometry(3, 3, (1, 1)), 2)
+        with options.using(kernels="torch"):  # blocks nest and restore
+            assert not triton_runs_on(x)
+        assert triton_runs_on(x)
+    with pytest.raises(ValueError, match=r"FACT_KERNELS \(kernels\) must be one of \['auto', 'triton', 'torch'\]"):
+        options.Options.from_environ({"FACT_KERNELS": "fast"})
+    with pytest.raises(ValueError, match=r"FACT_BCOS_CONV_PATH \(bcos_conv_path\) must be one of .*got 'gpu'"):
+        options.Options.from_environ({"FACT_BCOS_CONV_PATH": "gpu"})
+    assert options.Options.from_environ({"FACT_KERNELS": " Torch "}).kernels == "torch"
+
+
+def test_the_environment_is_read_once_per_process():
+    """A subprocess reads FACT_* at its first options call; later changes to os.environ do not switch it."""
+    code = (
+        "import os; from fact_model import options; import kernels._common as c\n"
+        "first = c.kernels_mode(); os.environ['FACT_KERNELS'] = 'triton'\n"
+        "print(first, c.kernels_mode(), options.current().bcos_conv_path)\n"
+    )
+    env = {**os.environ, "FACT_KERNELS": "torch", "FACT_BCOS_CONV_PATH": "cudnn"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "torch", "cudnn"]
 
 
 def test_launchers_refuse_bad_inputs_naming_the_argument():
@@ -332,7 +349,7 @@ def test_ops_are_registered_for_the_compiler():
     torch.library.opcheck(torch.ops.fact.bcos_explain_backward, args, test_utils=utils)
 
 
-def test_fact_explanations_with_kernels_on_equal_kernels_off(monkeypatch):
+def test_fact_explanations_with_kernels_on_equal_kernels_off(use_options):
     """The whole model (B-cos and concept-layer kernels) explains as the PyTorch reference does, exactly."""
     from tests.conftest import make_model
 
@@ -340,7 +357,7 @@ def test_fact_explanations_with_kernels_on_equal_kernels_off(monkeypatch):
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     explained = {}
     for mode in ("torch", "triton"):
-        monkeypatch.setenv("FACT_KERNELS", mode)
+        use_options(kernels=mode)
         explained[mode] = model.explain(images, top_k=1, maps=True, map_kinds=("concepts",))
     on, off = explained["triton"], explained["torch"]
     assert torch.allclose(on.logits, off.logits, rtol=1e-5, atol=1e-6)
@@ -354,10 +371,10 @@ def test_fact_explanations_with_kernels_on_equal_kernels_off(monkeypatch):
 
 
 @pytest.mark.parametrize("case", [(3, 1, 1), (3, 2, 1)], ids=["stride1-fused", "stride2-cudnn"])
-def test_vmapped_explanation_backward_equals_one_backward_per_cotangent(case, monkeypatch):
+def test_vmapped_explanation_backward_equals_one_backward_per_cotangent(case, use_options):
     """``vmap`` over the layer's explanation backward (input and filter gradients) = a loop over cotangents."""
     kernel, stride, padding = case
-    monkeypatch.setenv("FACT_BCOS_CONV_PATH", "auto")
+    use_options(bcos_conv_path="auto")
     x, weight, _ = _random_conv(kernel, stride, padding, 1, 1, 1, torch.float32, seed=15)
     x.requires_grad_(True)
     weight.requires_grad_(True)
@@ -373,7 +390,7 @@ def test_vmapped_explanation_backward_equals_one_backward_per_cotangent(case, mo
         assert _rel(got, want) <= 1e-6
 
 
-def test_batched_vjp_on_the_kernels_folds_the_ranks_into_one_launch(monkeypatch):
+def test_batched_vjp_on_the_kernels_folds_the_ranks_into_one_launch(use_options, monkeypatch):
     """Rank passes as one vmapped backward: each B-cos backward runs once on R·N cotangents, not R times."""
     import warnings
 
@@ -383,9 +400,9 @@ def test_batched_vjp_on_the_kernels_folds_the_ranks_into_one_launch(monkeypatch)
     model = make_model([("layer2", 32, 4), ("layer3", 64, 4)])
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(8))
     kwargs = {"top_k": 2, "maps": True, "map_kinds": ("concepts",), "map_layers": ["layer3"]}
-    monkeypatch.setenv("FACT_KERNELS", "torch")
+    use_options(kernels="torch")
     want = model.explain(images, **kwargs, batched_vjp=False)
-    monkeypatch.setenv("FACT_KERNELS", "triton")
+    use_options(kernels="triton")
     calls: dict[bool, list[int]] = {False: [], True: []}
     got = {}
     original = bcos_layer.explain_data_grad

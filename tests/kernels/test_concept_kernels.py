@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.explain import explain
+from fact_model.options import Options
 from kernels._common import KernelInputError, interpreting
 from tests.conftest import make_model
 
@@ -30,7 +31,6 @@ from kernels.concept_decode import (  # noqa: E402
 )
 from kernels.concept_encode import (  # noqa: E402
     MAX_K,
-    PATH_ENV,
     encode_candidates,
     encode_path,
     encode_topk,
@@ -249,13 +249,13 @@ def test_gemm_select_equals_reference(dtype, m, c, num_concepts, k, chunk):
     assert torch.equal(indices, ref_indices)
 
 
-def test_operator_paths_agree_with_reference(monkeypatch):
-    """The env var forces the path of ``torch.ops.fact.concept_encode``; forward and backward agree."""
+def test_operator_paths_agree_with_reference(use_options):
+    """The ``concept_encode_path`` option forces the operator's path; forward and backward agree."""
     x, encoder = randn(30, 24, seed=34), randn(90, 24, seed=35)
     ref_values, ref_indices = encode_topk_reference(x, encoder, 6)
     grads = {}
     for path in ("fused", "gemm_select"):
-        monkeypatch.setenv(PATH_ENV, path)
+        use_options(concept_encode_path=path)
         assert encode_path(x, encoder, 6) == path
         xg, eg = x.clone().requires_grad_(True), encoder.clone().requires_grad_(True)
         values, indices = torch.ops.fact.concept_encode(xg, eg, 6)
@@ -263,16 +263,18 @@ def test_operator_paths_agree_with_reference(monkeypatch):
         grads[path] = torch.autograd.grad((values * randn(30, 6, seed=36)).sum(), [xg, eg])
     for fused, selected in zip(grads["fused"], grads["gemm_select"], strict=True):
         assert rel_err(selected, fused.double()) <= FP32_TOL
-    monkeypatch.setenv(PATH_ENV, "auto")
+    use_options(concept_encode_path="auto")
     assert encode_path(x, encoder, 6) in ("fused", "gemm_select")
     if DEVICE == "cpu":
         assert encode_path(x, encoder, 6) == "fused"  # the interpreter keeps the fused kernel unless forced
 
 
-def test_encode_path_env_value_is_checked(monkeypatch):
-    monkeypatch.setenv(PATH_ENV, "cublas")
-    with pytest.raises(ValueError, match=r"FACT_CONCEPT_ENCODE_PATH must be one of \['auto', 'fused', 'gemm_select'\]"):
-        torch.ops.fact.concept_encode(randn(4, 8, seed=37), randn(10, 8, seed=38), 2)
+def test_encode_path_env_value_is_checked():
+    message = r"FACT_CONCEPT_ENCODE_PATH \(concept_encode_path\) must be one of \['auto', 'fused', 'gemm_select'\]"
+    with pytest.raises(ValueError, match=message):
+        Options.from_environ({"FACT_CONCEPT_ENCODE_PATH": "cublas"})
+    with pytest.raises(ValueError, match=message):
+        Options(concept_encode_path="cublas")
 
 
 def test_dispatcher_times_each_shape_key_once_and_keeps_the_faster(monkeypatch):
@@ -412,11 +414,11 @@ def concept_kernels_only(monkeypatch):
     return monkeypatch
 
 
-def test_model_with_concept_kernels_equals_model_without(concept_kernels_only, images):
+def test_model_with_concept_kernels_equals_model_without(concept_kernels_only, use_options, images):
     model = make_model([("layer2", 32, 4), ("layer3", 64, 4)])
     runs = {}
     for mode in ("torch", "triton"):
-        concept_kernels_only.setenv("FACT_KERNELS", mode)
+        use_options(kernels=mode)
         with torch.no_grad():
             record = model.forward_encoded(encode_rgb(images))
         runs[mode] = (record, explain(model, images))
@@ -434,12 +436,12 @@ def test_model_with_concept_kernels_equals_model_without(concept_kernels_only, i
         assert (expl.residuals[name] <= 1e-4 * scale).all()  # completeness: Σ contributions = explained logit
 
 
-def test_model_training_step_gradients_equal(concept_kernels_only, images):
+def test_model_training_step_gradients_equal(concept_kernels_only, use_options, images):
     """Training backward through the fused encode and decode: parameter gradients as with PyTorch."""
     model = make_model([("layer3", 64, 4)])  # eval mode (fixed norm statistics), gradients on
     grads = {}
     for mode in ("torch", "triton"):
-        concept_kernels_only.setenv("FACT_KERNELS", mode)
+        use_options(kernels=mode)
         model.zero_grad()
         model(images[:2]).logsumexp(dim=1).sum().backward()
         layer = model.concept_layer("layer3")
