@@ -505,7 +505,11 @@ def _explain(args: argparse.Namespace, progress: bool) -> None:
     target, contrast = _class_argument(args.target), _class_argument(args.contrast)
     batch = model.preprocess(pil_images)
     expl = model.explain(batch, target=target, contrast=contrast, top_k=args.top_k, maps=args.out is not None)
-    records = [_explanation_record(model, expl, n, str(path)) for n, path in enumerate(args.images)]
+    from fact_model.serialize import explanation_record
+
+    records = [
+        {"image": str(path), **explanation_record(expl, n, model.class_names)} for n, path in enumerate(args.images)
+    ]
     if args.json:
         for record in records:
             sys.stdout.write(json.dumps(record) + "\n")
@@ -535,55 +539,6 @@ def _class_argument(value: str | None) -> int | str | None:
     return value
 
 
-def _explanation_record(model, expl, n: int, source: str) -> dict:
-    """The JSON object ``fact explain --json`` prints for image ``n``."""
-    top_layer = expl.layer_names[-1]
-    predicted = int(expl.ranking[n, 0])
-    target = int(expl.target[n])
-    children_of: dict[int, list[dict]] = {}
-    for trace in expl.traces:
-        if trace.upper != top_layer:
-            continue
-        for rank, upper_id in enumerate(trace.upper_ids[n].tolist()):
-            contributions = trace.contributions[n, rank]
-            top = contributions.topk(min(3, contributions.numel()))
-            children_of[upper_id] = [
-                {"layer": trace.lower, "id": int(i), "contribution_to_parent": float(c)}
-                for c, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-            ]
-    concepts = [
-        {
-            "layer": c.layer,
-            "id": c.concept,
-            "contribution": c.contribution,
-            "share": c.share,
-            "activation": c.activation,
-            "children": children_of.get(c.concept, []),
-        }
-        for c in expl.top_concepts[n]
-        if c.layer == top_layer
-    ]
-    record = {
-        "image": source,
-        "prediction": {
-            "index": predicted,
-            "name": model.class_names[predicted],
-            "probability": float(expl.probabilities[n, predicted]),
-        },
-        "target": {"index": target, "name": model.class_names[target]},
-        "logit": float(expl.logits[n, target]),
-        "logit_bias": expl.logit_bias,
-        "explained": float(expl.explained[n]),
-        "concepts": concepts,
-        "other": float(expl.other_contribution[top_layer][n]),
-        "residual": float(expl.residual[n]),
-    }
-    if expl.contrast is not None:
-        contrast = int(expl.contrast[n])
-        record["contrast"] = {"index": contrast, "name": model.class_names[contrast]}
-    return record
-
-
 def _print_record(console: Console, record: dict) -> None:
     p = record["prediction"]
     title = (
@@ -598,8 +553,8 @@ def _print_record(console: Console, record: dict) -> None:
         table.add_row(c["layer"], str(c["id"]), f"{c['contribution']:+.4g}", f"{c['share']:.1%}", children)
     console.print(table)
     console.print(
-        f"  other concepts {record['other']:+.4g}; logit − bias = {record['explained']:.6g} "
-        f"(bias {record['logit_bias']:.4g}); completeness residual {record['residual']:.1e}"
+        f"  other concepts {record['other']['contribution']:+.4g}; explained {record['explained']:.6g} "
+        f"(logit bias {record['logit_bias']:.4g}); completeness residual {record['completeness']['residual']:.1e}"
     )
 
 

@@ -51,12 +51,14 @@ from fact_model.explanation import (
     rank_classes,
 )
 from fact_model.model import FaCTModel, ForwardRecord
+from fact_model.serialize import concept_share, positive_total
 
 __all__ = [
     "MAP_KINDS",
     "ContrastEqualsTargetError",
     "closed_form_applies",
     "closed_form_code_gradient",
+    "closed_form_contributions",
     "concept_input_maps",
     "explain",
 ]
@@ -115,9 +117,19 @@ def closed_form_code_gradient(model: FaCTModel, record: ForwardRecord, classes: 
         return scale[..., None] * per_slot
 
 
-def _positive_shares(contributions: Tensor) -> Tensor:
-    positive_total = contributions.clamp(min=0).sum(dim=1, keepdim=True)
-    return torch.where(positive_total > 0, contributions / positive_total.clamp(min=1e-30), 0.0)
+def closed_form_contributions(model: FaCTModel, record: ForwardRecord, classes: Tensor) -> Tensor:
+    """``(N, K)`` contributions of the last concept layer's concepts to ``logit[classes] − b``, without a backward pass.
+
+    ``u ⊙ ∂y/∂u`` with the closed-form gradient (:func:`closed_form_code_gradient`), scattered per
+    concept; sums to ``scores.gather(1, classes)`` exactly. The prediction paths (the service's
+    ``/predict`` and the exported ONNX graph) use this one function.
+
+    Args:
+        record: a forward pass's record (``FaCTModel.forward_encoded``).
+        classes: ``(N,)`` class per image.
+    """
+    codes = record.codes[model.concept_layers[-1].name]
+    return codes.scatter(codes.values * closed_form_code_gradient(model, record, classes))
 
 
 class ContrastEqualsTargetError(ValueError):
@@ -462,17 +474,21 @@ def _top_concept_lists(
     activations: dict[str, Tensor],
     top_ids: dict[str, Tensor],
 ) -> list[list[TopConcept]]:
-    """Per image: the top concepts of every layer, last layer first (plain Python floats)."""
+    """Per image: the top concepts of every layer, last layer first (plain Python floats).
+
+    Shares follow the serialiser's rule (:func:`fact_model.serialize.concept_share`), so a
+    ``TopConcept.share`` equals the ``share`` of the same concept in a JSON record.
+    """
     n = next(iter(contributions.values())).shape[0]
     per_image: list[list[TopConcept]] = [[] for _ in range(n)]
     for name in reversed(layer_names):
         ids = top_ids[name]
         contrib = contributions[name].gather(1, ids).tolist()
-        share = _positive_shares(contributions[name]).gather(1, ids).tolist()
         act = activations[name].gather(1, ids).tolist()
         for img, concept_ids in enumerate(ids.tolist()):
+            positive = positive_total(contributions[name][img])
             per_image[img].extend(
-                TopConcept(name, cid, c, s, a)
-                for cid, c, s, a in zip(concept_ids, contrib[img], share[img], act[img], strict=True)
+                TopConcept(name, cid, c, concept_share(c, positive), a)
+                for cid, c, a in zip(concept_ids, contrib[img], act[img], strict=True)
             )
     return per_image

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fact_model.artifacts import MANIFEST_FILE, load, read_manifest, resolve_artifact_path
 from fact_model.bcos.encoding import encode_rgb
-from fact_model.explain import closed_form_applies, closed_form_code_gradient
+from fact_model.explain import closed_form_applies, closed_form_contributions
 from fact_model.model import FaCTModel
 
 __all__ = ["ONNX_FILE", "ONNX_OUTPUTS", "PredictionGraph", "export_onnx"]
@@ -64,12 +64,12 @@ class PredictionGraph(nn.Module):
         # = rank_classes(scores)[:, 0]: argmax (torch and ONNX ArgMax) returns the first of
         # equal maxima, the stable descending sort's tie rule, without sorting every class.
         predicted = record.scores.argmax(dim=1)
-        codes = record.codes[self.layer]
-        contributions = codes.scatter(codes.values * closed_form_code_gradient(self.model, record, predicted))
+        contributions = closed_form_contributions(self.model, record, predicted)
         top = contributions.topk(self.top_k, dim=1)
         explained = record.scores.gather(1, predicted[:, None]).squeeze(1)
         residual = (contributions.sum(dim=1) - explained).abs()
-        return record.logits, top.indices, top.values, codes.totals(), residual, record.scores, predicted
+        totals = record.codes[self.layer].totals()
+        return record.logits, top.indices, top.values, totals, residual, record.scores, predicted
 
 
 def _sha256(path: Path) -> str:

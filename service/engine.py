@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fact_model import options, render
+from fact_model import options, render, serialize
 from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
 from fact_model.artifacts import load, read_manifest
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.explain import (
     ContrastEqualsTargetError,
     closed_form_applies,
-    closed_form_code_gradient,
+    closed_form_contributions,
     concept_input_maps,
 )
 from fact_model.explanation import Explanation, rank_classes
@@ -50,7 +50,6 @@ HEATMAP_KINDS = ("bcos", "signed", "spatial")
 no backward pass), drawn as a signed map over the image."""
 MIN_HEATMAP_SIZE = 8
 """Smallest ``heatmap_size`` (pixels per side); the largest is the model's input size."""
-TOP_CLASSES = 5
 T = TypeVar("T")
 _CLASS_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: "٣" or "²" are names, not numbers
 
@@ -204,21 +203,6 @@ class Engine:
             raise RequestError(400, "unknown_layer", f"layers lists {repeated} more than once")
         return tuple(name for name in self.layer_names if name in layers)  # forward order
 
-    def _class_entry(self, logits: torch.Tensor, probabilities: torch.Tensor, index: int) -> dict[str, Any]:
-        return {
-            "index": index,
-            "name": self.model.class_names[index],
-            "probability": float(probabilities[index]),
-            "logit": float(logits[index]),
-        }
-
-    def _classes(
-        self, logits: torch.Tensor, probabilities: torch.Tensor, ranking: torch.Tensor
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """``(prediction, top_classes)`` of one image from its class ranking (:func:`rank_classes`): one order."""
-        top = [self._class_entry(logits, probabilities, c) for c in ranking[:TOP_CLASSES].tolist()]
-        return top[0], top
-
     # ------------------------------------------------------------------ warm-up
     def warmup(self) -> dict[str, tuple[float, int]]:
         """Run each kind of model call once (first calls pay one-off costs).
@@ -243,64 +227,47 @@ class Engine:
     # ------------------------------------------------------------------ predict
     @_under_options
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[dict[str, Any]]:
-        """Classes, probabilities and the last concept layer's top contributions (closed form)."""
+        """Classes, probabilities and the last concept layer's top contributions (closed form when it applies).
+
+        PyTorch and ONNX Runtime compute the same quantities (:func:`closed_form_contributions`,
+        exported as :class:`~fact_model.onnx_export.PredictionGraph`); one record builder serves both.
+        """
         if not images:
             return []
         batch = self.model.preprocess(images).to(self.device)
-        top_layer = self.layer_names[-1]
+        layer = self.layer_names[-1]
         if self.onnx is not None:
-            return self._predict_onnx(batch, top_k, top_layer)
+            outputs = self.onnx.run(batch)
+            logits = torch.from_numpy(outputs["logits"])
+            ranking = torch.from_numpy(outputs["ranking"])  # the order the graph explained (OnnxPredictor.run)
+            k = min(top_k, outputs["top_ids"].shape[1])
+            top_ids = torch.from_numpy(outputs["top_ids"][:, :k])
+            top_contributions = torch.from_numpy(outputs["top_contributions"][:, :k])
+        else:
+            logits, ranking, contributions = self._predicted_contributions(batch, layer)
+            top = contributions.topk(min(top_k, contributions.shape[1]), dim=1)
+            top_ids, top_contributions = top.indices, top.values
+        probabilities = self.model.probabilities(logits)
+        names, bias = self.model.class_names, self.model.logit_bias
+        return [
+            {
+                **serialize.prediction_record(
+                    names, logits[n], probabilities[n], ranking[n], layer, top_ids[n], top_contributions[n], bias
+                ),
+                "model": self.model_identity,
+            }
+            for n in range(len(images))
+        ]
+
+    def _predicted_contributions(self, batch: torch.Tensor, layer: str) -> tuple[torch.Tensor, ...]:
+        """``(logits (N, C), ranking (N, C), contributions (N, K))`` of ``layer``'s concepts to the predicted class."""
         if self.closed_form:
             with torch.no_grad():
                 record = self.model.forward_encoded(encode_rgb(batch))
-            logits, ranking = record.logits, rank_classes(record.scores)
-            predicted = ranking[:, 0]
-            codes = record.codes[top_layer]
-            contributions = codes.scatter(codes.values * closed_form_code_gradient(self.model, record, predicted))
-        else:
-            expl = self.model.explain(batch, top_k=0)
-            logits, ranking, contributions = expl.logits, expl.ranking, expl.contributions[top_layer]
-        probabilities = self.model.probabilities(logits)
-        top = contributions.topk(min(top_k, contributions.shape[1]), dim=1)
-        results = []
-        for n in range(len(images)):
-            prediction, top_classes = self._classes(logits[n], probabilities[n], ranking[n])
-            results.append(
-                {
-                    "prediction": prediction,
-                    "top_classes": top_classes,
-                    "concepts": [
-                        {"layer": top_layer, "id": int(i), "contribution": float(c)}
-                        for c, i in zip(top.values[n].tolist(), top.indices[n].tolist(), strict=True)
-                    ],
-                    "logit_bias": self.model.logit_bias,
-                    "model": self.model_identity,
-                }
-            )
-        return results
-
-    def _predict_onnx(self, batch: torch.Tensor, top_k: int, top_layer: str) -> list[dict[str, Any]]:
-        outputs = self.onnx.run(batch)
-        logits = torch.from_numpy(outputs["logits"])
-        ranking = torch.from_numpy(outputs["ranking"])  # the order the graph explained (OnnxPredictor.run)
-        probabilities = self.model.probabilities(logits)
-        k = min(top_k, outputs["top_ids"].shape[1])
-        results = []
-        for n in range(len(batch)):
-            prediction, top_classes = self._classes(logits[n], probabilities[n], ranking[n])
-            results.append(
-                {
-                    "prediction": prediction,
-                    "top_classes": top_classes,
-                    "concepts": [
-                        {"layer": top_layer, "id": int(i), "contribution": float(c)}
-                        for i, c in zip(outputs["top_ids"][n, :k], outputs["top_contributions"][n, :k], strict=True)
-                    ],
-                    "logit_bias": self.model.logit_bias,
-                    "model": self.model_identity,
-                }
-            )
-        return results
+            ranking = rank_classes(record.scores)
+            return record.logits, ranking, closed_form_contributions(self.model, record, ranking[:, 0])
+        expl = self.model.explain(batch, top_k=0)
+        return expl.logits, expl.ranking, expl.contributions[layer]
 
     # ------------------------------------------------------------------ explain
     def explain(
@@ -352,7 +319,7 @@ class Engine:
         results = []
         for i, (expl, row) in enumerate(explanations):
             started = time.perf_counter()
-            result = self._response(expl, row, batch[i], selected, primary, heatmaps, heatmap_kind, size)
+            result = self._response(expl, row, batch[i], selected, heatmaps, heatmap_kind, size)
             render_ms = 1e3 * (time.perf_counter() - started)
             result["timings_ms"] = {
                 "preprocess": preprocess_ms / len(images),
@@ -449,66 +416,17 @@ class Engine:
         n: int,
         image: torch.Tensor,
         selected: tuple[str, ...],
-        primary: str,
         heatmaps: str,
         kind: str,
         size: int,
     ) -> dict[str, Any]:
-        logits, probabilities = expl.logits[n], expl.probabilities[n]
-        prediction, top_classes = self._classes(logits, probabilities, expl.ranking[n])
-        contributions = expl.contributions[primary][n]
-        positive = float(contributions.clamp(min=0).sum())
-        ids = expl.top_ids[primary][n].tolist()
-        lower = selected[-2] if len(selected) > 1 else None
-        trace = next((t for t in expl.traces if t.upper == primary and t.lower == lower), None)
-        concepts = []
+        """Image ``n``'s explanation record (:func:`fact_model.serialize.explanation_record`) with its heatmaps."""
+        primary = selected[-1]
         maps = None
-        if heatmaps != "none" and ids and (expl.maps is not None or kind == "spatial"):
+        if heatmaps != "none" and expl.top_ids[primary].shape[1] and (expl.maps is not None or kind == "spatial"):
             maps = self._heatmaps(expl, n, image, primary, heatmaps, kind, size)
-        for rank, concept in enumerate(ids):
-            value = float(contributions[concept])
-            entry: dict[str, Any] = {
-                "layer": primary,
-                "id": concept,
-                "contribution": value,
-                "share": value / positive if positive > 0 else 0.0,
-                "activation": float(expl.activations[primary][n, concept]),
-                "heatmap": maps[rank] if maps is not None else None,
-                "children": [],
-            }
-            if trace is not None:
-                child_contrib = trace.contributions[n, rank]
-                top_children = child_contrib.topk(min(3, child_contrib.numel()))
-                entry["children"] = [  # their contributions are to this concept's activation, not the logit
-                    {"layer": lower, "id": int(i), "contribution_to_parent": float(c)}
-                    for c, i in zip(top_children.values.tolist(), top_children.indices.tolist(), strict=True)
-                ]
-            concepts.append(entry)
-        explained = float(expl.explained[n])
-        residual = float(expl.residuals[primary][n])
-        scale = float(contributions.abs().sum())
-        target = int(expl.target[n])
-        return {
-            "prediction": prediction,
-            "top_classes": top_classes,
-            "target": {"index": target, "name": self.model.class_names[target]},
-            "contrast": None
-            if expl.contrast is None
-            else {"index": int(expl.contrast[n]), "name": self.model.class_names[int(expl.contrast[n])]},
-            "explained": explained,
-            "logit_bias": expl.logit_bias,
-            "layer": primary,
-            "concepts": concepts,
-            "other": {"contribution": float(expl.other_contribution[primary][n])},
-            "completeness": {
-                "residual": residual,
-                "relative_residual": residual / scale if scale > 0 else 0.0,
-                "sum_of_contributions": float(contributions.sum()),
-            },
-            "active_concepts": {name: int((expl.activations[name][n] > 0).sum()) for name in selected},
-            "faithfulness": {"method": "fact", "exact": True},
-            "model": self.model_identity,
-        }
+        record = serialize.explanation_record(expl, n, self.model.class_names, selected, maps)
+        return {**record, "model": self.model_identity}
 
     # ------------------------------------------------------------------ model and concept cards
     def model_summary(self) -> dict[str, Any]:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from fact_model.cli import main
 from tests.conftest import make_model
+
+SERVICE_FIELDS = [
+    "prediction", "top_classes", "target", "contrast", "explained", "logit_bias", "layer", "concepts", "other",
+    "completeness", "active_concepts", "faithfulness",
+]  # fmt: skip
+"""The fields of an /explain response before ``model`` and ``timings_ms``, in order."""
 
 
 @pytest.fixture
@@ -29,21 +36,30 @@ def image_files(tmp_path):
     return paths
 
 
-def test_explain_json_fields_and_exactness(artifact, image_files, capsys):
+def test_explain_json_is_the_services_record_and_exact(artifact, image_files, capsys):
+    """``fact explain --json`` prints the serialiser's record (the service's /explain fields) plus the image path."""
     path, model = artifact
     assert main(["-q", "explain", *map(str, image_files), "--model", str(path), "--json", "--top-k", "3"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(records) == 3
-    for record in records:
-        assert set(record) >= {"prediction", "target", "logit", "logit_bias", "concepts", "other", "residual"}
-        assert record["prediction"]["name"] in model.class_names
-        assert 0 <= record["prediction"]["probability"] <= 1
+    images = model.preprocess([Image.open(p) for p in image_files])
+    with torch.no_grad():
+        logits = model(images)  # independent of the explanation: a plain forward pass
+    for n, record in enumerate(records):
+        assert list(record) == ["image", *SERVICE_FIELDS]
+        assert record["image"] == str(image_files[n])
+        predicted = int(logits[n].argmax())
+        assert record["prediction"]["index"] == predicted == record["target"]["index"]
+        assert record["prediction"]["logit"] == pytest.approx(float(logits[n, predicted]), rel=1e-5, abs=1e-6)
+        assert record["contrast"] is None and record["layer"] == "layer3"
         assert len(record["concepts"]) == 3
-        assert all(c["layer"] == "layer3" and "children" in c for c in record["concepts"])
+        assert all(c["layer"] == "layer3" and c["heatmap"] is None for c in record["concepts"])
         assert all(child["layer"] == "layer2" for c in record["concepts"] for child in c["children"])
-        total = sum(c["contribution"] for c in record["concepts"]) + record["other"]
-        assert total == pytest.approx(record["logit"] - record["logit_bias"], rel=1e-4, abs=1e-6)
-        assert record["residual"] < 1e-4 * max(1.0, abs(record["explained"]))
+        explained = float(logits[n, predicted]) - record["logit_bias"]
+        assert record["explained"] == pytest.approx(explained, rel=1e-5, abs=1e-6)
+        total = sum(c["contribution"] for c in record["concepts"]) + record["other"]["contribution"]
+        assert total == pytest.approx(explained, rel=1e-4, abs=1e-6)
+        assert record["completeness"]["residual"] < 1e-4 * max(1.0, abs(explained))
 
 
 def test_explain_table_and_maps(artifact, image_files, tmp_path, capsys):
@@ -107,7 +123,7 @@ def test_default_model_explains_an_exported_image(tmp_path, capsys):
     truth = {str(p): p.parent.name for p in out.rglob("*.png")}
     correct = sum(r["prediction"]["name"].replace(" ", "_") in truth[r["image"]] for r in records)
     assert correct >= 9
-    assert all(r["residual"] < 1e-4 * max(1.0, abs(r["explained"])) for r in records)
+    assert all(r["completeness"]["residual"] < 1e-4 * max(1.0, abs(r["explained"])) for r in records)
 
 
 def test_train_concepts_from_a_bcos_v2_checkpoint(tmp_path):
