@@ -1,11 +1,11 @@
 # Two commands do all the set-up on a fresh machine (see README):
 #   make run    install into .venv, then run the main job
-#   make test   install into .venv, then run the test suite
+#   make test   install into .venv, then run the test suite (make test-fast: without the slow tests)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run demo bento test bench lint clean model soak
+.PHONY: install run demo bento test test-fast bench lint clean model soak
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ bento: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The inner loop (under 2 minutes): everything but the tests marked slow (servers, pipelines, load runs).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install
 	$(PY) -m benchmarks.explain

@@ -35,7 +35,10 @@ def _ptxas_available() -> bool:
     return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-pytestmark = pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas is missing")
+pytestmark = [
+    pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas is missing"),
+    pytest.mark.slow,  # compiles every kernel with ptxas
+]
 
 
 def test_every_kernel_compiles_for_sm90_within_shared_memory():

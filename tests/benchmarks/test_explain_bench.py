@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.explain import ResearchStack, batch_rank_loop, batch_vmap, build_bench_model, per_image_loop
@@ -22,6 +23,7 @@ def test_variants_agree():
     torch.testing.assert_close(batch_vmap(stack, images, top_n).movedim(0, 1), concept_maps, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # a timed benchmark run
 def test_scale_bench_smoke_reports_every_figure_and_exact_explanations():
     from benchmarks import scale
 

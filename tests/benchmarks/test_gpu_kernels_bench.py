@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # every benchmark section in the Triton interpreter (~45 s)
 def test_smoke_run_reports_correct_kernels_and_every_section(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     env.pop("FACT_KERNELS", None)

@@ -10,7 +10,10 @@ from benchmarks.digits import run
 from fact_model.data.digits import export_digits
 from fact_model.data.sources import DataSpec, open_split
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.slow,
+]  # real scans through export, training and evaluation
 
 
 def test_digits_export_is_an_imagenet_layout_of_real_scans(tmp_path):

@@ -179,5 +179,6 @@ def test_strided_pointwise_layers_survive_avx2_onednn():
     _assert_survived(_run_with_avx2_onednn(LAYER_SCRIPT), "layers ok")
 
 
+@pytest.mark.slow  # training steps in a subprocess
 def test_tiny_backbone_training_steps_survive_avx2_onednn():
     _assert_survived(_run_with_avx2_onednn(TRAINING_SCRIPT), "training ok")

@@ -69,6 +69,7 @@ def _peak_kb(*args: str) -> int:
     return int(done.stdout.rsplit("PEAK_KB", 1)[1].split()[0])
 
 
+@pytest.mark.slow  # evaluate and stats over a 60- and a 600-image folder at 224² (~35 s)
 def test_memory_of_evaluate_and_stats_does_not_grow_with_the_folder(tmp_path):
     """N images at 224² decoded would take N·147 kB; the peak may not grow by a tenth of the extra images' share."""
     size, n = 224, 600

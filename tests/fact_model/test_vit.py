@@ -390,6 +390,7 @@ def test_vit_artifact_round_trips(tmp_path, vit_images):
     torch.testing.assert_close(b.maps.positional.logit, a.maps.positional.logit)
 
 
+@pytest.mark.slow  # an ONNX export and runtime session
 def test_vit_exports_to_onnx_and_matches_explain(tmp_path, vit_images):
     pytest.importorskip("onnxruntime")
     from fact_model.onnx_export import export_onnx

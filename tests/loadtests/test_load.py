@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 # Locust runs in its own process; importing it here would gevent-patch ssl inside pytest.
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust is not installed")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust is not installed"),
+    pytest.mark.slow,  # a server and a locust run
+]
 
 
 def test_short_load_run_has_no_failures(tmp_path):

@@ -23,7 +23,10 @@ from fact_model.data.synthetic import SyntheticConfig, render_sample
 from service.explorer import STATIC_DIR
 from tests._support.server import REPO, http, post_multipart, running_server
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.slow,
+]  # a real `bentoml serve` per module
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]' installs it)"

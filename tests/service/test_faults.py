@@ -22,7 +22,10 @@ from PIL import Image
 from fact_model.data.synthetic import SyntheticConfig, render_sample
 from tests._support.server import REPO, http, metrics_text_of, post_json, running_server, server_rss
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.slow,
+]  # a real `bentoml serve` per module
 
 
 def _image(index: int = 0) -> tuple[str, int]:

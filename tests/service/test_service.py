@@ -17,7 +17,10 @@ from PIL import Image
 from fact_model.data.synthetic import CLASS_NAMES, SyntheticConfig, render_sample
 from tests._support.server import REPO, http, post_json, post_multipart, running_server
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.slow,
+]  # a real `bentoml serve` per module
 
 
 def png_bytes(array) -> bytes:

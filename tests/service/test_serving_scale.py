@@ -359,6 +359,7 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # the module's `bentoml serve`
 def test_http_heatmap_size_and_encodings(server, photo):
     image = base64.b64encode(_png_bytes(photo)).decode()
     status, result = post_json(f"{server}/explain", {"image_base64": image, "heatmaps": "webp", "heatmap_size": 32})
@@ -380,6 +381,7 @@ def test_http_heatmap_size_and_encodings(server, photo):
     assert all(r["concepts"][0]["heatmap"]["shape"] == [8, 8] for r in batch["results"])
 
 
+@pytest.mark.slow  # the module's `bentoml serve`
 @pytest.mark.parametrize(
     ("field", "value", "words"),
     [
@@ -398,6 +400,7 @@ def test_http_bad_heatmap_options_are_400_in_the_envelope(server, photo, field, 
     assert status == 400 and "heatmap_size" in body["error"]
 
 
+@pytest.mark.slow  # the module's `bentoml serve`
 def test_http_model_and_cards_without_statistics(server):
     status, model = http("GET", f"{server}/model")
     assert status == 200

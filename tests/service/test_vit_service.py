@@ -14,7 +14,10 @@ import fact_model
 from tests._support.server import http, post_json, running_server
 from tests.conftest import make_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.slow,
+]  # a real `bentoml serve` per module
 
 LAYERS = [("transformer.encoder_1", 32, 4), ("transformer.encoder_3", 48, 4)]
 
