@@ -64,7 +64,7 @@ def test_concurrency_limit_sheds_at_once():
         await asyncio.sleep(0.01)
         assert limit.in_flight == 2
         status, headers, body = await asyncio.wait_for(_call(limit), timeout=1)  # answered without waiting
-        assert status == 429 and body["reason"] == "busy" and headers[b"retry-after"] == b"1"
+        assert (status, body["status"], body["reason"]) == (429, 429, "busy") and headers[b"retry-after"] == b"1"
         assert "limit 2" in body["error"]
         release.set()
         assert [r[0] for r in await asyncio.gather(*admitted)] == [200, 200]
@@ -144,32 +144,54 @@ JSON = [(b"content-type", b"application/json")]
 def test_gate_refuses_media_types_sizes_and_slow_bodies():
     gate = _gate()
     status, _, body = asyncio.run(_call(gate, "/explain", [(b"content-type", b"text/plain")], b"x"))
-    assert status == 415 and "application/json" in body["error"] and "multipart/form-data" in body["error"]
+    assert (status, body["reason"], body["error"]) == (
+        415,
+        "unsupported_media_type",
+        "Content-Type 'text/plain' is not supported by /explain: send application/json or multipart/form-data",
+    )
+    too_large = (413, "too_large", "request body exceeds the limit of 1000 bytes")
     status, _, body = asyncio.run(_call(gate, "/explain", [*JSON, (b"content-length", b"5000")], b"x"))
-    assert status == 413 and body["reason"] == "too_large"
+    assert (status, body["reason"], body["error"]) == too_large
     status, _, body = asyncio.run(_call(gate, "/explain", JSON, [b"x" * 600, b"x" * 600]))  # chunked, no length
-    assert status == 413
+    assert (status, body["reason"], body["error"]) == too_large
+    status, _, body = asyncio.run(_call(gate, "/explain", [*JSON, (b"content-length", b"ten")], b"x"))
+    assert (status, body["reason"], body["error"]) == (
+        400,
+        "bad_content_length",
+        "the Content-Length header is not a number",
+    )
     status, _, body = asyncio.run(_call(gate, "/explain", JSON, [b'{"image_base64"', b"never"], delay=5))
-    assert status == 408 and body["reason"] == "body_timeout"
+    assert (status, body["reason"], body["error"]) == (
+        408,
+        "body_timeout",
+        "no request body data arrived for 0.2 s (is the Content-Length larger than the body?)",
+    )
     assert asyncio.run(_call(gate, "/model", method="GET"))[0] == 200  # not a gated route
 
 
 def test_gate_validates_strictly_and_names_the_field():
     gate = _gate()
     image = base64.b64encode(b"img").decode()
-    cases = {
-        b"not json": "invalid_json",
-        b"[1, 2]": "invalid_json",
-        b"": "empty_body",
-        json.dumps({"image_base64": image, "topk": 3}).encode(): "topk",
-        json.dumps({"image_base64": image, "top_k": True}).encode(): "top_k",
-        json.dumps({"top_k": 3}).encode(): "image_base64",
+    cases = {  # payload → (reason, how the message starts)
+        b"not json": ("invalid_json", "the request body is not valid JSON: "),
+        b"[1, 2]": ("invalid_json", "the request body must be a JSON object, got list"),
+        b"": ("empty_body", "the request body is empty: send a JSON object"),
+        json.dumps({"image_base64": image, "topk": 3}).encode(): (
+            "invalid_request",
+            "invalid request: unknown field 'topk' (the fields are: image_base64, top_k, layers)",
+        ),
+        json.dumps({"image_base64": image, "top_k": True}).encode(): (
+            "invalid_request",
+            "invalid request: field 'top_k': ",
+        ),
+        json.dumps({"top_k": 3}).encode(): ("invalid_request", "invalid request: field 'image_base64' is required"),
     }
-    for payload, expected in cases.items():
+    for payload, (reason, message) in cases.items():
         status, _, body = asyncio.run(_call(gate, "/explain", JSON, payload))
-        assert status == 400 and (body["reason"] == expected or expected in body["error"]), (payload, body)
+        assert (status, body["status"], body["reason"]) == (400, 400, reason), (payload, body)
+        assert body["error"].startswith(message), (payload, body)
     status, _, body = asyncio.run(_call(gate, "/explain", JSON, json.dumps({"image_base64": "YmFk"}).encode()))
-    assert status == 400 and body["reason"] == "not_an_image"  # b"bad": the decoder's refusal
+    assert (status, body["reason"], body["error"]) == (400, "not_an_image", "not an image")  # the decoder's refusal
 
 
 def test_gate_hands_decoded_images_and_translated_multipart_to_the_app():
@@ -200,6 +222,7 @@ def test_gate_hands_decoded_images_and_translated_multipart_to_the_app():
     text_image = form.replace(b'; filename="' + b"n" * 300 + b'.png"', b"")
     status, _, body = asyncio.run(_call(gate, "/explain", headers, text_image))
     assert status == 400 and body["reason"] == "image_not_a_file"
+    assert body["error"].startswith("the 'image' field is text, not a file: upload the file itself")
 
 
 # ----------------------------------------------------------------------------- the edge
@@ -227,11 +250,17 @@ def test_edge_rewrites_foreign_errors_into_the_envelope_with_a_request_id():
         await send({"type": "http.response.start", "status": 503, "headers": []})
         await send({"type": "http.response.body", "body": b'{"error": "An unexpected error"}'})
 
-    for app, status, reason in ((starlette_404, 404, "not_found"), (bentoml_validation, 400, "invalid_request"),
-                                (crash, 500, "internal_error"), (queue_full, 503, "queue_full")):  # fmt: skip
+    cases = (
+        (starlette_404, 404, "not_found", "no such resource: POST /concepts/layer3/7 (the API is listed at /docs)"),
+        (bentoml_validation, 400, "invalid_request", "invalid request: top_k: bad int"),
+        (crash, 500, "internal_error", "an unexpected error occurred; quote the request_id"),  # not "boom"
+        (queue_full, 503, "queue_full", "server overloaded: the batching queue is full; retry later"),
+    )
+    for app, status, reason, message in cases:
         edge, counted, rejected = _edge(app)
         got, headers, body = asyncio.run(_call(edge, "/concepts/layer3/7", [(b"x-request-id", b"abc-1")]))
         assert got == status and set(body) == {"error", "reason", "status", "request_id"}, body
+        assert body["error"] == message and body["status"] == status, body
         assert body["reason"] == reason and body["request_id"] == "abc-1" and headers[b"x-request-id"] == b"abc-1"
         assert rejected == [("concepts/{layer}/{id}", reason)] and counted[0][:3] == (
             "concepts/{layer}/{id}",
@@ -240,7 +269,6 @@ def test_edge_rewrites_foreign_errors_into_the_envelope_with_a_request_id():
         )
         if status == 503:
             assert headers[b"retry-after"] == b"1"
-    assert "top_k" in asyncio.run(_call(_edge(bentoml_validation)[0]))[2]["error"]
 
 
 def test_edge_answers_the_deadline_and_labels_routes_boundedly():
@@ -250,6 +278,7 @@ def test_edge_answers_the_deadline_and_labels_routes_boundedly():
     edge, counted, _ = _edge(hang, timeout_s=0.1)
     status, headers, body = asyncio.run(asyncio.wait_for(_call(edge, "/explain"), timeout=2))
     assert status == 504 and body["reason"] == "timeout" and len(headers[b"x-request-id"]) == 32
+    assert body["error"] == "the request was not answered within 0.1 s" and body["status"] == 504
     assert (
         route_label("/junk/123") == "other" and route_label("/samples/" + "9" * 5000 + ".png") == "samples/{index}.png"
     )
