@@ -204,7 +204,7 @@ class Edge:
             rewritten = _envelope(status, body, method, path)
             rewritten["request_id"] = request_id
             reason = str(rewritten["reason"])
-            data = json.dumps(rewritten).encode()
+            data = error_body(int(rewritten["status"]), reason, str(rewritten["error"]), request_id)
             kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type")]
             if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in kept):
                 kept.append((b"retry-after", str(self.retry_after).encode()))

@@ -12,7 +12,17 @@ import json
 import re
 from http import HTTPStatus
 
-__all__ = ["REASON_BY_STATUS", "RequestError", "error_body", "error_payload", "parse_path_id", "send_error"]
+from starlette.responses import Response
+
+__all__ = [
+    "REASON_BY_STATUS",
+    "RequestError",
+    "error_body",
+    "error_payload",
+    "error_response",
+    "parse_path_id",
+    "send_error",
+]
 
 REASON_BY_STATUS: dict[int, str] = {
     400: "bad_request",
@@ -44,9 +54,6 @@ class RequestError(Exception):
         self.message = message
         self.headers = dict(headers or {})
 
-    def to_json(self, request_id: str | None = None) -> dict[str, object]:
-        return error_payload(self.status, self.reason, self.message, request_id)
-
 
 def error_payload(status: int, reason: str | None, message: str, request_id: str | None = None) -> dict[str, object]:
     """The error body as a dict (``reason`` defaults from the status)."""
@@ -61,6 +68,16 @@ def error_payload(status: int, reason: str | None, message: str, request_id: str
 def error_body(status: int, reason: str | None, message: str, request_id: str | None = None) -> bytes:
     """The error body as JSON bytes."""
     return json.dumps(error_payload(status, reason, message, request_id)).encode()
+
+
+def error_response(err: RequestError) -> Response:
+    """``err`` as the response a route handler returns (the edge adds its request id)."""
+    return Response(
+        error_body(err.status, err.reason, err.message),
+        status_code=err.status,
+        media_type="application/json",
+        headers=err.headers,
+    )
 
 
 async def send_error(send, err: RequestError) -> None:

@@ -19,17 +19,13 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from service.errors import RequestError, error_body, parse_path_id
+from service.errors import RequestError, error_response, parse_path_id
 
 __all__ = ["STATIC_DIR", "routes"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SAMPLES = 10
 """How many samples the page offers (test split indices 0..9: one per class of the synthetic data)."""
-
-
-def _error(status: int, reason: str, message: str) -> Response:
-    return Response(error_body(status, reason, message), status_code=status, media_type="application/json")
 
 
 def _engine() -> Any:
@@ -89,13 +85,15 @@ async def _sample_image(request: Request) -> Response:
     try:
         index = parse_path_id(request.path_params["index"], "sample", "unknown_sample")
     except RequestError as err:
-        return _error(err.status, err.reason, err.message)
+        return error_response(err)
     source = _samples_source()
     if source is None:
-        return _error(404, "no_samples", "this model was not trained on the embedded dataset: no samples to offer")
+        return error_response(
+            RequestError(404, "no_samples", "this model was not trained on the embedded dataset: no samples to offer")
+        )
     count = min(SAMPLES, source[0].split_size(source[1]))
     if not 0 <= index < count:
-        return _error(404, "unknown_sample", f"sample {index} is out of range [0, {count - 1}]")
+        return error_response(RequestError(404, "unknown_sample", f"sample {index} is out of range [0, {count - 1}]"))
     data, _ = _sample_png(*source, index)
     return Response(data, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
@@ -112,7 +110,9 @@ def _swagger_page() -> Path | None:
 async def _docs(request: Request) -> Response:
     page = _swagger_page()
     if page is None:
-        return _error(404, "no_docs", "this BentoML version has no Swagger UI page; the schema is at /docs.json")
+        return error_response(
+            RequestError(404, "no_docs", "this BentoML version has no Swagger UI page; the schema is at /docs.json")
+        )
     return FileResponse(page, media_type="text/html; charset=utf-8")
 
 

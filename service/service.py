@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.edge import BENTOML_REQUEST_LOGGER, Edge, QuietRefusals
-from service.errors import RequestError, parse_path_id
+from service.errors import RequestError, error_response, parse_path_id
 from service.explorer import routes as explorer_routes
 from service.gate import RequestGate, RouteSpec, decoded_image
 from service.limits import ConcurrencyLimit, ModelBacklog, QueueShedding
@@ -66,13 +66,6 @@ def _json(payload: dict[str, Any] | list[Any], endpoint: str, status: int = 200)
     body = json.dumps(payload).encode()
     METRICS.response_bytes.labels(endpoint=endpoint).observe(len(body))
     return Response(body, status_code=status, media_type="application/json")
-
-
-def _reject(err: RequestError) -> Response:
-    """An error response (counted, given its request id and logged by :class:`service.edge.Edge`)."""
-    return Response(
-        json.dumps(err.to_json()), status_code=err.status, media_type="application/json", headers=err.headers
-    )
 
 
 MODEL_BACKLOG = ModelBacklog()
@@ -116,14 +109,14 @@ async def _model_info(request: Request) -> Response:
     try:
         return _json((await _engine()).model_summary(), "model")
     except RequestError as err:
-        return _reject(err)
+        return error_response(err)
 
 
 async def _concept_list(request: Request) -> Response:
     try:
         return _json((await _engine()).concept_list(request.path_params["layer"]), "concepts")
     except RequestError as err:
-        return _reject(err)
+        return error_response(err)
 
 
 async def _concept_card(request: Request) -> Response:
@@ -133,7 +126,7 @@ async def _concept_card(request: Request) -> Response:
         concept = parse_path_id(request.path_params["concept"], "concept", "unknown_concept")
         card = await service._on_model_thread("concepts", engine.concept_card, request.path_params["layer"], concept)
     except RequestError as err:
-        return _reject(err)
+        return error_response(err)
     return _json(card, "concepts")
 
 
@@ -287,7 +280,7 @@ class FaCTService:
                 units=explain_units(1, request["top_k"]),
             )
         except RequestError as err:
-            return _reject(err)
+            return error_response(err)
         return self._respond("explain", results[0], results)
 
     @bentoml.api(route="/explain_batch", input_spec=ExplainBatchRequest)
@@ -314,7 +307,7 @@ class FaCTService:
                 units=explain_units(len(items), request["top_k"]),
             )
         except RequestError as err:
-            return _reject(err)
+            return error_response(err)
         return self._respond("explain_batch", {"results": results}, results)
 
     @bentoml.api(
