@@ -46,7 +46,7 @@ __all__ = [
 # Few on purpose: every config is one more compilation per kernel size and dtype. BLOCK_K = 64
 # halves the loop trips of deep reductions (C = 1024–2048 in late layers); BLOCK_N = 64 suits
 # 64-channel outputs; they take 8 warps because with 4 their fp32 forms spill registers
-# (``python -m benchmarks.compile_check``). (The H100 run of 2026-11-26 had only the first two.)
+# (``python -m benchmarks.compile_check``).
 _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),

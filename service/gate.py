@@ -5,7 +5,7 @@ For each API route, in this order:
 1. ``Content-Type`` must be one the route reads (else 415);
 2. the body is read whole, bounded in bytes (413, also for chunked bodies without a
    ``Content-Length``) and in time between chunks (408: a ``Content-Length`` longer than
-   the body no longer hangs the request until its deadline);
+   the body does not hang the request until its deadline);
 3. ``/explain``'s multipart form is translated into its JSON form (a text field ``image``
    is refused: BentoML would take it for a URL to download), so no BentoML file or URL
    input path ever runs and no client-chosen file name reaches the disk;

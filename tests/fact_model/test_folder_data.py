@@ -98,7 +98,7 @@ def test_transparent_rgba_pixel_becomes_white(mixed_root: Path):
 
 def test_gif_tiff_and_16_bit_files_are_read_by_value_range(tmp_path: Path):
     """The one format list of ``fact_model.image_io``: GIF and TIFF are collected too, and 16-bit or float
-    files are scaled by their real range (a 16-bit PNG used to be clipped to white)."""
+    files are scaled by their real range (a 16-bit PNG is not clipped to white)."""
     import numpy as np
 
     from fact_model import image_io

@@ -181,7 +181,7 @@ def test_graph_and_onnx_rank_classes_as_explain_does(kind, tmp_path):
     assert (outputs["ranking"] == stable_ranking(torch.from_numpy(outputs["scores"])).numpy()).all()
     top = 2 if kind == "tied" else 1  # the tied pair, lower index first
     assert (outputs["ranking"][:, :top] == expected[:, :top].numpy()).all()
-    if kind == "saturated":  # the logits the service used to rank could not have told
+    if kind == "saturated":  # ranking by the logits (not the scores) could not tell these classes apart
         assert (outputs["logits"] == outputs["logits"][:, :1]).all()
     # The exported ArgMax keeps the first of equal maxima (rank_classes' tie rule).
     proto = onnx.load(str(directory / "model.onnx"))
