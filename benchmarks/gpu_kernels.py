@@ -21,7 +21,7 @@
 Prints one table per section (the last lines of the output) and writes everything to
 ``--out``/kernels_bench.json. ``--budget`` seconds bounds the run: sections that would
 start after it are skipped and say so. ``--smoke`` runs the whole script on the CPU in
-Triton's interpreter at tiny shapes (CI runs it: ``tests/test_kernels_bench.py``).
+Triton's interpreter at tiny shapes (CI runs it: ``tests/benchmarks/test_gpu_kernels_bench.py``).
 """
 
 from __future__ import annotations

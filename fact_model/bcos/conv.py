@@ -34,7 +34,7 @@ def runs_as_subsampled_pointwise(conv: nn.Conv2d, x: Tensor) -> bool:
     exported graph keeps the plain strided Conv). oneDNN 3.12 (PyTorch 2.14.1) computes the
     weight gradient of such a convolution on a channels_last float32 input with 1–7 input
     channels with a kernel that corrupts the heap, hangs or returns a wrong gradient on
-    CPUs without AVX-512 (see ``tests/test_onednn_workaround.py``). Applied to every strided
+    CPUs without AVX-512 (see ``tests/fact_model/test_onednn_workaround.py``). Applied to every strided
     1×1 conv on the CPU, not just those: the result is the same function either way.
     """
     return (

@@ -80,7 +80,7 @@ def record(name: str, value: object) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # An empty BentoML home: the service serves the shipped default artifact (the same model
-    # `make run` imports into the store; tests/test_service.py covers the store path). Saves CI time.
+    # `make run` imports into the store; tests/service/test_service.py covers the store path). Saves CI time.
     # A 2 MiB body limit (default 10 MiB) keeps the too-large upload test quick.
     env = {"FACT_MAX_REQUEST_BYTES": str(BODY_LIMIT)}
     with running_server(tmp_path_factory.mktemp("bentoml_home"), env=env) as url:
