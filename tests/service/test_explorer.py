@@ -354,7 +354,7 @@ def test_bad_upload_shows_the_api_error(page, server):
     error = page.locator("#error")
     error.wait_for(state="visible")
     status, api = post_multipart(f"{server}/explain", {}, "image", "notes.txt", b"these are not pixels")
-    assert status == 400
+    assert (status, api["reason"]) == (400, "not_an_image") and api["error"].startswith("the data is not a readable")
     assert api["error"] in error.text_content() and "HTTP 400" in error.text_content()
     assert error.text_content().startswith("Could not explain notes.txt.")
     assert page.locator("#result").is_hidden()  # the previous image's result is not left on screen
@@ -391,9 +391,11 @@ def test_sample_routes_and_errors(server):
     status, data = http("GET", f"{server}{body['samples'][2]['url']}")
     assert status == 200 and data == png_bytes(2)
     status, body = http("GET", f"{server}/samples/99.png")
-    assert status == 404 and "out of range" in body["error"]
+    assert (status, body["status"], body["reason"]) == (404, 404, "unknown_sample"), body
+    assert body["error"] == "sample 99 is out of range [0, 9]"
     status, body = http("GET", f"{server}/static/missing.js")
-    assert status == 404
+    assert (status, body["status"], body["reason"]) == (404, 404, "not_found"), body
+    assert "/static/missing.js" in body["error"]
     status, page = http("GET", f"{server}/docs")  # BentoML's Swagger UI, moved from / to /docs
     assert status == 200 and b"swagger" in page.lower()
 

@@ -163,8 +163,12 @@ def test_model_and_concept_cards(server):
     assert status == 200 and card["supports"] and len(card["examples"]) == 6
     thumbnail = Image.open(io.BytesIO(base64.b64decode(card["examples"][0]["heatmap_png_base64"])))
     assert thumbnail.size == (48, 48)
-    assert http("GET", f"{server}/concepts/layer9")[0] == 404
-    assert http("GET", f"{server}/concepts/layer3/99999")[0] == 404
+    status, body = http("GET", f"{server}/concepts/layer9")
+    assert (status, body["status"], body["reason"]) == (404, 404, "unknown_layer"), body
+    assert body["error"] == "no concept layer 'layer9'; concept layers: ['layer2', 'layer3']"
+    status, body = http("GET", f"{server}/concepts/layer3/99999")
+    assert (status, body["status"], body["reason"]) == (404, 404, "unknown_concept"), body
+    assert body["error"] == "concept id 99999 is out of range [0, 255] for 'layer3'"
 
 
 def _decompression_bomb() -> bytes:
