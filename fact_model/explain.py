@@ -204,48 +204,20 @@ def explain(
     _check_arguments(top_k, map_kinds)
     if batched_vjp is None:
         batched_vjp = options.current().explain_vjp == "batched"
-    if not model.concept_layers:
-        raise ValueError("the model has no concept layers to explain with")
+    layer_names, mapped = _mapped_layers(model, map_layers)
     started = time.perf_counter()
-    layer_names = tuple(info.name for info in model.concept_layers)
-    mapped = layer_names if map_layers is None else tuple(map_layers)
-    unknown = [name for name in mapped if name not in layer_names]
-    if unknown:
-        raise ValueError(f"unknown concept layer(s) {unknown} in map_layers; concept layers: {list(layer_names)}")
     x = model.validate_images(images)
     n = x.shape[0]
     target_idx = resolve_classes(target, n, model.class_names, "target")
     contrast_idx = resolve_classes(contrast, n, model.class_names, "contrast")
     if target_idx is not None:  # known before the forward pass: refuse early
         _check_contrast(target_idx, contrast_idx, model.class_names)
-    top_layer = layer_names[-1]
     closed_form = closed_form_applies(model)
-    needs_graph = maps or len(layer_names) > 1 or not closed_form
-
-    # Mode switches (eval, explanation mode) are flags on shared modules: hold the model's
-    # lock while they are set, so concurrent explain() calls cannot undo each other's
-    # flags mid-forward. The backward passes below depend only on the recorded graph.
-    with model.mode_lock, _eval_mode(model), model.explanation_mode():
-        with torch.enable_grad() if needs_graph else torch.no_grad():
-            x6 = encode_rgb(x)
-            if maps:
-                x6.requires_grad_(True)
-            record = model.forward_encoded(x6, code_leaves=needs_graph)
+    record, x6 = _record_forward(model, x, maps, needs_graph=maps or len(layer_names) > 1 or not closed_form)
     forward_done = time.perf_counter()
-    logits = record.logits.detach()
-    device = logits.device
-    scores = record.scores.detach()
+    logits, scores = record.logits.detach(), record.scores.detach()
     ranking = rank_classes(scores)
-    if contrast_idx is not None:
-        contrast_idx = contrast_idx.to(device)
-    if target_idx is None:
-        target_idx = ranking[:, 0]
-        _check_contrast(target_idx, contrast_idx, model.class_names)
-    else:
-        target_idx = target_idx.to(device)
-    explained = scores.gather(1, target_idx[:, None]).squeeze(1)
-    if contrast_idx is not None:
-        explained = explained - scores.gather(1, contrast_idx[:, None]).squeeze(1)
+    target_idx, contrast_idx, explained = _explained_quantity(scores, ranking, target_idx, contrast_idx, model)
 
     backprop = _CodeBackprop(model, record, x6 if maps else None)
     codes = record.codes
@@ -261,20 +233,10 @@ def explain(
     traces, concept_maps, concept_shares = backprop.rank_passes(top_ids, concept_map_layers, batched_vjp)
     explanation_maps = None
     if maps:
-        logit_map = other_map = logit_share = other_share = None
-        if "logit" in map_kinds:
-            logit_map, logit_share = backprop.to_input(0, code_grads[layer_names[0]])
-        if "other" in map_kinds:
-            shown = codes[top_layer].select(top_ids[top_layer]).sum(dim=1).clamp(max=1)
-            other_map, other_share = backprop.to_input(len(layer_names) - 1, code_grads[top_layer] * (1 - shown))
-        positional = None
-        if backprop.offset is not None:
-            positional = PositionalShares(concept_shares, logit_share, other_share)
-        explanation_maps = ExplanationMaps(x6.detach(), concept_maps, logit_map, other_map, positional)
-
+        explanation_maps = _whole_logit_maps(backprop, code_grads, top_ids, map_kinds, concept_maps, concept_shares)
     backward_done = time.perf_counter()
+
     residuals = {name: (contributions[name].sum(dim=1) - explained).abs() for name in layer_names}
-    top_concepts = _top_concept_lists(layer_names, contributions, activations, top_ids)
     return Explanation(
         logits=logits,
         probabilities=model.probabilities(logits),
@@ -288,7 +250,7 @@ def explain(
         residuals=residuals,
         residual=torch.stack(list(residuals.values())).amax(dim=0),
         top_ids=top_ids,
-        top_concepts=top_concepts,
+        top_concepts=_top_concept_lists(layer_names, contributions, activations, top_ids),
         other_contribution={
             name: explained - contributions[name].gather(1, top_ids[name]).sum(dim=1) for name in layer_names
         },
@@ -302,6 +264,80 @@ def explain(
             "total": 1e3 * (time.perf_counter() - started),
         },
     )
+
+
+def _mapped_layers(model: FaCTModel, map_layers: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(all concept layers in forward order, the layers whose top concepts get input maps)``; checks both."""
+    if not model.concept_layers:
+        raise ValueError("the model has no concept layers to explain with")
+    layer_names = tuple(info.name for info in model.concept_layers)
+    mapped = layer_names if map_layers is None else tuple(map_layers)
+    unknown = [name for name in mapped if name not in layer_names]
+    if unknown:
+        raise ValueError(f"unknown concept layer(s) {unknown} in map_layers; concept layers: {list(layer_names)}")
+    return layer_names, mapped
+
+
+def _record_forward(model: FaCTModel, x: Tensor, maps: bool, needs_graph: bool) -> tuple[ForwardRecord, Tensor]:
+    """One forward pass in explanation mode: ``(record, x6)`` with ``x6 (N, 6, H, W)`` the encoded input.
+
+    ``needs_graph``: keep the autograd graph (cut at every concept layer's codes) for backward
+    passes; ``maps``: also differentiate with respect to ``x6``.
+    """
+    # Mode switches (eval, explanation mode) are flags on shared modules: hold the model's
+    # lock while they are set, so concurrent explain() calls cannot undo each other's
+    # flags mid-forward. The backward passes depend only on the recorded graph.
+    with model.mode_lock, _eval_mode(model), model.explanation_mode():
+        with torch.enable_grad() if needs_graph else torch.no_grad():
+            x6 = encode_rgb(x)
+            if maps:
+                x6.requires_grad_(True)
+            record = model.forward_encoded(x6, code_leaves=needs_graph)
+    return record, x6
+
+
+def _explained_quantity(
+    scores: Tensor, ranking: Tensor, target: Tensor | None, contrast: Tensor | None, model: FaCTModel
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(target (N,), contrast (N,) or None, y (N,))``: the default target is the prediction ``ranking[:, 0]``.
+
+    ``y = scores[target]`` (``logit − b``), minus ``scores[contrast]`` with a contrast.
+    """
+    device = scores.device
+    if contrast is not None:
+        contrast = contrast.to(device)
+    if target is None:
+        target = ranking[:, 0]
+        _check_contrast(target, contrast, model.class_names)
+    else:
+        target = target.to(device)
+    explained = scores.gather(1, target[:, None]).squeeze(1)
+    if contrast is not None:
+        explained = explained - scores.gather(1, contrast[:, None]).squeeze(1)
+    return target, contrast, explained
+
+
+def _whole_logit_maps(
+    backprop: _CodeBackprop,
+    code_grads: dict[str, Tensor],
+    top_ids: dict[str, Tensor],
+    map_kinds: Sequence[str],
+    concept_maps: dict[str, Tensor],
+    concept_shares: dict[str, Tensor],
+) -> ExplanationMaps:
+    """The input maps of the explained logit and of "all other concepts", joined with the concept maps."""
+    names = backprop.names
+    logit_map = other_map = logit_share = other_share = None
+    if "logit" in map_kinds:
+        logit_map, logit_share = backprop.to_input(0, code_grads[names[0]])
+    if "other" in map_kinds:
+        top = backprop.record.codes[names[-1]]
+        shown = top.select(top_ids[names[-1]]).sum(dim=1).clamp(max=1)
+        other_map, other_share = backprop.to_input(len(names) - 1, code_grads[names[-1]] * (1 - shown))
+    positional = None
+    if backprop.offset is not None:
+        positional = PositionalShares(concept_shares, logit_share, other_share)
+    return ExplanationMaps(backprop.x6.detach(), concept_maps, logit_map, other_map, positional)
 
 
 def _top_ids(contributions: Tensor, top_k: int) -> Tensor:
