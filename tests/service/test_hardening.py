@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fact_model.data.synthetic import SyntheticConfig, render_sample
+from fact_model.data.synthetic import CLASS_NAMES, SyntheticConfig, render_sample
 from tests._support.server import REPO, grey_png, http, jpeg_declaring, running_server, server_rss
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -234,35 +234,34 @@ def test_gif_bmp_tiff_accepted_and_other_formats_refused_with_the_list(server):
         if fmt.startswith("BMP") or fmt.startswith("TIFF"):
             assert result[0]["prediction"]["index"] == label, fmt
     status, body, _ = _post(f"{url}/explain", {"image_base64": _b64(_encode(image, "ICO"))})
-    assert status == 400 and body["reason"] in ("unsupported_format", "not_an_image"), body
-    assert "JPEG" in body["error"] and "PNG" in body["error"]
+    assert (status, body["status"], body["reason"]) == (400, 400, "unsupported_format"), body
+    assert body["error"] == "image format ICO is not accepted; send one of JPEG, PNG, WebP, GIF, BMP, TIFF"
 
 
 # ----------------------------------------------------------------------------- fields and schemas
 @pytest.mark.parametrize(
-    ("field", "value", "reason"),
+    ("field", "value", "reason", "words"),
     [
-        ("target", "--1", "unknown_class"),
-        ("target", "²", "unknown_class"),
-        ("target", "٣", "unknown_class"),
-        ("target", True, "invalid_request"),
-        ("target", 10**30, "unknown_class"),
-        ("top_k", True, "invalid_request"),
-        ("top_k", "3", "invalid_request"),
-        ("top_k", 10**30, "invalid_request"),
-        ("topk", 3, "invalid_request"),
-        ("layers", ["layer3"] * 10_000, "invalid_request"),
-        ("layers", ["layer3", "layer3"], "unknown_layer"),
-        ("heatmaps", "gif", "invalid_request"),
+        ("target", "--1", "unknown_class", "unknown target class '--1': use a class index in [0, 9] or a class name"),
+        ("target", "²", "unknown_class", "unknown target class '²'"),
+        ("target", "٣", "unknown_class", "unknown target class '٣'"),
+        ("target", True, "invalid_request", "invalid request: field 'target"),
+        ("target", 10**30, "unknown_class", f"target class index {10**30} is out of range [0, 9]"),
+        ("top_k", True, "invalid_request", "invalid request: field 'top_k'"),
+        ("top_k", "3", "invalid_request", "invalid request: field 'top_k'"),
+        ("top_k", 10**30, "invalid_request", "invalid request: field 'top_k'"),
+        ("topk", 3, "invalid_request", "invalid request: unknown field 'topk' (the fields are: "),
+        ("layers", ["layer3"] * 10_000, "invalid_request", "invalid request: field 'layers'"),
+        ("layers", ["layer3", "layer3"], "unknown_layer", "layers lists ['layer3'] more than once"),
+        ("heatmaps", "gif", "invalid_request", "invalid request: field 'heatmaps'"),
     ],
 )
-def test_bad_fields_are_refused_naming_the_field(server, field, value, reason):
+def test_bad_fields_are_refused_naming_the_field(server, field, value, reason, words):
     url, *_ = server
     rgb, _ = _sample(1)
     status, body, _ = _post(f"{url}/explain", {"image_base64": _b64(_png(rgb)), field: value})
-    assert status == 400, body
-    assert body["reason"] == reason, body
-    assert field in body["error"] or reason == "unknown_class", body
+    assert (status, body["status"], body["reason"]) == (400, 400, reason), body
+    assert body["error"].startswith(words), body
 
 
 def test_contrast_equal_to_target_is_refused(server):
@@ -272,6 +271,7 @@ def test_contrast_equal_to_target_is_refused(server):
     for payload in ({"target": label, "contrast": label}, {"contrast": label}):  # explicit, and the predicted class
         status, body, _ = _post(f"{url}/explain", {"image_base64": image, **payload})
         assert status == 400 and body["reason"] == "contrast_equals_target", body
+        assert body["error"].startswith(f"contrast class {CLASS_NAMES[label]!r} ({label}) equals the target class")
     status, _, _ = _post(f"{url}/explain", {"image_base64": image, "target": label, "contrast": (label + 1) % 10})
     assert status == 200
 
@@ -280,10 +280,12 @@ def test_predict_batch_limits_are_deterministic(server):
     url, *_ = server
     rgb, _ = _sample(3)
     item = {"image_base64": _b64(_png(rgb))}
-    assert _post(f"{url}/predict", {"images": []})[0] == 400
+    status, body, _ = _post(f"{url}/predict", {"images": []})
+    assert (status, body["reason"]) == (400, "invalid_request") and "field 'images'" in body["error"], body
     for _ in range(3):
         status, body, _ = _post(f"{url}/predict", {"images": [item] * 33})
-        assert status == 400 and "images" in body["error"], body
+        assert (status, body["reason"]) == (400, "invalid_request"), body
+        assert "field 'images'" in body["error"] and "32" in body["error"], body
     status, results, _ = _post(f"{url}/predict", {"images": [item] * 32})
     assert status == 200 and len(results) == 32
     assert all(r["prediction"] == r["top_classes"][0] for r in results)
@@ -307,6 +309,10 @@ def test_common_base64_variants_are_accepted_and_junk_refused(server):
         assert result[0]["prediction"]["index"] == label, name
     status, body, _ = _post(f"{url}/explain", {"image_base64": standard[:40] + "*" + standard[40:]})
     assert status == 400 and body["reason"] == "bad_base64", body
+    assert body["error"] == (
+        "the image field is not valid base64: character '*' at position 40 of the base64 text is not in the "
+        "base64 alphabet"
+    )
 
 
 # ----------------------------------------------------------------------------- multipart
@@ -321,15 +327,25 @@ def test_multipart_edge_cases(server):
     status, result, _ = _multipart(f"{url}/explain", [("image", "x" * 300 + ".png", data), ("top_k", None, b"3")])
     assert status == 200 and result["prediction"]["index"] == label and len(result["concepts"]) == 3, result
     status, body, _ = _multipart(f"{url}/explain", [("image", "a.png", data), ("top_k", None, b"three")])
-    assert status == 400 and "top_k" in body["error"], body
+    assert (status, body["reason"], body["error"]) == (
+        400,
+        "invalid_request",
+        "field 'top_k' must be an integer, got 'three'",
+    ), body
     status, body, _ = _multipart(f"{url}/explain", [("image", "a.png", data), ("topk", None, b"3")])
-    assert status == 400 and "topk" in body["error"], body
+    assert (status, body["reason"]) == (400, "invalid_request"), body
+    assert body["error"].startswith("invalid request: unknown field 'topk' (the fields are: "), body
     status, body, _ = _multipart(f"{url}/explain", [("top_k", None, b"3")])
-    assert status == 400 and body["reason"] == "no_image", body
+    assert (status, body["reason"], body["error"]) == (
+        400,
+        "no_image",
+        "send a multipart file 'image' (or JSON with image_base64)",
+    ), body
     status, body, _ = _request(
         "POST", f"{url}/explain", b"--x\r\n[]--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"}
     )
-    assert status == 400, body
+    assert (status, body["reason"]) == (400, "malformed_multipart"), body
+    assert body["error"].startswith("the multipart/form-data body is malformed"), body
 
 
 # ----------------------------------------------------------------------------- paths, bodies, timeouts
@@ -339,6 +355,10 @@ def test_huge_numbers_in_paths_are_404_at_once(server):
         started = time.monotonic()
         status, body, _ = _request("GET", f"{url}{path}")
         assert status == 404 and time.monotonic() - started < 1.0, (path[:30], status, body)
+        what, reason = ("sample", "unknown_sample") if path.startswith("/samples") else ("concept", "unknown_concept")
+        text = path.rsplit("/", 1)[1].removesuffix(".png")
+        assert body["reason"] == reason, body
+        assert body["error"] == f"{what} {text[:40]!r} is not a valid id: use a non-negative integer", body
 
 
 def test_lying_content_length_gets_408_quickly(server):
