@@ -160,6 +160,24 @@ class ConceptLayer(Detachable, nn.Module):
 
         return tensor.dtype in FLOAT_DTYPES and self.encoder.dtype == tensor.dtype and self.k <= MAX_K
 
+    def top_k(
+        self, pre_activations: Tensor, spatial_shape: tuple[int, ...] | None = None, *, sorted: bool = False
+    ) -> ConceptCodes:
+        """Sparse codes from dense pre-activations: the ``k`` largest ``ReLU(E f)`` per position.
+
+        :meth:`encode` without the fused kernel, split in two for a caller that also needs
+        the dense ``(N, P, K)`` pre-activations (training's auxiliary loss on dead concepts).
+
+        Args:
+            pre_activations: ``(N, P, K)`` from :meth:`pre_activations`.
+            spatial_shape: ``(h, w)`` or ``(T,)`` of the positions (default ``(P,)``: tokens).
+            sorted: slots in descending order of activation; otherwise in the order the
+                top-k algorithm leaves them (the set is the same either way).
+        """
+        values, indices = pre_activations.topk(self.k, dim=-1, sorted=sorted)
+        shape = spatial_shape if spatial_shape is not None else (pre_activations.shape[1],)
+        return ConceptCodes(values, indices, shape, self.num_concepts)
+
     def encode(self, features: Tensor) -> ConceptCodes:
         """Sparse codes ``u = TopK_k(ReLU(E f))`` of every position."""
         positions, spatial_shape = self._positions(features)

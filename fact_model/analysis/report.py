@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fact_model import render
 from fact_model.analysis.c2 import random_concept_consistency
-from fact_model.analysis.quality import QualityReport, concept_quality
+from fact_model.analysis.quality import QualityReport, UnitScores, concept_quality
 from fact_model.explain import concept_input_maps
 from fact_model.model import FaCTModel
 
@@ -162,6 +162,139 @@ def _quality_table(reports: Sequence[QualityReport], per_class_random: dict[tupl
     return "".join(parts)
 
 
+def _quality_reports(
+    model: FaCTModel,
+    images: Tensor,
+    part_maps: Tensor,
+    part_names: Sequence[str],
+    class_part_labels: Sequence[int],
+    encoders: Sequence,
+    progress: bool,
+) -> list[QualityReport]:
+    """Concept quality of every concept layer, FaCT concepts then raw channels, lowest layer first."""
+    return [
+        concept_quality(
+            model, images, info.name, encoders, source, part_maps, part_names, class_part_labels, progress=progress
+        )
+        for info in model.concept_layers
+        for source in ("fact", "channels")
+    ]
+
+
+def _per_class_random(
+    reports: Sequence[QualityReport], encoders: Sequence, images: Tensor, labels: Tensor, num_classes: int
+) -> dict[tuple[str, str], float]:
+    """C² of a random concept drawn within one class, averaged over the classes, per (layer, encoder name).
+
+    The baseline depends on the encoder and the images only, so it is computed once per
+    encoder and listed under every layer.
+    """
+    baselines = {}
+    for encoder in encoders:
+        encoded = torch.cat(
+            [encoder.encode(images[i].float() / 255, indices=i) for i in torch.arange(len(images)).split(100)]
+        )
+        encoded = encoded - encoded.mean(dim=(0, 2, 3), keepdim=True)  # (N, D, H, W), mean-centred
+        scores = [
+            random_concept_consistency(encoded, 10, repeats=5, pool=(labels == c).nonzero().squeeze(1))
+            for c in range(num_classes)
+        ]
+        baselines[encoder.name] = sum(scores) / len(scores)
+    return {(r.layer, name): value for r in reports if r.source == "fact" for name, value in baselines.items()}
+
+
+def _galleries(
+    model: FaCTModel,
+    reports: Sequence[QualityReport],
+    part_names: Sequence[str],
+    stats: dict[str, Tensor],
+    stats_images: Callable[[Tensor], Tensor],
+    out: Path,
+) -> tuple[list[tuple[str, UnitScores, str]], str]:
+    """Galleries of the top layer's concepts most consistent by the first (oracle) encoder.
+
+    Returns:
+        ``(PNG name, the concept's scores, its part's name)`` per gallery, and the oracle encoder's name.
+    """
+    top_layer = model.concept_layers[-1].name
+    fact_top = next(r for r in reports if r.layer == top_layer and r.source == "fact")
+    oracle = fact_top.encoders[0]
+    galleries = []
+    for score in sorted(fact_top.scores, key=lambda s: -s.c2.get(oracle, 0))[:GALLERY_CONCEPTS]:
+        name = _gallery(model, stats_images, stats, top_layer, score.unit, out)
+        part = part_names[score.part] if score.part is not None else "?"
+        galleries.append((name, score, part))
+    return galleries, oracle
+
+
+def _evaluation_section(evaluation: dict | None) -> str:
+    """HTML of ``fact evaluate``'s figures (accuracies, and a table row per concept layer)."""
+    if not evaluation:
+        return "<p>No evaluation report with the model (run <code>fact evaluate</code>).</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(layer['layer'])}</td><td>{layer['num_concepts']} / {layer['k']}</td>"
+        f"<td>{layer['image_l0_mean']:.1f}</td><td>{layer['concepts_for_80_percent_mean']:.1f}</td>"
+        f"<td>{layer['alive_fraction']:.0%}</td><td>{layer['reconstruction_nmse']:.4f}</td>"
+        f"<td>{layer['max_relative_residual']:.1e}</td><td>{layer['shared_concepts']}</td></tr>"
+        for layer in evaluation.get("layers", [])
+    )
+    return (
+        f"<p>Accuracy on {evaluation['images']} images: backbone {evaluation['backbone_accuracy']:.2%}, "
+        f"FaCT {evaluation['fact_accuracy']:.2%}.</p><table><tr><th>layer</th><th>K / k</th><th>image-L0</th>"
+        "<th>concepts for 80 %</th><th>alive</th><th>recon. NMSE</th><th>max rel. residual</th>"
+        f"<th>shared concepts</th></tr>{rows}</table>"
+    )
+
+
+def _gallery_section(galleries: Sequence[tuple[str, UnitScores, str]], layer: str, oracle: str | None) -> str:
+    """HTML figures of the galleries of ``layer``'s concepts, captioned with their quality."""
+    return "".join(
+        f"<figure><img src='{name}' alt='top images and heatmaps of {layer} concept {s.unit}'>"
+        f"<figcaption>{html.escape(layer)} concept {s.unit}: oracle C² {s.c2.get(oracle, float('nan')):.3f}, "
+        f"purity {s.purity:.2f} on <i>{html.escape(part)}</i> ({s.images} top images)</figcaption></figure>"
+        for name, s, part in galleries
+    )
+
+
+def _examples_section(examples: Sequence[tuple[str, str]]) -> str:
+    """HTML of the example decisions: each figure followed by its text."""
+    return "".join(
+        f"<figure><img src='{name}' alt='example decision {i}'></figure>{text}"
+        for i, (name, text) in enumerate(examples)
+    )
+
+
+_STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}
+table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:0.9em}
+img{max-width:100%}figure{margin:1em 0}figcaption{font-size:0.85em;color:#333}"""
+
+
+def _page(
+    model: FaCTModel, images: int, data_description: dict | None, sections: dict[str, str], histograms: Sequence[str]
+) -> str:
+    """The whole HTML page around the sections (``evaluation``, ``quality``, ``galleries``, ``examples``)."""
+    layers = [info.name for info in model.concept_layers]
+    histogram_html = "".join(f"<figure><img src='{h}' alt='histogram of per-unit C2'></figure>" for h in histograms)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>FaCT concept report</title>
+<style>{_STYLE}</style></head><body>
+<h1>FaCT concept report</h1>
+<p>Model <code>{html.escape(model.config.backbone)}</code>, concept layers {html.escape(", ".join(layers))};
+data <code>{html.escape(json.dumps(data_description or {}))}</code>; {images} evaluation images;
+written {datetime.now(UTC).isoformat(timespec="seconds")}.</p>
+<h2>Evaluation</h2>{sections["evaluation"]}
+<h2>Concept quality: FaCT concepts vs raw channels vs random</h2>
+<p>C² as in the FaCT paper (top 5 % images, ≥ 10; attribution-weighted, mean-centred encodings; pair weights
+S<sub>i</sub>S<sub>j</sub>), with each encoder named; purity and coverage against the ground-truth part maps
+(coverage: share of part types with a unit of purity ≥ 0.8).</p>
+{sections["quality"]}
+{histogram_html}
+<h2>Concept galleries ({html.escape(layers[-1])}, most consistent by the oracle encoder)</h2>{sections["galleries"]}
+<h2>Example decisions</h2>{sections["examples"]}
+</body></html>
+"""
+
+
 def write_report(
     model: FaCTModel,
     images: Tensor,
@@ -180,93 +313,29 @@ def write_report(
     """Compute the figures and write ``out_dir/report.html`` with its PNGs; returns the HTML path.
 
     Args:
+        images: ``(N, 3, H, W)`` uint8 evaluation images; ``labels`` ``(N,)`` their classes.
+        part_maps, part_names, class_part_labels: the ground truth (see :func:`concept_quality`).
+        encoders: reference encoders of the C²-score, the oracle first.
         stats: concept statistics saved with the model (``fact stats``), for the galleries.
         stats_images: loads the statistics' dataset images by index (uint8 ``(N, 3, H, W)``).
+        evaluation: ``fact evaluate``'s JSON record, for the evaluation section.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers = [info.name for info in model.concept_layers]
-    reports = [
-        concept_quality(
-            model, images, layer, encoders, source, part_maps, part_names, class_part_labels, progress=progress
-        )
-        for layer in layers
-        for source in ("fact", "channels")
-    ]
-    per_class_random = {}
-    for r in reports:
-        if r.source != "fact":
-            continue
-        for encoder in encoders:
-            encoded = torch.cat(
-                [encoder.encode(images[i].float() / 255, indices=i) for i in torch.arange(len(images)).split(100)]
-            )
-            encoded = encoded - encoded.mean(dim=(0, 2, 3), keepdim=True)
-            scores = [
-                random_concept_consistency(encoded, 10, repeats=5, pool=(labels == c).nonzero().squeeze(1))
-                for c in range(model.num_classes)
-            ]
-            per_class_random[(r.layer, encoder.name)] = sum(scores) / len(scores)
+    reports = _quality_reports(model, images, part_maps, part_names, class_part_labels, encoders, progress)
+    per_class_random = _per_class_random(reports, encoders, images, labels, model.num_classes)
     (out / "quality.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
     histograms = _histograms(reports, out)
-
-    galleries = []
-    top_layer = layers[-1]
+    galleries, oracle = [], None
     if stats is not None and stats_images is not None:
-        fact_top = next(r for r in reports if r.layer == top_layer and r.source == "fact")
-        oracle = fact_top.encoders[0]
-        best = sorted(fact_top.scores, key=lambda s: -s.c2.get(oracle, 0))[:GALLERY_CONCEPTS]
-        for score in best:
-            name = _gallery(model, stats_images, stats, top_layer, score.unit, out)
-            part = part_names[score.part] if score.part is not None else "?"
-            galleries.append((name, score, part))
+        galleries, oracle = _galleries(model, reports, part_names, stats, stats_images, out)
     examples = [_example(model, images[i], i, out) for i in range(EXAMPLES)]
-
-    evaluation_html = "<p>No evaluation report with the model (run <code>fact evaluate</code>).</p>"
-    if evaluation:
-        rows = "".join(
-            f"<tr><td>{html.escape(layer['layer'])}</td><td>{layer['num_concepts']} / {layer['k']}</td>"
-            f"<td>{layer['image_l0_mean']:.1f}</td><td>{layer['concepts_for_80_percent_mean']:.1f}</td>"
-            f"<td>{layer['alive_fraction']:.0%}</td><td>{layer['reconstruction_nmse']:.4f}</td>"
-            f"<td>{layer['max_relative_residual']:.1e}</td><td>{layer['shared_concepts']}</td></tr>"
-            for layer in evaluation.get("layers", [])
-        )
-        evaluation_html = (
-            f"<p>Accuracy on {evaluation['images']} images: backbone {evaluation['backbone_accuracy']:.2%}, "
-            f"FaCT {evaluation['fact_accuracy']:.2%}.</p><table><tr><th>layer</th><th>K / k</th><th>image-L0</th>"
-            "<th>concepts for 80 %</th><th>alive</th><th>recon. NMSE</th><th>max rel. residual</th>"
-            f"<th>shared concepts</th></tr>{rows}</table>"
-        )
-    gallery_html = "".join(
-        f"<figure><img src='{name}' alt='top images and heatmaps of {top_layer} concept {s.unit}'>"
-        f"<figcaption>{html.escape(top_layer)} concept {s.unit}: oracle C² {s.c2.get(oracle, float('nan')):.3f}, "
-        f"purity {s.purity:.2f} on <i>{html.escape(part)}</i> ({s.images} top images)</figcaption></figure>"
-        for name, s, part in galleries
-    )
-    example_html = "".join(
-        f"<figure><img src='{name}' alt='example decision {i}'></figure>{text}"
-        for i, (name, text) in enumerate(examples)
-    )
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>FaCT concept report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}}
-table{{border-collapse:collapse;margin:0.5em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:0.9em}}
-img{{max-width:100%}}figure{{margin:1em 0}}figcaption{{font-size:0.85em;color:#333}}</style></head><body>
-<h1>FaCT concept report</h1>
-<p>Model <code>{html.escape(model.config.backbone)}</code>, concept layers {html.escape(", ".join(layers))};
-data <code>{html.escape(json.dumps(data_description or {}))}</code>; {len(images)} evaluation images;
-written {datetime.now(UTC).isoformat(timespec="seconds")}.</p>
-<h2>Evaluation</h2>{evaluation_html}
-<h2>Concept quality: FaCT concepts vs raw channels vs random</h2>
-<p>C² as in the FaCT paper (top 5 % images, ≥ 10; attribution-weighted, mean-centred encodings; pair weights
-S<sub>i</sub>S<sub>j</sub>), with each encoder named; purity and coverage against the ground-truth part maps
-(coverage: share of part types with a unit of purity ≥ 0.8).</p>
-{_quality_table(reports, per_class_random)}
-{"".join(f"<figure><img src='{h}' alt='histogram of per-unit C2'></figure>" for h in histograms)}
-<h2>Concept galleries ({html.escape(top_layer)}, most consistent by the oracle encoder)</h2>{gallery_html}
-<h2>Example decisions</h2>{example_html}
-</body></html>
-"""
+    sections = {
+        "evaluation": _evaluation_section(evaluation),
+        "quality": _quality_table(reports, per_class_random),
+        "galleries": _gallery_section(galleries, model.concept_layers[-1].name, oracle),
+        "examples": _examples_section(examples),
+    }
     path = out / "report.html"
-    path.write_text(page)
+    path.write_text(_page(model, len(images), data_description, sections, histograms))
     return path

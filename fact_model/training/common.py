@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from rich.console import Console
@@ -14,7 +15,16 @@ from fact_model.data.loading import ImageSplit, TrainingData
 from fact_model.explanation import rank_classes
 from fact_model.model import FaCTModel
 
-__all__ = ["TrainingData", "accuracy", "print_summary", "warmup_cosine"]
+__all__ = [
+    "BestEpoch",
+    "TrainingData",
+    "accuracy",
+    "prefixed",
+    "print_summary",
+    "set_learning_rate",
+    "unprefixed",
+    "warmup_cosine",
+]
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -23,6 +33,38 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set ``lr`` on every parameter group of ``optimizer``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class BestEpoch:
+    """The best validation score so far and a copy of the state that reached it (ties keep the earlier one)."""
+
+    def __init__(self, score: float = -1.0, state: dict[str, torch.Tensor] | None = None) -> None:
+        self.score = score
+        self.state = state
+
+    def offer(self, score: float, state: Mapping[str, torch.Tensor]) -> bool:
+        """Keep a detached copy of ``state`` if ``score`` beats the best; returns whether it did."""
+        if not score > self.score:
+            return False
+        self.score, self.state = score, {k: v.detach().clone() for k, v in state.items()}
+        return True
+
+
+def prefixed(prefix: str, tensors: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``tensors`` with keys ``f"{prefix}.{key}"`` (one namespace of a checkpoint's tensors)."""
+    return {f"{prefix}.{k}": v for k, v in (tensors or {}).items()}
+
+
+def unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of namespace ``prefix`` (see :func:`prefixed`), keys without the prefix."""
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
 
 
 @torch.no_grad()

@@ -24,25 +24,44 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from fact_model.artifacts import save
-from fact_model.concept_layer import ConceptLayer
+from fact_model.concept_layer import ConceptCodes, ConceptLayer
 from fact_model.config import ConceptLayerSpec
 from fact_model.data.loading import TrainingData
 from fact_model.model import FaCTModel
 from fact_model.training.checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
-from fact_model.training.common import accuracy, print_summary, warmup_cosine
+from fact_model.training.common import (
+    BestEpoch,
+    accuracy,
+    prefixed,
+    print_summary,
+    set_learning_rate,
+    unprefixed,
+    warmup_cosine,
+)
 from fact_model.training.features import FeatureShards, collect_features
 
-__all__ = ["ConceptTrainConfig", "SAEResult", "train_concepts", "train_sae", "with_concept_layer"]
+__all__ = [
+    "ConceptTrainConfig",
+    "FiringTracker",
+    "SAEResult",
+    "StepLosses",
+    "aux_k_loss",
+    "sae_learning_rate",
+    "sae_step",
+    "train_concepts",
+    "train_sae",
+    "with_concept_layer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -123,135 +142,254 @@ def with_concept_layer(model: FaCTModel, spec: ConceptLayerSpec) -> FaCTModel:
     return new.to(model.device).eval()
 
 
+def sae_learning_rate(step: int, total_steps: int, config: ConceptTrainConfig) -> float:
+    """Adam's learning rate at optimisation step ``step`` (0-based) of ``total_steps``: warm-up, then cosine."""
+    return config.lr * warmup_cosine(step, total_steps, config.warmup_steps)
+
+
+class FiringTracker:
+    """Which latents fired how recently (dead latents) and how often in the current epoch.
+
+    Args:
+        num_concepts: ``K``.
+        dead_after: a latent is dead once it has not fired for more than this many vectors.
+        since_fired: ``(K,)`` int64 vectors since each latent last fired (a resumed run's); zeros if ``None``.
+    """
+
+    def __init__(self, num_concepts: int, dead_after: int, since_fired: Tensor | None = None) -> None:
+        self.dead_after = dead_after
+        self.since_fired = since_fired if since_fired is not None else torch.zeros(num_concepts, dtype=torch.long)
+        self.fire_counts = torch.zeros(num_concepts, dtype=torch.long)
+
+    def new_epoch(self) -> None:
+        """Start counting the epoch's firings from zero (``since_fired`` carries on)."""
+        self.fire_counts = torch.zeros_like(self.fire_counts)
+
+    def update(self, codes: ConceptCodes) -> Tensor:
+        """Record a batch's codes (a latent fires where its slot value is > 0); returns the ``(K,)`` dead mask."""
+        active = codes.indices[codes.values > 0]
+        fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+        fired[active] = True
+        self.fire_counts += torch.bincount(active, minlength=len(self.fire_counts))
+        self.since_fired += codes.values[..., 0].numel()
+        self.since_fired[fired] = 0
+        return self.dead()
+
+    def dead(self) -> Tensor:
+        """``(K,)`` bool: latents that have not fired for more than ``dead_after`` vectors."""
+        return self.since_fired > self.dead_after
+
+    def epoch_counts(self, vectors: int, frequent_threshold: float) -> dict[str, int]:
+        """Latents dead in the epoch and now; over-active ones (firing on > ``frequent_threshold`` of ``vectors``)."""
+        frequency = self.fire_counts.float() / vectors
+        return {
+            "dead_in_epoch": int((self.fire_counts == 0).sum()),
+            "dead_now": int(self.dead().sum()),
+            "over_active": int((frequency > frequent_threshold).sum()),
+        }
+
+
+def aux_k_loss(layer: ConceptLayer, pre_activations: Tensor, dead: Tensor, residual: Tensor, aux_k: int) -> Tensor:
+    """The auxiliary-K loss: how well the ``aux_k`` most active dead latents reconstruct the residual.
+
+    ``‖r − D·TopK_aux(ReLU(E x) ⊙ dead)‖² / ‖r‖²`` over the batch, with the residual
+    ``r = x − x̂`` a constant target, so its gradient reaches only the dead latents'
+    encoder rows and directions.
+
+    Args:
+        layer: the concept layer being trained (its decoder reconstructs).
+        pre_activations: ``(B, K)`` ``ReLU(E x)``, part of the autograd graph.
+        dead: ``(K,)`` bool, at least one ``True``.
+        residual: ``(B, C)`` ``x − x̂`` (detached here).
+        aux_k: latents per vector (fewer if fewer are dead).
+
+    Returns:
+        A scalar tensor (unitless).
+    """
+    count = min(aux_k, int(dead.sum()))
+    values, indices = pre_activations.masked_fill(~dead, 0).topk(count, dim=1)
+    codes = ConceptCodes(values[None], indices[None], (len(values),), layer.num_concepts)
+    recon = layer.decode(codes)[0]  # (B, C)
+    target = residual.detach()
+    return (target - recon).square().sum() / target.square().sum().clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """Scalars of one optimisation step: the loss optimised, the batch NMSE and the auxiliary loss (0 if none dead)."""
+
+    loss: float
+    nmse: float
+    aux: float
+
+
+def _optimise(layer: ConceptLayer, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    """One Adam step on unit-norm directions: radial gradient removed, norm clipped at 1, renormalised."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    _remove_parallel_gradient(layer.decoder)
+    torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
+    optimizer.step()
+    _normalise_directions(layer.decoder.data)
+
+
+def sae_step(
+    layer: ConceptLayer,
+    optimizer: torch.optim.Optimizer,
+    batch: Tensor,
+    firing: FiringTracker,
+    config: ConceptTrainConfig,
+) -> StepLosses:
+    """One optimisation step of the TopK SAE on a ``(B, C)`` batch of (scaled) feature vectors.
+
+    Loss: ``mean_b ‖x_b − x̂_b‖² / C`` plus ``aux_weight`` × :func:`aux_k_loss` while
+    some latents are dead; ``firing`` is updated with the batch's codes first.
+    """
+    pre = layer.pre_activations(batch[None])  # (1, B, K): the batch as one row of B tokens
+    # Sorted slots: the decoder sums the k directions largest first, a summation order
+    # that does not depend on which top-k algorithm torch picks for this k and K.
+    codes = layer.top_k(pre, sorted=True)
+    residual = batch - layer.decode(codes)[0]  # (B, C)
+    loss = residual.square().sum(dim=1).mean() / layer.in_features
+    nmse = residual.detach().square().sum() / batch.square().sum()
+    dead = firing.update(codes)
+    aux = torch.zeros(())
+    if dead.any():
+        aux = aux_k_loss(layer, pre[0], dead, residual, config.aux_k)
+        loss = loss + config.aux_weight * aux
+    _optimise(layer, optimizer, loss)
+    return StepLosses(loss.item(), float(nmse), aux.item())
+
+
+class _EpochMeans:
+    """Running means of :class:`StepLosses` over an epoch."""
+
+    def __init__(self) -> None:
+        self.sums = {"loss": 0.0, "nmse": 0.0, "aux_loss": 0.0}
+        self.batches = 0
+
+    def add(self, losses: StepLosses) -> None:
+        self.sums["loss"] += losses.loss
+        self.sums["nmse"] += losses.nmse
+        self.sums["aux_loss"] += losses.aux
+        self.batches += 1
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self.batches for key, total in self.sums.items()}
+
+
+@dataclass
+class _SAERun:
+    """Everything a concept layer's checkpoint restores."""
+
+    layer: ConceptLayer
+    optimizer: torch.optim.Optimizer
+    firing: FiringTracker
+    generator: torch.Generator
+    norm_factor: float
+    best: BestEpoch = dataclasses.field(default_factory=BestEpoch)
+    epoch: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _checkpoint_meta(spec: ConceptLayerSpec, config: ConceptTrainConfig) -> dict[str, Any]:
+    return {"kind": "concepts", "spec": asdict(spec), "config": asdict(config)}
+
+
+def _resume(run: _SAERun, checkpoint_dir: Path, spec: ConceptLayerSpec, config: ConceptTrainConfig) -> None:
+    """Restore ``run`` from ``checkpoint_dir`` (written by :func:`_save_run` for the same spec and config)."""
+    tensors, meta = load_checkpoint(checkpoint_dir)
+    if any(meta.get(key) != value for key, value in _checkpoint_meta(spec, config).items()):
+        raise ValueError(f"{checkpoint_dir} belongs to a different run; use another --out directory or delete it")
+    run.layer.load_state_dict(unprefixed("layer", tensors))
+    restore_optimizer(run.optimizer, tensors, meta["optimizer"])
+    run.best = BestEpoch(meta["best_acc"], unprefixed("best", tensors) or None)
+    run.firing.since_fired = tensors["since_fired"]
+    run.generator.set_state(tensors["rng.generator"])
+    run.epoch, run.history, run.norm_factor = meta["epoch"], meta["history"], meta["s"]
+    log.info("resuming concept layer %s from epoch %d", spec.layer, run.epoch)
+
+
+def _save_run(run: _SAERun, checkpoint_dir: Path, spec: ConceptLayerSpec, config: ConceptTrainConfig) -> None:
+    """Write ``run`` (after epoch ``run.epoch``) atomically to ``checkpoint_dir``."""
+    opt_tensors, opt_meta = optimizer_tensors(run.optimizer)
+    tensors = {**prefixed("layer", run.layer.state_dict()), **prefixed("best", run.best.state), **opt_tensors}
+    tensors["since_fired"] = run.firing.since_fired
+    tensors["rng.generator"] = run.generator.get_state()
+    meta = {
+        **_checkpoint_meta(spec, config),
+        "epoch": run.epoch,
+        "best_acc": run.best.score,
+        "history": run.history,
+        "optimizer": opt_meta,
+        "s": run.norm_factor,
+    }
+    save_checkpoint(checkpoint_dir, tensors, meta)
+
+
+def _train_epoch(
+    run: _SAERun, shards: FeatureShards, config: ConceptTrainConfig, first_step: int, total_steps: int, bar: tqdm
+) -> dict[str, float]:
+    """One pass over ``shards`` in a fresh order; returns the epoch's mean loss, NMSE and auxiliary loss."""
+    run.firing.new_epoch()
+    means = _EpochMeans()
+    for step, unscaled in enumerate(shards.batches(config.batch_size, run.generator), start=first_step):
+        set_learning_rate(run.optimizer, sae_learning_rate(step, total_steps, config))
+        means.add(sae_step(run.layer, run.optimizer, unscaled * run.norm_factor, run.firing, config))
+        bar.update(1)
+    return means.means()
+
+
 def train_sae(
     shards: FeatureShards,
     spec: ConceptLayerSpec,
     config: ConceptTrainConfig,
-    evaluate: Any,
+    evaluate: Callable[[dict[str, Tensor]], float],
     checkpoint_dir: Path,
     progress: bool = True,
 ) -> SAEResult:
-    """Train one concept layer on ``shards``.
+    """Train one concept layer on ``shards``, resuming from ``checkpoint_dir`` if it holds this run.
 
     Args:
-        evaluate: callable ``(folded_state) -> float`` giving held-out FaCT accuracy
-            with the layer in place.
-        checkpoint_dir: where this layer's resumable checkpoint lives.
+        evaluate: ``(folded_state) -> float`` giving held-out FaCT accuracy with the layer in place.
+        checkpoint_dir: where this layer's resumable checkpoint lives (rewritten every epoch).
     """
     torch.manual_seed(config.seed)
-    k_total, dim = spec.num_concepts, shards.dim
-    layer = ConceptLayer(dim, k_total, spec.k)
-    norm_factor = (dim / shards.mean_squared_norm()) ** 0.5
-    optimizer = torch.optim.Adam(layer.parameters(), lr=config.lr)
-    steps_per_epoch = shards.steps(config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    dead_after = config.dead_after or max(1, shards.count // 2)
-    since_fired = torch.zeros(k_total, dtype=torch.long)
-    generator = torch.Generator().manual_seed(config.seed)
-    start_epoch, best_acc, best_state, history = 0, -1.0, None, []
-
+    layer = ConceptLayer(shards.dim, spec.num_concepts, spec.k)
+    run = _SAERun(
+        layer=layer,
+        optimizer=torch.optim.Adam(layer.parameters(), lr=config.lr),
+        firing=FiringTracker(spec.num_concepts, config.dead_after or max(1, shards.count // 2)),
+        generator=torch.Generator().manual_seed(config.seed),
+        norm_factor=(shards.dim / shards.mean_squared_norm()) ** 0.5,
+    )
     if checkpoint_dir.exists():
-        tensors, meta = load_checkpoint(checkpoint_dir)
-        if meta.get("kind") != "concepts" or meta.get("spec") != asdict(spec) or meta.get("config") != asdict(config):
-            raise ValueError(f"{checkpoint_dir} belongs to a different run; use another --out directory or delete it")
-        layer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("layer.")})
-        restore_optimizer(optimizer, tensors, meta["optimizer"])
-        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-        since_fired = tensors["since_fired"]
-        generator.set_state(tensors["rng.generator"])
-        start_epoch, best_acc, history, norm_factor = meta["epoch"], meta["best_acc"], meta["history"], meta["s"]
-        log.info("resuming concept layer %s from epoch %d", spec.layer, start_epoch)
-
-    for epoch in range(start_epoch, config.epochs):
-        fire_counts = torch.zeros(k_total, dtype=torch.long)
-        sums = {"loss": 0.0, "nmse": 0.0, "aux": 0.0, "batches": 0}
-        step = epoch * steps_per_epoch
-        bar = tqdm(
+        _resume(run, checkpoint_dir, spec, config)
+    steps_per_epoch = shards.steps(config.batch_size)
+    for epoch in range(run.epoch, config.epochs):
+        with tqdm(
             total=steps_per_epoch,
             desc=f"SAE {spec.layer} epoch {epoch + 1}/{config.epochs}",
             disable=not progress,
             leave=False,
-        )
-        for unscaled in shards.batches(config.batch_size, generator):
-            batch = unscaled * norm_factor
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * warmup_cosine(step, total_steps, config.warmup_steps)
-            pre = F.relu(batch @ layer.encoder.t())  # (B, K)
-            values, indices = pre.topk(spec.k, dim=1)
-            recon = F.embedding_bag(indices, layer.decoder, per_sample_weights=values, mode="sum")
-            residual = batch - recon
-            loss = residual.square().sum(dim=1).mean() / dim
-            nmse = residual.detach().square().sum() / batch.square().sum()
-
-            fired = torch.zeros(k_total, dtype=torch.bool)
-            fired[indices[values > 0]] = True
-            fire_counts += torch.bincount(indices[values > 0], minlength=k_total)
-            since_fired += len(batch)
-            since_fired[fired] = 0
-            dead = since_fired > dead_after
-            aux = torch.zeros(())
-            if dead.any():
-                aux_k = min(config.aux_k, int(dead.sum()))
-                aux_values, aux_indices = pre.masked_fill(~dead, 0).topk(aux_k, dim=1)
-                aux_recon = F.embedding_bag(aux_indices, layer.decoder, per_sample_weights=aux_values, mode="sum")
-                target = residual.detach()
-                aux = (target - aux_recon).square().sum() / target.square().sum().clamp_min(1e-12)
-                loss = loss + config.aux_weight * aux
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _remove_parallel_gradient(layer.decoder)
-            torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
-            optimizer.step()
-            _normalise_directions(layer.decoder.data)
-            sums["loss"] += loss.item()
-            sums["nmse"] += float(nmse)
-            sums["aux"] += aux.item()
-            sums["batches"] += 1
-            step += 1
-            bar.update(1)
-        bar.close()
-        state = _folded(layer, norm_factor)
+        ) as bar:
+            means = _train_epoch(run, shards, config, epoch * steps_per_epoch, steps_per_epoch * config.epochs, bar)
+        state = _folded(layer, run.norm_factor)
         val_acc = evaluate(state)
-        frequency = fire_counts.float() / shards.count
-        record = {
-            "epoch": epoch + 1,
-            "loss": sums["loss"] / sums["batches"],
-            "nmse": sums["nmse"] / sums["batches"],
-            "aux_loss": sums["aux"] / sums["batches"],
-            "val_acc": val_acc,
-            "dead_in_epoch": int((fire_counts == 0).sum()),
-            "dead_now": int((since_fired > dead_after).sum()),
-            "over_active": int((frequency > config.frequent_threshold).sum()),
-        }
-        history.append(record)
+        record = {"epoch": epoch + 1, **means, "val_acc": val_acc}
+        record.update(run.firing.epoch_counts(shards.count, config.frequent_threshold))
+        run.history.append(record)
         log.info(
             "%s epoch %d: nmse %.4f, val acc %.4f, dead %d, over-active %d",
             spec.layer, epoch + 1, record["nmse"], val_acc, record["dead_in_epoch"], record["over_active"],
         )  # fmt: skip
-        if val_acc > best_acc:
-            best_acc, best_state = val_acc, {k: v.clone() for k, v in state.items()}
-        opt_tensors, opt_meta = optimizer_tensors(optimizer)
-        tensors = {f"layer.{k}": v for k, v in layer.state_dict().items()}
-        tensors.update({f"best.{k}": v for k, v in (best_state or {}).items()})
-        tensors.update(opt_tensors)
-        tensors["since_fired"] = since_fired
-        tensors["rng.generator"] = generator.get_state()
-        meta = {
-            "kind": "concepts",
-            "spec": asdict(spec),
-            "config": asdict(config),
-            "epoch": epoch + 1,
-            "best_acc": best_acc,
-            "history": history,
-            "optimizer": opt_meta,
-            "s": norm_factor,
-        }
-        save_checkpoint(checkpoint_dir, tensors, meta)
+        run.best.offer(val_acc, state)
+        run.epoch = epoch + 1
+        _save_run(run, checkpoint_dir, spec, config)
 
-    result_layer = ConceptLayer(dim, k_total, spec.k)
-    result_layer.load_state_dict(best_state if best_state is not None else _folded(layer, norm_factor))
-    return SAEResult(result_layer, norm_factor, best_acc, history)
+    result_layer = ConceptLayer(shards.dim, spec.num_concepts, spec.k)
+    result_layer.load_state_dict(run.best.state if run.best.state is not None else _folded(layer, run.norm_factor))
+    return SAEResult(result_layer, run.norm_factor, run.best.score, run.history)
 
 
 def train_concepts(
