@@ -203,7 +203,10 @@ def test_heatmap_size_out_of_range_is_a_400_naming_the_field_and_range(engine, p
     with pytest.raises(RequestError) as caught:
         engine.explain(photo, None, None, 3, None, "png", "bcos", heatmap_size=bad)
     assert caught.value.status == 400 and caught.value.reason == "invalid_request"
-    assert "heatmap_size" in caught.value.message and f"[8, {SIZE}]" in caught.value.message
+    assert caught.value.message == (
+        f"field 'heatmap_size' must be an integer in [8, {SIZE}] (pixels per side; {SIZE} is this model's input "
+        f"size, the default), got {bad!r}"
+    )
 
 
 # --------------------------------------------------------------------------- response sizes at 224²
@@ -265,7 +268,10 @@ def test_cards_without_statistics_are_a_404_that_says_what_to_run(engine):
         with pytest.raises(RequestError) as caught:
             call()
         assert caught.value.status == 404 and caught.value.reason == "no_statistics"
-        assert "fact stats" in caught.value.message
+        assert caught.value.message.startswith(
+            f"this model has no concept statistics, so there are no concept cards or listings; compute them with "
+            f"`fact stats --model {engine.artifact_dir}`"
+        )
 
 
 def _copy(artifact, tmp_path, name):
@@ -385,19 +391,23 @@ def test_http_heatmap_size_and_encodings(server, photo):
 @pytest.mark.parametrize(
     ("field", "value", "words"),
     [
-        ("heatmap_size", SIZE + 1, f"[8, {SIZE}]"),
-        ("heatmap_size", 4, f"[8, {SIZE}]"),
-        ("heatmap_size", "32", "heatmap_size"),
-        ("heatmaps", "jpeg", "heatmaps"),
+        ("heatmap_size", SIZE + 1, f"field 'heatmap_size' must be an integer in [8, {SIZE}] (pixels per side; "),
+        ("heatmap_size", 4, f"field 'heatmap_size' must be an integer in [8, {SIZE}] (pixels per side; "),
+        ("heatmap_size", "32", "invalid request: field 'heatmap_size'"),  # strict: no string for an integer
+        ("heatmaps", "jpeg", "invalid request: field 'heatmaps'"),
     ],
 )
 def test_http_bad_heatmap_options_are_400_in_the_envelope(server, photo, field, value, words):
     image = base64.b64encode(_png_bytes(photo)).decode()
     status, body = post_json(f"{server}/explain", {"image_base64": image, field: value})
     assert status == 400, body
-    assert body["reason"] == "invalid_request" and words in body["error"] and body["status"] == 400
+    assert body["reason"] == "invalid_request" and body["error"].startswith(words) and body["status"] == 400, body
     status, body = post_multipart(f"{server}/explain", {"heatmap_size": "big"}, "image", "x.png", _png_bytes(photo))
-    assert status == 400 and "heatmap_size" in body["error"]
+    assert (status, body["reason"], body["error"]) == (
+        400,
+        "invalid_request",
+        "field 'heatmap_size' must be an integer, got 'big'",
+    ), body
 
 
 @pytest.mark.slow  # the module's `bentoml serve`
@@ -408,4 +418,7 @@ def test_http_model_and_cards_without_statistics(server):
     assert model["concept_statistics"] is False
     for path in ("/concepts/layer3", "/concepts/layer3/0"):
         status, body = http("GET", f"{server}{path}")
-        assert status == 404 and body["reason"] == "no_statistics" and "fact stats" in body["error"], body
+        assert status == 404 and body["reason"] == "no_statistics" and body["status"] == 404, body
+        assert (
+            body["error"].startswith("this model has no concept statistics") and "`fact stats --model " in body["error"]
+        )
