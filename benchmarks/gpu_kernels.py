@@ -586,7 +586,32 @@ def _print_tables(report: dict[str, Any]) -> None:
                   f"total {report['seconds']:.0f} s")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+class Sections:
+    """Runs the benchmark's sections within the time budget, recording skips and failures in the report."""
+
+    def __init__(self, wanted: set[str], budget: Budget, budget_s: float, report: dict[str, Any]) -> None:
+        self.wanted, self.budget, self.budget_s, self.report = wanted, budget, budget_s, report
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``'s result, or None when the section is not wanted, the budget is spent or it raised."""
+        if name.split(":")[0].split(" ")[0] not in self.wanted:
+            return None
+        if self.budget.left() < 0:
+            self.report["notes"].append(f"section {name} skipped: budget of {self.budget_s:.0f} s spent")
+            return None
+        start = time.monotonic()
+        log.info("section %s …", name)
+        try:
+            result = fn()
+        except Exception as err:  # a broken section must not hide the others' results
+            log.exception("section %s failed", name)
+            self.report["notes"].append(f"section {name} FAILED: {type(err).__name__}: {err}")
+            return None
+        log.info("section %s done in %.1f s", name, time.monotonic() - start)
+        return result
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/kernels")))
@@ -597,103 +622,103 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="correctness,layers,concept,e2e")
     args = parser.parse_args(argv)
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported below
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        os.environ["TRITON_INTERPRET"] = "1"  # Triton's own switch, read when triton is first imported
+    else:
+        import torch
 
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run on a GPU, or use --smoke")
+    return args
+
+
+def _report_header(device: str, smoke: bool, batch: int) -> dict[str, Any]:
     import torch
     import triton
 
-    device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("no CUDA device: run on a GPU, or use --smoke")
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    budget = Budget(args.budget)
-    sections = set(args.sections.split(","))
-    dtypes = ["float32", "float16"] if args.smoke else ["float32", "bfloat16"]
-    batch = 2 if args.smoke else args.batch
-    report: dict[str, Any] = {
+    return {
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "smoke": args.smoke,
+        "smoke": smoke,
         "batch": batch,
         "date": time.strftime("%Y-%m-%d"),
         "notes": [],
     }
 
-    def run_section(name: str, fn: Callable[[], Any]) -> Any:
-        if name.split(":")[0].split(" ")[0] not in sections:
-            return None
-        if budget.left() < 0:
-            report["notes"].append(f"section {name} skipped: budget of {args.budget:.0f} s spent")
-            return None
-        start = time.monotonic()
-        log.info("section %s …", name)
-        try:
-            result = fn()
-        except Exception as err:  # a broken section must not hide the others' results
-            log.exception("section %s failed", name)
-            report["notes"].append(f"section {name} FAILED: {type(err).__name__}: {err}")
-            return None
-        log.info("section %s done in %.1f s", name, time.monotonic() - start)
-        return result
 
+def _correctness(sections: Sections, bench_concept: Any, device: str, dtypes: list[str], smoke: bool) -> list:
+    rows: list[dict[str, Any]] = []
+    for dtype_name in dtypes:
+        rows += sections.run(f"correctness:bcos {dtype_name}", lambda d=dtype_name: check_bcos(device, d, smoke)) or []
+        if bench_concept is None:
+            continue
+        rows += sections.run(
+            f"correctness:concept {dtype_name}",
+            lambda d=dtype_name: bench_concept.check_concept_kernels(device, _dtype(d), smoke),
+        ) or []  # fmt: skip
+    return rows
+
+
+def _layer_timings(
+    sections: Sections, device: str, dtypes: list[str], batch: int, smoke: bool, compile_budget: float
+) -> list[dict[str, Any]]:
+    """Every B-cos convolution shape of ResNet-50 (and a spread of DenseNet-121's) timed per dtype."""
+    size = 16 if smoke else 224
+    resnet = network_conv_shapes("bcos_resnet8" if smoke else "bcos_v2_resnet50", size, smoke)
+    if smoke:
+        resnet = _spread(resnet, 3)
+    densenet = [] if smoke else _spread(network_conv_shapes("bcos_v2_densenet121", size, False), 8)
+    rows: list[dict[str, Any]] = []
+    for i, dtype_name in enumerate(dtypes):
+        share = Budget(sections.budget.left() / (len(dtypes) - i))  # each dtype gets its part of what is left
+        rows += sections.run(
+            f"layers {dtype_name}",
+            lambda d=dtype_name, b=share: time_layers(resnet + densenet, device, d, batch, smoke, b,
+                                                      compile_budget / len(dtypes)),
+        ) or []  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtypes = ["float32", "float16"] if args.smoke else ["float32", "bfloat16"]
+    batch = 2 if args.smoke else args.batch
+    report = _report_header(device, args.smoke, batch)
+    sections = Sections(set(args.sections.split(",")), Budget(args.budget), args.budget, report)
     try:
         from benchmarks import gpu_concept_kernels as bench_concept
     except Exception as err:  # the concept kernels' checks live in their own module
         bench_concept = None
         report["notes"].append(f"concept-layer checks unavailable: {err}")
-        sections -= {"concept"}
+        sections.wanted -= {"concept"}
 
-    correctness: list[dict[str, Any]] = []
-    for dtype_name in dtypes:
-        correctness += (
-            run_section(f"correctness:bcos {dtype_name}", lambda d=dtype_name: check_bcos(device, d, args.smoke)) or []
-        )
-        if bench_concept is None:
-            continue
-        correctness += run_section(
-            f"correctness:concept {dtype_name}",
-            lambda d=dtype_name: bench_concept.check_concept_kernels(device, _dtype(d), args.smoke),
-        ) or []  # fmt: skip
-    report["correctness"] = correctness
-
-    report["end_to_end"] = run_section(
-        "e2e",
-        lambda: end_to_end(
-            device, args.smoke, 1 if args.smoke else args.e2e_batch, 1 if args.smoke else 5, 1 if args.smoke else 5
-        ),
-    )
+    report["correctness"] = _correctness(sections, bench_concept, device, dtypes, args.smoke)
+    e2e_batch, repeats, top = (1, 1, 1) if args.smoke else (args.e2e_batch, 5, 5)
+    report["end_to_end"] = sections.run("e2e", lambda: end_to_end(device, args.smoke, e2e_batch, repeats, top))
     # The per-layer tables come last: they are the longest section (one autotuning per layer shape and
     # path), and the budget then cuts their tail rather than a whole later section.
-    concept_rows: list[dict[str, Any]] = []
-    for dtype_name in dtypes:
-        concept_rows += run_section(
+    report["concept_timings"] = [
+        row
+        for dtype_name in dtypes
+        for row in sections.run(
             f"concept {dtype_name}",
             lambda d=dtype_name: bench_concept.time_concept_kernels(device, _dtype(d), args.smoke),
-        ) or []  # fmt: skip
-    report["concept_timings"] = concept_rows
-    if "layers" in sections:
-        size = 16 if args.smoke else 224
-        resnet = network_conv_shapes("bcos_resnet8" if args.smoke else "bcos_v2_resnet50", size, args.smoke)
-        if args.smoke:
-            resnet = _spread(resnet, 3)
-        densenet = [] if args.smoke else _spread(network_conv_shapes("bcos_v2_densenet121", size, False), 8)
-        report["layers"] = []
-        for i, dtype_name in enumerate(dtypes):
-            share = Budget(budget.left() / (len(dtypes) - i))  # each dtype gets its part of what is left
-            report["layers"] += run_section(
-                f"layers {dtype_name}",
-                lambda d=dtype_name, b=share: time_layers(resnet + densenet, device, d, batch, args.smoke, b,
-                                                          args.compile_budget / len(dtypes)),
-            ) or []  # fmt: skip
-    report["seconds"] = budget.elapsed()
+        ) or []
+    ]  # fmt: skip
+    if "layers" in sections.wanted:
+        report["layers"] = _layer_timings(sections, device, dtypes, batch, args.smoke, args.compile_budget)
+    report["seconds"] = sections.budget.elapsed()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels_bench.json").write_text(json.dumps(report, indent=1, default=str))
     _print_tables(report)
-    failures = [r for r in correctness if not r["ok"]]
+    failures = [r for r in report["correctness"] if not r["ok"]]
     broken = [n for n in report["notes"] if "FAILED" in n]
     return 1 if failures or broken else 0
 
