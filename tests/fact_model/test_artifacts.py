@@ -236,8 +236,9 @@ def test_save_into_empty_existing_dir_and_missing_parents(model: FaCTModel, tmp_
 def test_save_onto_a_file_is_refused(model: FaCTModel, tmp_path: Path) -> None:
     target = tmp_path / "file"
     target.write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as info:
         save(model, target, overwrite=True)
+    assert str(info.value) == f"cannot save an artifact to {target}: it exists and is not a directory"
     assert target.read_text() == "keep me"
 
 

@@ -68,8 +68,9 @@ def test_checkpoint_mismatch_is_a_clear_error(tmp_path):
     other = create_backbone("bcos_resnet14", num_classes=5)
     with pytest.raises(ValueError, match="does not match architecture bcos_resnet14"):
         load_bcos_v2_checkpoint(other, checkpoint)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError) as info:
         load_bcos_v2_checkpoint(other, tmp_path / "missing.pth")
+    assert str(info.value) == f"checkpoint not found: {tmp_path / 'missing.pth'}"
 
 
 @pytest.mark.parametrize("name", ["bcos_resnet8", "bcos_resnet14", "bcos_resnet20"])

@@ -125,7 +125,7 @@ def test_encoding_and_logit_layer():
     layer = LogitLayer(logit_temperature=2.0, logit_bias=-math.log(9))
     y = torch.randn(2, 10)
     torch.testing.assert_close(layer(y), y / 2 - math.log(9))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^logit_temperature must be > 0, got 0\.0$"):
         LogitLayer(logit_temperature=0.0)
 
 
@@ -163,12 +163,19 @@ def test_explanation_mode_restores_state_on_error():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(bias=True), dict(padding_mode="reflect"), dict(b=0.5), dict(max_out=0), dict(groups=4)],
+    ("kwargs", "message"),
+    [
+        (dict(bias=True), "BcosConv2d has no bias: a bias would break the exact decomposition"),
+        (dict(padding_mode="reflect"), "BcosConv2d supports padding_mode='zeros' only, got 'reflect'"),
+        (dict(b=0.5), "b must be a real number ≥ 1, got 0.5"),
+        (dict(max_out=0), "max_out must be an int ≥ 1, got 0"),
+        (dict(groups=4), "in_channels (6) and out_channels (6) must both be divisible by groups (4)"),
+    ],
 )
-def test_conv_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+def test_conv_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as info:
         BcosConv2d(6, 6, 3, **kwargs)
+    assert str(info.value) == message
 
 
 # ----------------------------------------------------------------- parity with the bcos package

@@ -86,13 +86,19 @@ def test_selection_helpers():
 
 
 @pytest.mark.parametrize(
-    "args,shape",
-    [((8, 16, 17), None), ((8, 0, 1), None), ((8, 16, 2), (2, 5, 3, 3)), ((8, 16, 2), (2, 8))],
+    ("args", "shape", "message"),
+    [
+        ((8, 16, 17), None, "k (17) cannot exceed num_concepts (16)"),
+        ((8, 0, 1), None, "num_concepts must be a positive int, got 0"),
+        ((8, 16, 2), (2, 5, 3, 3), "ConceptLayer has in_features=8 but got features of shape (2, 5, 3, 3)"),
+        ((8, 16, 2), (2, 8), "ConceptLayer expects (N, C, h, w) feature maps or (N, T, C) tokens, got shape (2, 8)"),
+    ],
 )
-def test_bad_arguments_and_shapes(args, shape):
-    with pytest.raises(ValueError):
+def test_bad_arguments_and_shapes(args, shape, message):
+    with pytest.raises(ValueError) as info:
         layer = ConceptLayer(*args)
         layer(torch.randn(*shape))
+    assert str(info.value) == message
 
 
 def test_encoder_vjp_takes_many_seeds_at_once():

@@ -459,6 +459,7 @@ def test_truncated_files_are_refused_in_every_format(fmt, save):
     with pytest.raises(ImageReadError) as info:
         decode_image(data[: len(data) // 2])
     assert info.value.reason == "corrupt_image", info.value
+    assert "truncated" in info.value.message and str(info.value) == info.value.message, info.value
 
 
 def _tiny_jpeg_claiming(width: int, height: int) -> bytes:
@@ -735,7 +736,8 @@ def test_base64_size_is_checked_before_decoding(monkeypatch):
     for text in ("", " \n ", "data:image/png;base64,\n"):
         with pytest.raises(RequestError) as info:
             service_images.decode_base64(text, max_bytes=100)
-        assert info.value.reason == "empty_image"
+        assert (info.value.status, info.value.reason) == (400, "empty_image")
+        assert info.value.message == f"the image is empty: send {image_io.ACCEPTED_FORMATS} bytes, base64-encoded"
 
 
 # ----------------------------------------------------------------------------- the service: images
