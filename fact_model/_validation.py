@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ClassSpec", "resolve_classes", "validate_images"]
+__all__ = ["ClassSpec", "check_same_classes", "resolve_classes", "validate_images"]
 
 ClassSpec = int | str | Sequence[int | str] | Tensor | None
 
@@ -53,6 +53,19 @@ def validate_images(images: object, device: torch.device, dtype: torch.dtype) ->
     if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
         raise ValueError(f"image values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}")
     return images.to(device=device, dtype=dtype).clamp(0, 1)
+
+
+def check_same_classes(data_classes: Sequence[str], model_classes: Sequence[str], hint: str = "") -> None:
+    """Refuse data whose classes (names, in order) are not the model's: its labels would mean other classes.
+
+    Raises:
+        ValueError: naming the first classes of both, followed by ``hint``.
+    """
+    if tuple(data_classes) != tuple(model_classes):
+        raise ValueError(
+            f"the data's classes {list(data_classes)[:5]}… are not the model's {list(model_classes)[:5]}…"
+            + (f" {hint}" if hint else "")
+        )
 
 
 def _one_class(value: object, class_names: Sequence[str], what: str) -> int:

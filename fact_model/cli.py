@@ -22,7 +22,9 @@ import json
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -259,11 +261,9 @@ def _start_model(args: argparse.Namespace, data, arch: str | None, output_activa
 
     if trained is not None:
         model = trained
-        if tuple(model.class_names) != tuple(data.class_names):
-            raise ValueError(
-                f"the model's classes {list(model.class_names)[:5]}… differ from the data's "
-                f"{list(data.class_names)[:5]}…"
-            )
+        from fact_model._validation import check_same_classes
+
+        check_same_classes(data.class_names, model.class_names)
         if arch is not None and model.config.backbone != arch:
             raise ValueError(f"the model's backbone is {model.config.backbone!r}, the preset's {arch!r}")
         return model
@@ -348,10 +348,13 @@ def _eval_split(args: argparse.Namespace, model=None):
     else:
         split = "test" if "test" in spec.splits() else "val"
     data = open_split(spec, split)
-    if model is not None and tuple(model.class_names) != tuple(data.class_names):
-        raise ValueError(
-            f"the data's classes {list(data.class_names)[:5]}… are not the model's {list(model.class_names)[:5]}… "
-            "(same class folders, in the same sorted order, as the model was trained on)"
+    if model is not None:
+        from fact_model._validation import check_same_classes
+
+        check_same_classes(
+            data.class_names,
+            model.class_names,
+            "(same class folders, in the same sorted order, as the model was trained on)",
         )
     return data
 
@@ -394,33 +397,62 @@ def _stats(args: argparse.Namespace, progress: bool) -> None:
     print_summary("concept statistics", rows)
 
 
-def _quality(args: argparse.Namespace, progress: bool) -> None:
+@dataclass
+class _GroundTruth:
+    """What ``fact quality`` and ``fact report`` read: the embedded split in memory with its part maps."""
+
+    model: Any
+    split: Any
+    images: Any  # (N, 3, H, W) in [0, 1]
+    labels: Any  # (N,)
+    part_maps: Any  # (N, H, W) part id per pixel (0 = background)
+    encoders: list  # the part-map oracle, then the reference encoder (DINOv2 or the built-in fallback)
+    class_parts: list[int]  # part ids that belong to some class (distractors excluded)
+
+
+def _ground_truth(args: argparse.Namespace, command: str) -> _GroundTruth:
     from fact_model.analysis.encoders import OracleEncoder, reference_encoder
-    from fact_model.analysis.quality import concept_quality, quality_markdown
     from fact_model.artifacts import load
     from fact_model.data.sources import open_split
     from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES
-    from fact_model.training.common import print_summary
 
     model = load(args.model)
     spec = _data_spec(args, model.config.preprocessing)
     if not spec.is_synthetic:
-        raise ValueError("fact quality needs ground-truth part maps: use --data synthetic")
+        raise ValueError(f"fact {command} needs ground-truth part maps: use --data synthetic")
     split = open_split(spec, args.split)
-    images, _ = split.materialise()  # generated data: in memory, with its ground-truth part maps
+    images, labels = split.materialise()  # generated data: in memory, with its ground-truth part maps
     part_maps = split.part_maps()
     encoder, message = reference_encoder(args.dinov2_weights)
     if message:
         log.warning("%s", message)
     encoders = [OracleEncoder(part_maps, len(PART_NAMES)), encoder]
     class_parts = sorted({p + 1 for parts in CLASS_PARTS for p in parts})
+    return _GroundTruth(model, split, images, labels, part_maps, encoders, class_parts)
+
+
+def _quality(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model.analysis.quality import concept_quality, quality_markdown
+    from fact_model.data.synthetic import PART_NAMES
+    from fact_model.training.common import print_summary
+
+    truth = _ground_truth(args, "quality")
+    model, images, part_maps = truth.model, truth.images, truth.part_maps
     layers = args.layer or [info.name for info in model.concept_layers]
     reports = []
     for layer in layers:
         for source in ("fact", "channels"):
             reports.append(
                 concept_quality(
-                    model, images, layer, encoders, source, part_maps, PART_NAMES, class_parts, progress=progress
+                    model,
+                    images,
+                    layer,
+                    truth.encoders,
+                    source,
+                    part_maps,
+                    PART_NAMES,
+                    truth.class_parts,
+                    progress=progress,
                 )
             )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -436,22 +468,16 @@ def _quality(args: argparse.Namespace, progress: bool) -> None:
 
 def _report(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
-    from fact_model.analysis.encoders import OracleEncoder, reference_encoder
     from fact_model.analysis.evaluate import evaluate
     from fact_model.analysis.report import write_report
-    from fact_model.artifacts import load, resolve_artifact_path
-    from fact_model.data.sources import open_recorded_split, open_split
-    from fact_model.data.synthetic import CLASS_PARTS, PART_NAMES
+    from fact_model.artifacts import resolve_artifact_path
+    from fact_model.data.sources import open_recorded_split
+    from fact_model.data.synthetic import PART_NAMES
     from fact_model.training.common import print_summary
 
-    model = load(args.model)
-    spec = _data_spec(args, model.config.preprocessing)
-    if not spec.is_synthetic:
-        raise ValueError("fact report needs ground-truth part maps: use --data synthetic")
+    truth = _ground_truth(args, "report")
+    model, split = truth.model, truth.split
     directory = resolve_artifact_path(args.model)
-    split = open_split(spec, args.split)
-    images, labels = split.materialise()  # generated data: in memory, with its ground-truth part maps
-    part_maps = split.part_maps()
     stats, stats_images = None, None
     if (directory / STATS_META).is_file():
         stats, meta = load_concept_stats(directory)
@@ -463,18 +489,14 @@ def _report(args: argparse.Namespace, progress: bool) -> None:
     evaluation = json.loads(evaluation_path.read_text()) if evaluation_path.is_file() else None
     if evaluation is None or evaluation.get("data") != split.description:
         evaluation = json.loads(evaluate(model, split, progress=progress).to_json())
-    encoder, message = reference_encoder(args.dinov2_weights)
-    if message:
-        log.warning("%s", message)
-    class_parts = sorted({p + 1 for parts in CLASS_PARTS for p in parts})
     path = write_report(
         model,
-        images,
-        labels,
-        part_maps,
+        truth.images,
+        truth.labels,
+        truth.part_maps,
         PART_NAMES,
-        class_parts,
-        [OracleEncoder(part_maps, len(PART_NAMES)), encoder],
+        truth.class_parts,
+        truth.encoders,
         args.out,
         stats=stats,
         stats_images=stats_images,

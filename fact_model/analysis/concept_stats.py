@@ -27,6 +27,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from fact_model._validation import check_same_classes
 from fact_model.data.loading import ImageSplit
 from fact_model.model import FaCTModel
 
@@ -69,10 +70,7 @@ def compute_concept_stats(
     Raises:
         ValueError: the split's classes are not the model's, or no image in it is readable.
     """
-    if tuple(split.class_names) != tuple(model.class_names):
-        raise ValueError(
-            f"the data's classes {list(split.class_names)[:5]}… are not the model's {list(model.class_names)[:5]}…"
-        )
+    check_same_classes(split.class_names, model.class_names)
     model.eval()
     classes = model.num_classes
     stats: dict[str, Tensor] = {}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fact_model._validation import check_same_classes
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.data.loading import ImageSplit
 from fact_model.explanation import rank_classes
@@ -130,10 +131,7 @@ def evaluate(
     Raises:
         ValueError: the split's classes are not the model's, or no image in it is readable.
     """
-    if tuple(split.class_names) != tuple(model.class_names):
-        raise ValueError(
-            f"the data's classes {list(split.class_names)[:5]}… are not the model's {list(model.class_names)[:5]}…"
-        )
+    check_same_classes(split.class_names, model.class_names)
     model.eval()
     names = [info.name for info in model.concept_layers]
     k_of = {info.name: info for info in model.concept_layers}

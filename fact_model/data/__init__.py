@@ -1,33 +1,11 @@
 """Datasets for training and checking concept explanations.
 
-* :mod:`fact_model.data.synthetic` — seeded images of classes made of shared parts,
-  with a ground-truth part map per pixel (known concepts); re-exported here.
+* :mod:`fact_model.data.synthetic` — the embedded dataset: seeded images of classes made of
+  shared parts, with a ground-truth part map per pixel (known concepts);
+* :mod:`fact_model.data.folder` — image folders (``ROOT/<class>/`` and ImageNet's
+  ``ROOT/{train,val,test}/<class>/``), listed up front, decoded when read;
+* :mod:`fact_model.data.digits` — scikit-learn's real handwritten digits exported as a folder;
+* :mod:`fact_model.data.export` — the embedded dataset written out as PNG folders (``fact data export``);
+* :mod:`fact_model.data.sources` — which split of which source a command reads (:class:`DataSpec`);
+* :mod:`fact_model.data.loading` — the one streamed path every command reads batches through.
 """
-
-from fact_model.data.synthetic import (
-    CLASS_NAMES,
-    CLASS_PARTS,
-    DISTRACTOR_TYPES,
-    NUM_CLASSES,
-    PART_NAMES,
-    PART_TYPES,
-    SPLITS,
-    SyntheticConfig,
-    SyntheticParts,
-    part_map_to_rgb,
-    render_sample,
-)
-
-__all__ = [
-    "CLASS_NAMES",
-    "CLASS_PARTS",
-    "DISTRACTOR_TYPES",
-    "NUM_CLASSES",
-    "PART_NAMES",
-    "PART_TYPES",
-    "SPLITS",
-    "SyntheticConfig",
-    "SyntheticParts",
-    "part_map_to_rgb",
-    "render_sample",
-]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fact_model.data import (
+from fact_model.data.synthetic import (
     CLASS_NAMES,
     CLASS_PARTS,
     DISTRACTOR_TYPES,
