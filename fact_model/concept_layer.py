@@ -11,7 +11,7 @@ network dynamic-linear and every explanation identity exact.
 
 ``u`` is kept sparse: ``k`` values and their concept ids per position
 (:class:`ConceptCodes`); decoding is a gather-sum of ``k`` decoder columns.
-With Triton kernels on (``FACT_KERNELS``, see :mod:`kernels._common`) encode, decode
+With Triton kernels on (the ``kernels`` option, :mod:`fact_model.options`) encode, decode
 and :meth:`ConceptLayer.encoder_vjp` run the fused kernels of
 :mod:`kernels.concept_encode` / :mod:`kernels.concept_decode` (same results).
 The ``decoder`` parameter holds ``Dᵀ`` (``(K, C)``: row k is concept k's
@@ -145,7 +145,7 @@ class ConceptLayer(Detachable, nn.Module):
         return F.relu(positions @ self.encoder.t())
 
     def _use_kernels(self, tensor: Tensor) -> bool:
-        """Whether the Triton concept kernels serve this call (``FACT_KERNELS``, device, dtype, ``k``).
+        """Whether the Triton concept kernels serve this call (the ``kernels`` option, device, dtype, ``k``).
 
         :mod:`kernels` is imported lazily: with the kernels off, ``import fact_model``
         never imports Triton. Graph export keeps the plain PyTorch ops.
@@ -190,9 +190,7 @@ class ConceptLayer(Detachable, nn.Module):
                 positions.reshape(n * p, c).contiguous(), self.encoder.contiguous(), self.k
             )
             return ConceptCodes(values.view(n, p, self.k), indices.view(n, p, self.k), spatial_shape, self.num_concepts)
-        pre = F.relu(positions @ self.encoder.t())  # (N, P, K)
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)
-        return ConceptCodes(values, indices, spatial_shape, self.num_concepts)
+        return self.top_k(F.relu(positions @ self.encoder.t()), spatial_shape)  # dense (N, P, K) in between
 
     def _gather_sum(self, weights: Tensor, indices: Tensor, table: Tensor) -> Tensor:
         """``Σ_j weights[m, j] · table[indices[m, j]]`` for ``(M, k)`` slots → ``(M, C)``, never a dense code."""
