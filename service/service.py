@@ -254,30 +254,38 @@ class FaCTService:
             raise RuntimeError("the request gate did not decode this request's image")
         return image
 
+    async def _explain_items(
+        self, route: str, texts: list[str], targets: list[Any], contrasts: list[Any], request: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Explanations of the decoded images ``texts`` in one model call (``request``'s shared options)."""
+        started = time.perf_counter()
+        engine = await _engine()
+        images = [self._image(text) for text in texts]
+        decode_ms = 1e3 * (time.perf_counter() - started)
+        return await self._on_model_thread(
+            route,
+            engine.explain_many,
+            images,
+            targets,
+            contrasts,
+            request["top_k"],
+            request["layers"],
+            request["heatmaps"],
+            request["heatmap_kind"],
+            decode_ms,
+            request["heatmap_size"],
+            units=explain_units(len(images), request["top_k"]),
+        )
+
     @bentoml.api(route="/explain", input_spec=ExplainRequest)
     async def explain(self, **request: Any) -> dict[str, Any]:
         """Explain one image exactly: its top concepts, their contributions, heatmaps and cross-layer tree.
 
         Send JSON with ``image_base64``, or a multipart form with the file ``image`` and the same other fields.
         """
-        started = time.perf_counter()
         try:
-            engine = await _engine()
-            image = self._image(request["image_base64"])
-            decode_ms = 1e3 * (time.perf_counter() - started)
-            results = await self._on_model_thread(
-                "explain",
-                engine.explain_many,
-                [image],
-                [request["target"]],
-                [request["contrast"]],
-                request["top_k"],
-                request["layers"],
-                request["heatmaps"],
-                request["heatmap_kind"],
-                decode_ms,
-                request["heatmap_size"],
-                units=explain_units(1, request["top_k"]),
+            results = await self._explain_items(
+                "explain", [request["image_base64"]], [request["target"]], [request["contrast"]], request
             )
         except RequestError as err:
             return error_response(err)
@@ -286,25 +294,14 @@ class FaCTService:
     @bentoml.api(route="/explain_batch", input_spec=ExplainBatchRequest)
     async def explain_batch(self, **request: Any) -> dict[str, Any]:
         """Explain several images in one model call; each item may have its own target and contrast."""
-        started = time.perf_counter()
         items = request["items"]
         try:
-            engine = await _engine()
-            images = [self._image(item.image_base64) for item in items]
-            decode_ms = 1e3 * (time.perf_counter() - started)
-            results = await self._on_model_thread(
+            results = await self._explain_items(
                 "explain_batch",
-                engine.explain_many,
-                images,
+                [item.image_base64 for item in items],
                 [item.target for item in items],
                 [item.contrast for item in items],
-                request["top_k"],
-                request["layers"],
-                request["heatmaps"],
-                request["heatmap_kind"],
-                decode_ms,
-                request["heatmap_size"],
-                units=explain_units(len(items), request["top_k"]),
+                request,
             )
         except RequestError as err:
             return error_response(err)
