@@ -9,40 +9,19 @@ import torch
 
 from fact_model import explain as explain_module
 from fact_model.bcos.encoding import encode_rgb
+from tests._support.exactness import (
+    ONE_LAYER_LAST,
+    REL_TOL,
+    assert_sums_to,
+    autograd_contributions,
+    check_completeness_for_every_class,
+    logit_magnitude,
+    ranking_test_model,
+    reference_scores,
+    stable_ranking,
+)
 from tests.conftest import NUM_CLASSES, make_model
 
-REL_TOL = 1e-4  # float32, relative to the size of the terms being summed
-
-
-def assert_sums_to(parts: torch.Tensor, total: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-    """``parts.sum(-1) == total`` to REL_TOL relative to ``scale`` (default ``Σ|parts|``)."""
-    magnitude = parts.abs().sum(-1) if scale is None else scale
-    error = (parts.sum(-1) - total).abs()
-    assert (error <= REL_TOL * magnitude.clamp_min(1e-12)).all(), (
-        f"residual {error.max():.3e} vs magnitude {magnitude.min():.3e}"
-    )
-
-
-def reference_scores(model, images) -> torch.Tensor:
-    """``logit − b`` from an independent float64 copy of the model, as float32."""
-    double = copy.deepcopy(model).double()
-    with torch.no_grad():
-        return (double(images.double()) - model.logit_bias).float()
-
-
-def logit_magnitude(model, images, *classes: torch.Tensor) -> torch.Tensor:
-    """``Σ_p |head_{c,p}| / (P·T)`` summed over ``classes``: the size of the terms the forward pass adds up.
-
-    A logit of a random-weight network is a sum of per-position terms that largely
-    cancel, so float32 rounding is relative to these terms, not to the small sum.
-    """
-    with torch.no_grad():
-        head = model.backbone.head(model.forward_encoded(encode_rgb(images)).head_input)  # (N, classes, h, w)
-        per_class = head.abs().mean(dim=(2, 3)) / model.logit_temperature
-    return sum(per_class.gather(1, c[:, None]).squeeze(1) for c in classes)
-
-
-ONE_LAYER_LAST = [("layer3", 48, 4)]
 ONE_LAYER_MIDDLE = [("layer2", 32, 4)]
 TWO_LAYERS = [("layer2", 32, 4), ("layer3", 48, 4)]
 
@@ -51,16 +30,7 @@ TWO_LAYERS = [("layer2", 32, 4), ("layer3", 48, 4)]
 @pytest.mark.parametrize("seed", [0, 1])
 def test_completeness_for_every_class(layers, seed, images):
     model = make_model(layers, seed=seed)
-    scores = reference_scores(model, images)
-    for target in range(NUM_CLASSES):
-        expl = model.explain(images, target=target)
-        expected = scores[:, target]
-        torch.testing.assert_close(expl.explained, expected, rtol=REL_TOL, atol=1e-9)
-        magnitude = torch.maximum(expected.abs(), 1e-2 * logit_magnitude(model, images, expl.target))
-        for name in expl.layer_names:
-            assert expl.contributions[name].shape == (4, model.concept_layer(name).num_concepts)
-            assert_sums_to(expl.contributions[name], expected, magnitude)
-        assert (expl.residual <= REL_TOL * magnitude).all()
+    check_completeness_for_every_class(model, images, lambda target: logit_magnitude(model, images, target), 1e-9)
 
 
 @pytest.mark.parametrize("layers", [ONE_LAYER_LAST, TWO_LAYERS], ids=["last", "two"])
@@ -77,21 +47,6 @@ def test_contrastive_completeness(layers, images):
     a = model.explain(images, target=targets).contributions["layer3"]
     b = model.explain(images, target=contrasts).contributions["layer3"]
     torch.testing.assert_close(expl.contributions["layer3"], a - b, rtol=1e-5, atol=1e-7)
-
-
-def autograd_contributions(model, images, target, layer):
-    """Independent reference: ``u ⊙ ∂y/∂u`` by plain autograd in explanation mode, dense over K."""
-    with model.explanation_mode():
-        record = model.forward_encoded(encode_rgb(images))
-        codes = record.codes[layer]
-        y = record.logits.gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(y, codes.values)
-    dense = torch.zeros(images.shape[0], codes.num_concepts)
-    flat_ids, flat = codes.indices.flatten(1), (codes.values * grad).flatten(1).detach()
-    for n in range(images.shape[0]):
-        for j in range(flat.shape[1]):
-            dense[n, flat_ids[n, j]] += flat[n, j]
-    return dense
 
 
 def test_closed_form_equals_autograd(images):
@@ -349,37 +304,6 @@ def test_batched_vjp_gives_the_loops_maps_and_traces(images, use_options):
     torch.testing.assert_close(from_options.maps.concepts["layer2"], batched.maps.concepts["layer2"])
     with pytest.raises(ValueError, match=r"FACT_EXPLAIN_VJP \(explain_vjp\) must be one of \['loop', 'batched'\]"):
         use_options(explain_vjp="vectorised")
-
-
-def stable_ranking(scores: torch.Tensor) -> torch.Tensor:
-    """Independent reference ranking: Python's sort on ``(−score, class index)`` per image."""
-    rows = [sorted(range(len(row)), key=lambda c, row=row: (-row[c], c)) for row in scores.tolist()]
-    return torch.tensor(rows)
-
-
-def ranking_test_model(kind: str):
-    """A model whose class order is ambiguous, for the one-ranking tests; ``(model, expected winner)``.
-
-    ``"saturated"``: temperature 1e9 makes the scores ~1e-11, so every logit ``b + score``
-    rounds to ``b`` in float32 (``argmax(logits)`` = 0), while the scores still put class 3
-    first (head rows 0 and 3 swapped; seed 0 puts class 0 first, with a positive score,
-    for the test images).
-    ``"tied"``: classes 2 and 4 score exactly 0 (their head rows read only a feature channel
-    the decoder never writes) and every other class −score₀ < 0: an exact tie on top,
-    which the lower index (2) wins.
-    """
-    model = make_model(ONE_LAYER_LAST, logit_temperature=1e9 if kind == "saturated" else 1.0)
-    weight = model.backbone.head.weight  # (classes, C, 1, 1)
-    with torch.no_grad():
-        rows = weight.clone()
-        if kind == "saturated":
-            weight[0], weight[3] = rows[3], rows[0]
-            return model, 3
-        model.concept_layer("layer3").decoder[:, 0] = 0.0  # decoded feature channel 0 is exactly 0
-        weight.copy_(-rows[0].expand_as(weight))
-        weight[[2, 4]] = 0.0
-        weight[[2, 4], 0] = 1.0
-    return model, 2
 
 
 @pytest.mark.parametrize("kind", ["saturated", "tied"])

@@ -15,8 +15,8 @@ from fact_model.data.synthetic import SyntheticConfig, SyntheticParts
 from fact_model.explanation import rank_classes
 from fact_model.onnx_export import ONNX_OUTPUTS, PredictionGraph, export_onnx
 from fact_model.onnx_runtime import OnnxPredictor, choose_providers
+from tests._support.exactness import ranking_test_model, stable_ranking
 from tests.conftest import make_model
-from tests.fact_model.test_explain import ranking_test_model, stable_ranking
 
 pytest.importorskip("onnxruntime")
 

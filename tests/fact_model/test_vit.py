@@ -19,8 +19,14 @@ from fact_model import explain as explain_module
 from fact_model.backbones import create_backbone, list_backbones, load_bcos_v2_checkpoint
 from fact_model.backbones.vit import BcosViTBackbone
 from fact_model.bcos.encoding import encode_rgb
-from tests.conftest import NUM_CLASSES, make_model, randomise_norm_statistics
-from tests.fact_model.test_explain import REL_TOL, assert_sums_to, autograd_contributions, reference_scores
+from tests._support.exactness import (
+    REL_TOL,
+    assert_sums_to,
+    autograd_contributions,
+    check_completeness_for_every_class,
+    reference_scores,
+)
+from tests.conftest import make_model, randomise_norm_statistics
 
 bcos_vit = pytest.importorskip("bcos.models.vit")
 from bcos.models import pretrained as bcos_pretrained  # noqa: E402
@@ -187,17 +193,9 @@ def token_magnitude(model, images, classes) -> torch.Tensor:
 def test_completeness_for_every_class(layers, vit_images):
     model = vit_model(layers)
     assert explain_module.closed_form_applies(model) == (layers is not MIDDLE)
-    scores = reference_scores(model, vit_images)
-    for target in range(NUM_CLASSES):
-        expl = model.explain(vit_images, target=target)
-        expected = scores[:, target]
-        torch.testing.assert_close(expl.explained, expected, rtol=REL_TOL, atol=1e-7)
-        magnitude = torch.maximum(expected.abs(), 1e-2 * token_magnitude(model, vit_images, expl.target))
-        for name in expl.layer_names:
-            assert expl.contributions[name].shape == (4, model.concept_layer(name).num_concepts)
-            assert_sums_to(expl.contributions[name], expected, magnitude)
-            assert expl.spatial[name].shape[2:] == (4, 4)  # the token grid
-        assert (expl.residual <= REL_TOL * magnitude).all()
+    magnitude = lambda target: token_magnitude(model, vit_images, target)  # noqa: E731
+    for expl in check_completeness_for_every_class(model, vit_images, magnitude, 1e-7):
+        assert all(expl.spatial[name].shape[2:] == (4, 4) for name in expl.layer_names)  # the token grid
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"b": 2.5, "logit_temperature": 0.7}, {"b": 1}], ids=["B2", "B2.5-T0.7", "B1"])
