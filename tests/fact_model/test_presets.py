@@ -9,7 +9,7 @@ from fact_model import cli
 from fact_model.backbones import create_backbone
 from fact_model.presets import PRESETS, get_preset, presets_table
 from fact_model.training import concepts as concepts_module
-from tests.fact_model.test_streaming_data import _write_folder
+from tests._support.folders import write_image_folder
 
 SPEC_ROWS = {  # spec section 7, typed in from the specification
     "resnet50_long/layer4": ("bcos_v2_resnet50", 16384, 16),
@@ -48,7 +48,7 @@ def test_cli_preset_sets_arch_layer_preprocessing_and_recipe(tmp_path, monkeypat
         {k: v.contiguous() for k, v in create_backbone("bcos_v2_resnet50", num_classes=2).net.state_dict().items()},
         str(checkpoint),
     )
-    folder = _write_folder(tmp_path / "folder", 8, 64)
+    folder = write_image_folder(tmp_path / "folder", 8, 64)
     seen = {}
 
     def capture(model, data, layers, config, run_dir, progress=True):

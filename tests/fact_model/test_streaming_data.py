@@ -8,10 +8,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fact_model.artifacts import save
 from fact_model.cli import main
@@ -21,9 +19,9 @@ from fact_model.data.sources import DataSpec, open_recorded_split, open_split, o
 from fact_model.model import FaCTModel
 from fact_model.training import features as features_module
 from fact_model.training.features import collect_features
+from tests._support.folders import CLASSES, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
-CLASSES = ("ants", "bees")
 
 
 def _narrow_model(size: int, classes: tuple[str, ...] = CLASSES) -> FaCTModel:
@@ -38,17 +36,6 @@ def _narrow_model(size: int, classes: tuple[str, ...] = CLASSES) -> FaCTModel:
         output_activation="sigmoid",
     )
     return FaCTModel(config).eval()
-
-
-def _write_folder(root: Path, n: int, size: int, classes: tuple[str, ...] = CLASSES, seed: int = 0) -> Path:
-    """``n`` JPEG images of ``size``², spread over ``classes`` sub-folders of ``root``."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        folder = root / classes[i % len(classes)]
-        folder.mkdir(parents=True, exist_ok=True)
-        base = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(folder / f"{i:05d}.jpg", quality=85)
-    return root
 
 
 _PEAK = (
@@ -75,8 +62,8 @@ def test_memory_of_evaluate_and_stats_does_not_grow_with_the_folder(tmp_path):
     size, n = 224, 600
     model = _narrow_model(size)
     folders = {
-        "small": _write_folder(tmp_path / "small", n // 10, size),
-        "big": _write_folder(tmp_path / "big", n, size),
+        "small": write_image_folder(tmp_path / "small", n // 10, size),
+        "big": write_image_folder(tmp_path / "big", n, size),
     }
     runs = {}
     for command in ("evaluate", "stats"):
@@ -101,9 +88,9 @@ def test_memory_of_evaluate_and_stats_does_not_grow_with_the_folder(tmp_path):
 
 
 def _split_layout(root: Path, size: int = 32) -> Path:
-    _write_folder(root / "train", 24, size, seed=1)
-    _write_folder(root / "val", 8, size, seed=2)
-    _write_folder(root / "test", 6, size, seed=3)
+    write_image_folder(root / "train", 24, size, seed=1)
+    write_image_folder(root / "val", 8, size, seed=2)
+    write_image_folder(root / "test", 6, size, seed=3)
     return root
 
 
@@ -118,7 +105,7 @@ def test_imagenet_split_layout_and_val_data(tmp_path):
     assert all("/train/" in f for f in train_files)
     assert len(open_split(spec, "test")) == 6
 
-    other_val = _write_folder(tmp_path / "other_val", 4, 32, seed=4)
+    other_val = write_image_folder(tmp_path / "other_val", 4, 32, seed=4)
     with_val = DataSpec(source=str(root), image_size=32, val_source=str(other_val), workers=0)
     assert len(open_training_data(with_val).val) == 4
     assert open_training_data(with_val).val.item_name(0).startswith(str(other_val))
@@ -128,7 +115,7 @@ def test_imagenet_split_layout_and_val_data(tmp_path):
     flat_data = open_training_data(flat)
     assert flat.layout() == "classes" and (len(flat_data.train), len(flat_data.val)) == (24, 4)
 
-    wrong = _write_folder(tmp_path / "wrong_val", 4, 32, classes=("ants", "wasps"))
+    wrong = write_image_folder(tmp_path / "wrong_val", 4, 32, classes=("ants", "wasps"))
     with pytest.raises(ValueError, match="differ"):
         open_training_data(DataSpec(source=str(root), image_size=32, val_source=str(wrong)))
     with pytest.raises(ValueError, match=r"has splits \['train', 'val', 'test'\], got 'all'"):
@@ -149,7 +136,7 @@ def test_imagenet_split_layout_and_val_data(tmp_path):
 def test_evaluate_on_a_folder_of_other_classes_is_refused(tmp_path, caplog):
     artifact = tmp_path / "model"
     save(_narrow_model(32), artifact)
-    folder = _write_folder(tmp_path / "cats", 4, 32, classes=("cats", "dogs"))
+    folder = write_image_folder(tmp_path / "cats", 4, 32, classes=("cats", "dogs"))
     args = ["-q", "evaluate", "--model", str(artifact), "--data", str(folder), "--image-size", "32"]
     assert main([*args, "--out", str(tmp_path / "out")]) == 2
     assert "are not the model's" in caplog.text and not (tmp_path / "out").exists()
@@ -167,11 +154,11 @@ def test_loader_order_is_seeded_and_batches_are_bounded(tmp_path):
     assert torch.cat([b.images[:, 0, 0, 0] for b in batches]).tolist() == order  # image i holds the value i
     assert [b.indices.tolist() for b in split.batches(4, order=order, start_batch=2)] == [order[8:]]
     with pytest.raises(ValueError, match="streamed from disk"):
-        open_split(DataSpec(source=str(_write_folder(tmp_path / "f", 4, 16)), image_size=16), "all").materialise()
+        open_split(DataSpec(source=str(write_image_folder(tmp_path / "f", 4, 16)), image_size=16), "all").materialise()
 
 
 def _collection_split(tmp_path: Path) -> tuple[FaCTModel, ImageSplit]:
-    folder = _write_folder(tmp_path / "images", 40, 32)
+    folder = write_image_folder(tmp_path / "images", 40, 32)
     return _narrow_model(32), open_split(DataSpec(source=str(folder), image_size=32, workers=0), "all")
 
 
@@ -255,7 +242,7 @@ def test_evaluate_and_stats_read_at_the_models_resolution_by_default(tmp_path):
     """Without --image-size a command reads the data at the model's own preprocessing, not a fixed default."""
     artifact = tmp_path / "model"
     save(_narrow_model(40), artifact)
-    folder = _write_folder(tmp_path / "folder", 6, 64)
+    folder = write_image_folder(tmp_path / "folder", 6, 64)
     args = ["--model", str(artifact), "--data", str(folder), "--workers", "0"]
     assert main(["-q", "evaluate", *args, "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["data"]["image_size"] == 40
