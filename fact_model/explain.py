@@ -133,7 +133,25 @@ def closed_form_contributions(model: FaCTModel, record: ForwardRecord, classes: 
 
 
 class ContrastEqualsTargetError(ValueError):
-    """A contrast class equal to the explained target (a caller's mistake, e.g. an HTTP 400)."""
+    """A contrast class equal to the explained target (a caller's mistake, e.g. an HTTP 400).
+
+    Attributes:
+        images: the batch positions where the contrast equals the target, in order.
+        contrast: the contrast class of the first of them.
+    """
+
+    def __init__(self, images: list[int], contrast: int, class_names: Sequence[str]) -> None:
+        self.images, self.contrast = images, contrast
+        super().__init__(self.message(class_names))
+
+    def message(self, class_names: Sequence[str], positions: Sequence[int] | None = None) -> str:
+        """The error message, naming ``positions[i]`` for batch position ``i`` (default: the positions themselves)."""
+        first = self.images[0] if positions is None else positions[self.images[0]]
+        more = f" (and {len(self.images) - 1} more image(s))" if len(self.images) > 1 else ""
+        return (
+            f"contrast class {class_names[self.contrast]!r} ({self.contrast}) equals the target class for image "
+            f"{first}{more}: a contrast must be another class (why the target rather than it)"
+        )
 
 
 def _check_contrast(target: Tensor, contrast: Tensor | None, class_names: Sequence[str]) -> None:
@@ -146,13 +164,7 @@ def _check_contrast(target: Tensor, contrast: Tensor | None, class_names: Sequen
         return
     same = (target.cpu() == contrast.cpu()).nonzero().flatten().tolist()
     if same:
-        n = same[0]
-        c = int(contrast[n])
-        more = f" (and {len(same) - 1} more image(s))" if len(same) > 1 else ""
-        raise ContrastEqualsTargetError(
-            f"contrast class {class_names[c]!r} ({c}) equals the target class for image {n}{more}: "
-            "a contrast must be another class (why the target rather than it)"
-        )
+        raise ContrastEqualsTargetError(same, int(contrast[same[0]]), class_names)
 
 
 def _check_arguments(top_k: object, map_kinds: Sequence[str]) -> None:

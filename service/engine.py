@@ -364,8 +364,8 @@ class Engine:
                     map_kinds=("concepts",),
                     map_layers=(primary,),
                 )
-            except ContrastEqualsTargetError as err:
-                raise RequestError(400, "contrast_equals_target", str(err)) from None
+            except ContrastEqualsTargetError as err:  # named by the request's item, not the group's position
+                raise RequestError(400, "contrast_equals_target", err.message(self.model.class_names, rows)) from None
             for j, i in enumerate(rows):
                 out[i] = (expl, j)
         return out  # type: ignore[return-value]  (every row was filled)

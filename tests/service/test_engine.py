@@ -434,7 +434,6 @@ def test_explain_many_with_mixed_targets_and_contrasts_equals_one_by_one(engine,
     assert many[2]["contrast"]["index"] == contrasts[2]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the message counts images within the contrast group, not the request")
 def test_explain_many_names_the_request_item_whose_contrast_equals_its_target(engine, samples):
     (a, _), (b, label) = samples[0], samples[1]
     err = refusal(engine.explain_many, [a, b], [None, label], [None, label], 3, None, "none", "bcos")
