@@ -107,3 +107,17 @@ def check_completeness_for_every_class(
         assert (expl.residual <= REL_TOL * scale).all()
         explanations.append(expl)
     return explanations
+
+
+def check_contrastive_completeness(
+    model, images: torch.Tensor, magnitude: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> None:
+    """Targets 0–3 against contrasts 5–2: every layer's contributions sum to the independent score difference."""
+    scores = reference_scores(model, images)
+    targets, contrasts = [0, 1, 2, 3], [5, 4, 3, 2]
+    expl = model.explain(images, target=targets, contrast=contrasts)
+    expected = scores[range(4), targets] - scores[range(4), contrasts]
+    torch.testing.assert_close(expl.explained, expected, rtol=REL_TOL, atol=1e-6)
+    scale = torch.maximum(expected.abs(), 1e-2 * magnitude(expl.target, expl.contrast))
+    for name in expl.layer_names:
+        assert_sums_to(expl.contributions[name], expected, scale)
