@@ -175,6 +175,7 @@ def _assert_survived(result: subprocess.CompletedProcess, expected: str) -> None
     assert expected in result.stdout
 
 
+@pytest.mark.slow  # a subprocess with oneDNN's AVX2 path
 def test_strided_pointwise_layers_survive_avx2_onednn():
     _assert_survived(_run_with_avx2_onednn(LAYER_SCRIPT), "layers ok")
 

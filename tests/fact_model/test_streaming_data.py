@@ -201,6 +201,7 @@ def test_interrupted_collection_resumes_to_the_same_shards(tmp_path, monkeypatch
     assert resumed.count == reference.count
 
 
+@pytest.mark.slow  # collects the shards twice
 def test_torn_shard_is_detected_and_redone(tmp_path):
     model, split = _collection_split(tmp_path)
     kwargs = {"positions_per_image": 4, "batch_size": 4, "shard_rows": 32, "progress": False}

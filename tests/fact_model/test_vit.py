@@ -109,6 +109,7 @@ def test_imagenet_vit_equals_bcos_package_and_loads_its_checkpoint(tmp_path):
     assert ours.stage_names[-1] == "transformer.encoder_10" and len(ours.stage_names) == 12
 
 
+@pytest.mark.slow  # a full-size ViT-C-S at 224 px
 def test_real_vitc_s_at_224_px_builds_runs_and_equals_bcos():
     """The paper's ViT-c S at its resolution (14 × 14 tokens): one forward each, weights shared in memory."""
     torch.manual_seed(0)

@@ -29,7 +29,10 @@ from PIL import Image
 from fact_model.data.synthetic import CLASS_NAMES, SyntheticConfig, render_sample
 from tests._support.server import REPO, grey_png, http, jpeg_declaring, running_server, server_rss
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.slow,
+]  # a real `bentoml serve` per module
 
 PROBE_BOUND_S = 0.5
 RSS_BOUND_BYTES = 500 * 2**20  # growth over the warmed-up baseline allowed at any time in the suite
