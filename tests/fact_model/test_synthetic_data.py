@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fact_model.data._parts import EXTENT
 from fact_model.data.synthetic import (
     CLASS_NAMES,
     CLASS_PARTS,
@@ -20,7 +21,6 @@ from fact_model.data.synthetic import (
     part_map_to_rgb,
     render_sample,
 )
-from fact_model.data._parts import EXTENT
 
 P = len(PART_TYPES)
 SMALL = SyntheticConfig(train=200, val=60, test=100)
