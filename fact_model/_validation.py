@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -69,7 +70,7 @@ def check_same_classes(data_classes: Sequence[str], model_classes: Sequence[str]
 
 
 def _one_class(value: object, class_names: Sequence[str], what: str) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         raise ValueError(f"{what} must be a class index or name, got {value!r}")
     if isinstance(value, str):
         try:
@@ -78,7 +79,8 @@ def _one_class(value: object, class_names: Sequence[str], what: str) -> int:
             shown = ", ".join(repr(c) for c in list(class_names)[:20])
             more = ", …" if len(class_names) > 20 else ""
             raise ValueError(f"unknown {what} class name {value!r}; valid names: {shown}{more}") from None
-    if isinstance(value, int) or (isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point()):
+    integer_tensor = isinstance(value, Tensor) and value.ndim == 0 and not value.is_floating_point()
+    if isinstance(value, numbers.Integral) or integer_tensor:  # int, numpy integers, 0-d integer tensors
         index = int(value)
         if not 0 <= index < len(class_names):
             raise ValueError(f"{what} class index {index} is out of range [0, {len(class_names) - 1}]")
@@ -95,7 +97,9 @@ def resolve_classes(spec: ClassSpec, n: int, class_names: Sequence[str], what: s
         return None
     if isinstance(spec, Tensor) and spec.ndim == 1:
         spec = spec.tolist()
-    if isinstance(spec, (str, int, Tensor)):
+    if isinstance(spec, (bytes, bytearray)):  # a Sequence of ints, but never meant as class indices
+        raise ValueError(f"{what} must be a class index, a name, or one per image, got {type(spec).__name__}")
+    if isinstance(spec, (str, numbers.Integral, Tensor)):
         return torch.full((n,), _one_class(spec, class_names, what), dtype=torch.long)
     if isinstance(spec, Sequence):
         if len(spec) != n:

@@ -31,6 +31,7 @@ The library's own options (``FACT_KERNELS``, ``FACT_BCOS_CONV_PATH``, ``FACT_CON
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ def _positive(name: str, default: float, kind: type[int] | type[float]) -> float
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise ValueError(f"environment variable {name} must be {what}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"environment variable {name} must be a finite number, got {raw!r}")
     if not value > 0:
         raise ValueError(f"environment variable {name} must be {'≥ 1' if kind is int else '> 0'}, got {value}")
     return value
@@ -86,10 +89,10 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        device = os.environ.get("FACT_DEVICE", "auto")
+        device = os.environ.get("FACT_DEVICE") or "auto"  # unset or empty: the default, like every variable
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"FACT_DEVICE must be auto, cpu or cuda, got {device!r}")
-        runtime = os.environ.get("FACT_RUNTIME", "pytorch")
+        runtime = os.environ.get("FACT_RUNTIME") or "pytorch"
         if runtime not in ("pytorch", "onnx"):
             raise ValueError(f"FACT_RUNTIME must be pytorch or onnx, got {runtime!r}")
         return cls(

@@ -51,6 +51,7 @@ def _real_images(n: int) -> torch.Tensor:
     return images.float() / 255
 
 
+@pytest.mark.slow  # an ONNX export (dynamo) per test or fixture
 @pytest.mark.parametrize("name", ["default", "fresh"])
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("kind", ["random", "real"])
@@ -89,6 +90,7 @@ def test_parity_with_pytorch(exported, name, batch, kind):
     assert np.abs(contributions - from_explain)[keep].max(initial=0) <= 1e-4 * (np.abs(from_explain).max() + 1e-3)
 
 
+@pytest.mark.slow  # an ONNX export (dynamo) per test or fixture
 def test_manifest_records_the_export(exported):
     directory, entry = exported["default"]
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -96,6 +98,7 @@ def test_manifest_records_the_export(exported):
     fact_model.load(directory)  # the extra manifest field does not disturb loading
 
 
+@pytest.mark.slow  # an ONNX export (dynamo) per test or fixture
 def test_corrupted_or_mismatched_onnx_is_refused(exported, tmp_path):
     source, _ = exported["default"]
     corrupted = tmp_path / "corrupted"
@@ -127,6 +130,7 @@ def test_model_without_closed_form_is_refused():
         PredictionGraph(make_model([("layer2", 16, 4)]), 5)
 
 
+@pytest.mark.slow  # an ONNX export (dynamo) per test or fixture
 def test_service_serves_predict_through_onnx_runtime(exported, tmp_path):
     import base64
     import io
@@ -158,6 +162,7 @@ def test_service_serves_predict_through_onnx_runtime(exported, tmp_path):
         assert correct >= 9
 
 
+@pytest.mark.slow  # an ONNX export (dynamo) per test or fixture
 @pytest.mark.parametrize("kind", ["saturated", "tied"])
 def test_graph_and_onnx_rank_classes_as_explain_does(kind, tmp_path):
     """Tied logits (saturated) or exactly tied scores: the graph, ONNX Runtime and explain() agree."""
@@ -191,6 +196,7 @@ def test_graph_and_onnx_rank_classes_as_explain_does(kind, tmp_path):
         assert all(a.i == 0 for a in node.attribute if a.name == "select_last_index")
 
 
+@pytest.mark.slow  # an ONNX export (dynamo) per test or fixture
 def test_export_without_the_ranking_outputs_is_refused(exported, tmp_path):
     source, _ = exported["default"]
     old = tmp_path / "old"
@@ -202,6 +208,7 @@ def test_export_without_the_ranking_outputs_is_refused(exported, tmp_path):
         OnnxPredictor(old)
 
 
+@pytest.mark.slow  # an ONNX export (dynamo) per test or fixture
 def test_export_never_writes_into_the_installed_package_and_out_copies(tmp_path):
     """The shipped model is refused without --out; with it, a new artifact holds the copy and model.onnx."""
     shipped = resolve_artifact_path("default")

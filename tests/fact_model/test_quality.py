@@ -46,6 +46,7 @@ def test_channel_attributions_are_exact_decompositions(subset):
     torch.testing.assert_close(clipped, maps_unclipped.clamp(min=0))
 
 
+@pytest.mark.slow  # the C² pipeline over the embedded dataset
 def test_quality_report_ranges_and_markdown(subset):
     model, images, part_maps = subset
     encoders = [OracleEncoder(part_maps, len(PART_NAMES)), ColourTextureEncoder()]
@@ -68,6 +69,7 @@ def test_quality_report_ranges_and_markdown(subset):
     json.dumps([r.to_dict() for r in reports])
 
 
+@pytest.mark.slow  # the C² pipeline over the embedded dataset
 def test_quality_command(tmp_path):
     out = tmp_path / "quality"
     assert main(["-q", "quality", "--test-size", "40", "--layer", "layer3", "--out", str(out)]) == 0
@@ -77,6 +79,7 @@ def test_quality_command(tmp_path):
     assert main(["-q", "quality", "--data", str(tmp_path), "--out", str(out)]) == 2  # needs ground truth
 
 
+@pytest.mark.slow  # the C² pipeline over the embedded dataset
 def test_report_command_writes_html_with_valid_images(tmp_path):
     import re
 

@@ -196,7 +196,17 @@ def test_non_sequence_specs_are_refused(spec, kind):
     assert str(info.value) == f"target must be a class index, a name, or one per image, got {kind}"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a 0-d bool tensor is taken as class index 0/1 while a bool is refused")
 def test_a_bool_tensor_is_refused_like_a_bool():
-    with pytest.raises(ValueError, match="must be a class index or name"):
+    with pytest.raises(ValueError, match=r"^target must be a class index or name, got tensor\(True\)$"):
         resolve_classes(torch.tensor(True), 1, NAMES, "target")
+    with pytest.raises(ValueError, match=r"^target must be a class index or name, got True$"):
+        resolve_classes(torch.tensor([1, 0], dtype=torch.bool), 2, NAMES, "target")
+
+
+def test_numpy_integers_are_indices_and_bytes_are_refused():
+    import numpy as np
+
+    assert resolve_classes(np.int64(2), 3, NAMES, "target").tolist() == [2, 2, 2]
+    assert resolve_classes([np.int32(1), 0], 2, NAMES, "contrast").tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"^target must be a class index, a name, or one per image, got bytes$"):
+        resolve_classes(b"\x01\x00", 2, NAMES, "target")

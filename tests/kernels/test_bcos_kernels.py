@@ -349,6 +349,7 @@ def test_ops_are_registered_for_the_compiler():
     torch.library.opcheck(torch.ops.fact.bcos_explain_backward, args, test_utils=utils)
 
 
+@pytest.mark.slow  # a whole model through the interpreted kernels
 def test_fact_explanations_with_kernels_on_equal_kernels_off(use_options):
     """The whole model (B-cos and concept-layer kernels) explains as the PyTorch reference does, exactly."""
     from tests.conftest import make_model
@@ -390,6 +391,7 @@ def test_vmapped_explanation_backward_equals_one_backward_per_cotangent(case, us
         assert _rel(got, want) <= 1e-6
 
 
+@pytest.mark.slow  # a whole model through the interpreted kernels
 def test_batched_vjp_on_the_kernels_folds_the_ranks_into_one_launch(use_options, monkeypatch):
     """Rank passes as one vmapped backward: each B-cos backward runs once on R·N cotangents, not R times."""
     import warnings

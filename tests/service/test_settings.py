@@ -118,7 +118,7 @@ def test_a_number_variable_that_is_no_number_is_named_with_its_value(env, name):
 
 
 @pytest.mark.parametrize("name", list(FLOAT_VARIABLES))
-@pytest.mark.parametrize("raw", ["0", "-0.5", "nan"])
+@pytest.mark.parametrize("raw", ["0", "-0.5"])  # nan and inf: test_a_number_variable_must_be_finite
 def test_a_number_variable_not_above_0_is_refused(env, name, raw):
     env.setenv(name, raw)
     with pytest.raises(ValueError) as info:
@@ -131,6 +131,21 @@ def test_unknown_device_is_refused_with_the_choices(env, raw):
     env.setenv("FACT_DEVICE", raw)
     with pytest.raises(ValueError, match=re.escape(f"FACT_DEVICE must be auto, cpu or cuda, got {raw!r}")):
         Settings.from_env()
+
+
+def test_empty_device_and_runtime_take_their_defaults(env):
+    env.setenv("FACT_DEVICE", "")
+    env.setenv("FACT_RUNTIME", "")
+    settings = Settings.from_env()
+    assert (settings.device, settings.runtime) == ("auto", "pytorch")
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "-inf"])
+def test_a_number_variable_must_be_finite(env, raw):
+    env.setenv("FACT_BODY_TIMEOUT", raw)
+    with pytest.raises(ValueError) as info:
+        Settings.from_env()
+    assert str(info.value) == f"environment variable FACT_BODY_TIMEOUT must be a finite number, got {raw!r}"
 
 
 @pytest.mark.parametrize("raw", ["tensorrt", "ONNX", "onnxruntime"])
