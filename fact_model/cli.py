@@ -6,6 +6,7 @@
     fact stats            per-concept dataset statistics, saved next to the model
     fact quality          C²-score and ground-truth recovery: concepts vs raw channels vs random
     fact report           HTML report: evaluation, concept quality, galleries, example decisions
+    fact faithfulness     FaCT vs Integrated Gradients, Grad-CAM, occlusion…: faithfulness, localisation, cost
     fact explain IMAGE…   explain images locally (table, JSON, PNG maps)
     fact export-onnx      ONNX graph of the prediction and last-layer concept decomposition
     fact data export      write embedded-dataset images as PNG folders
@@ -196,6 +197,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--split", default="test", help="evaluation split (synthetic)")
     report.add_argument("--dinov2-weights", default=None, help="local DINOv2 ViT-S/14 weights (else built-in)")
     report.add_argument("--out", type=Path, required=True, help="directory for report.html and its PNGs")
+
+    faithfulness = commands.add_parser(
+        "faithfulness", help="FaCT vs Captum's attribution methods on the same model: faithfulness, localisation, cost"
+    )
+    _add_data_args(faithfulness)
+    faithfulness.add_argument("--model", default="default", help="artifact directory or 'default'")
+    faithfulness.add_argument("--split", default=None, help="split (default: synthetic test, a folder's val/all)")
+    faithfulness.add_argument("--n", type=int, default=200, help="images (the first n of the split)")
+    faithfulness.add_argument("--methods", default=",".join(FAITHFULNESS_METHODS), help="comma-separated methods")
+    faithfulness.add_argument("--steps", type=int, default=16, help="pixel-flipping steps of the curves")
+    faithfulness.add_argument("--timing-repeats", type=int, default=3, help="timed calls per method and batch size")
+    faithfulness.add_argument("--out", type=Path, required=True, help="where faithfulness.json/.md/_curves.png go")
 
     onnx_export = commands.add_parser("export-onnx", help="export prediction + concept decomposition to ONNX")
     onnx_export.add_argument("--model", required=True, help="artifact directory or 'default'")
@@ -507,6 +520,48 @@ def _report(args: argparse.Namespace, progress: bool) -> None:
     print_summary("report", {"html": str(path), "files": len(list(args.out.iterdir()))})
 
 
+def _faithfulness(args: argparse.Namespace, progress: bool) -> None:
+    import torch
+
+    from fact_model.analysis.faithfulness import run_faithfulness, write_faithfulness
+    from fact_model.artifacts import load
+    from fact_model.data.synthetic import CLASS_PARTS
+    from fact_model.training.common import print_summary
+
+    if args.n < 4:
+        raise ValueError(f"--n must be ≥ 4 (the grid pointing game needs mosaics of four images), got {args.n}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in FAITHFULNESS_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} in --methods; methods: {list(FAITHFULNESS_METHODS)}")
+    model = load(args.model)
+    split = _eval_split(args, model)
+    images, labels, positions = [], [], []
+    for batch in split.batches(min(args.n, 64), progress=False):
+        images.append(batch.float_images())
+        labels.append(batch.labels)
+        positions.append(batch.indices)
+        if sum(len(x) for x in labels) >= args.n:
+            break
+    images_t, labels_t = torch.cat(images)[: args.n], torch.cat(labels)[: args.n]
+    part_maps = class_parts = None
+    if split.description.get("dataset") == "synthetic":
+        part_maps = split.part_maps()[torch.cat(positions)[: args.n]].long()
+        class_parts = [[p + 1 for p in parts] for parts in CLASS_PARTS]  # part id = index + 1 (0: background)
+    report = run_faithfulness(
+        model, images_t, labels_t, part_maps, class_parts, methods, steps=args.steps,
+        timing_repeats=args.timing_repeats, progress=progress,
+    )  # fmt: skip
+    paths = write_faithfulness(report, args.out)
+    rows = {f"{m}: {k}": v for m, row in report.methods.items() for k, v in row.items() if k in SUMMARY_KEYS}
+    print_summary("faithfulness", {**rows, **{name: str(path) for name, path in paths.items()}})
+
+
+FAITHFULNESS_METHODS = ("fact", "ig15", "ig50", "input_x_gradient", "grad_cam", "occlusion", "random")
+"""The methods of ``fact faithfulness`` (:data:`fact_model.analysis.faithfulness.METHODS`; here without torch)."""
+SUMMARY_KEYS = ("completeness_error", "deletion_morf_auc", "insertion_auc", "ms_per_image_b1")
+
+
 def _export_onnx(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.onnx_export import export_onnx
     from fact_model.training.common import print_summary
@@ -614,6 +669,7 @@ _COMMANDS = {
     ("stats", None): _stats,
     ("quality", None): _quality,
     ("report", None): _report,
+    ("faithfulness", None): _faithfulness,
     ("export-onnx", None): _export_onnx,
     ("explain", None): _explain,
     ("data", "export"): _export,
