@@ -13,9 +13,7 @@ does not depend on them), medians of:
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
+from fact_model._timing import median_seconds
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
 from fact_model.data.loading import ImageSplit
@@ -32,16 +31,6 @@ from fact_model.training.concepts import ConceptTrainConfig, train_sae
 from fact_model.training.features import FeatureShards, collect_features
 
 __all__ = ["main"]
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         optimizer.step()
 
-    seconds = _median_time(train_step, args.repeats)
+    seconds = median_seconds(train_step, args.repeats)
     rows.append(("backbone training step", f"batch {args.batch}", f"{args.batch / seconds:,.0f} images/s"))
 
     # Feature collection at the last stage.
@@ -91,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         def collect() -> None:
             collect_features(model, split, "layer3", Path(tmp) / str(next(counter)), 16, progress=False)
 
-        seconds = _median_time(collect, max(1, args.repeats // 2))
+        seconds = median_seconds(collect, max(1, args.repeats // 2))
         rows.append(
             (
                 "feature collection (layer3, 16 positions)",
@@ -116,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         def sae_epoch() -> None:
             train_sae(shards, spec, sae_config, lambda state: 0.0, Path(tmp) / f"ckpt{next(runs)}", progress=False)
 
-        seconds = _median_time(sae_epoch, max(1, args.repeats // 2))
+        seconds = median_seconds(sae_epoch, max(1, args.repeats // 2))
         rows.append(
             (f"SAE training (C={dim}, K={args.concepts}, k={args.k}, batch 1024)", f"{args.vectors} vectors",
              f"{args.vectors / seconds:,.0f} vectors/s")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fact_model._timing import median_seconds
 from fact_model.analysis.attribution_metrics import (
     completeness_error,
     curve_auc,
@@ -126,17 +126,6 @@ def _probability(model: FaCTModel) -> Callable[[Tensor, Tensor], Tensor]:
     return score
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``repeats`` calls (one warm-up call first)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 @dataclass
 class FaithfulnessReport:
     """The measured table: method → metric → value (means over images), plus the run's settings."""
@@ -163,8 +152,8 @@ def _cost_ms(fn: Callable[[Tensor, Tensor], object], images: Tensor, targets: Te
     """Milliseconds per image of ``fn(images, targets)`` at batch 1 and at batch ``min(32, N)`` (medians)."""
     many = min(32, images.shape[0])
     return {
-        "ms_per_image_b1": 1e3 * _timed(lambda: fn(images[:1], targets[:1]), repeats),
-        "ms_per_image_b32": 1e3 * _timed(lambda: fn(images[:many], targets[:many]), repeats) / many,
+        "ms_per_image_b1": 1e3 * median_seconds(lambda: fn(images[:1], targets[:1]), repeats),
+        "ms_per_image_b32": 1e3 * median_seconds(lambda: fn(images[:many], targets[:many]), repeats) / many,
     }
 
 

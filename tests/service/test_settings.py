@@ -92,21 +92,21 @@ def test_integers_may_carry_surrounding_whitespace(env):
 
 
 @pytest.mark.parametrize("name", list(INT_VARIABLES))
-@pytest.mark.parametrize("raw", ["abc", "1.5", "0x10"])
-def test_an_integer_variable_that_is_no_integer_is_named_with_its_value(env, name, raw):
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("abc", "must be an integer, got 'abc'"),
+        ("1.5", "must be an integer, got '1.5'"),
+        ("0x10", "must be an integer, got '0x10'"),
+        ("0", "must be ≥ 1, got 0"),
+        ("-1", "must be ≥ 1, got -1"),
+    ],
+)
+def test_an_integer_variable_that_is_no_positive_integer_is_named_with_its_value(env, name, raw, problem):
     env.setenv(name, raw)
     with pytest.raises(ValueError) as info:
         Settings.from_env()
-    assert str(info.value) == f"environment variable {name} must be an integer, got {raw!r}"
-
-
-@pytest.mark.parametrize("name", list(INT_VARIABLES))
-@pytest.mark.parametrize("raw", ["0", "-1"])
-def test_an_integer_variable_below_1_is_refused(env, name, raw):
-    env.setenv(name, raw)
-    with pytest.raises(ValueError) as info:
-        Settings.from_env()
-    assert str(info.value) == f"environment variable {name} must be ≥ 1, got {int(raw)}"
+    assert str(info.value) == f"environment variable {name} {problem}"
 
 
 @pytest.mark.parametrize("name", list(FLOAT_VARIABLES))
