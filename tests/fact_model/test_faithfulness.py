@@ -142,6 +142,31 @@ def test_the_command_writes_json_markdown_and_curves(tmp_path):
     assert fact["share_parts"] > random["share_parts"]  # the shipped model looks at the parts
     assert abs(sum(fact[f"share_{k}"] for k in ("parts", "distractors", "background")) - 1) < 1e-5
     assert report["settings"]["fact_full_explanation_ms_per_image_b1"] > 0
+    assert set(report["concept_removal"]) == {"concepts", "channels"}
+    assert "| 5 concepts |" in (out / "faithfulness.md").read_text()
     assert "| fact |" in (out / "faithfulness.md").read_text()
     assert Image.open(out / "faithfulness_curves.png").size[0] > 500
     assert main([*args, "--methods", "fact,lrp"]) == 2  # refused with a message
+
+
+def test_concept_removal_is_predicted_exactly_when_the_head_is_linear():
+    """With B = 1 every B-cos layer is linear, so removing units drops the score by exactly their contributions;
+    with B = 2 the head's dynamic scale reacts to the removal and the two differ."""
+    from fact_model.analysis.faithfulness import concept_removal
+
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    for b, exact in ((1.0, True), (2.0, False)):
+        model = make_model([("layer3", 24, 4)], b=b)
+        with torch.no_grad():
+            targets = model(images).argmax(dim=1)
+        result = concept_removal(model, images, targets, counts=(1, 3))
+        assert set(result) == {"concepts", "channels"} and set(result["concepts"]) == {"1", "3"}
+        for unit in ("concepts", "channels"):
+            for figures in result[unit].values():
+                assert figures["predicted_drop"] != 0
+                if exact:
+                    assert figures["relative_error"] <= 1e-4, (unit, figures)
+                    assert figures["measured_drop"] == pytest.approx(figures["predicted_drop"], rel=1e-4)
+        if not exact:
+            assert max(f["relative_error"] for f in result["concepts"].values()) > 1e-3
+    assert concept_removal(make_model([("layer2", 16, 2)]), images, targets) is None  # not at the head
