@@ -128,7 +128,8 @@ def using(options: Options | None = None, /, **changes: str | None) -> Iterator[
     ``using(kernels="torch")`` changes one field; ``using(settings.options)`` installs a whole set.
     Blocks nest; leaving one restores what was in force before it.
     """
-    chosen = (current() if options is None else options).replace(**changes) if changes else options or current()
+    base = current() if options is None else options
+    chosen = base.replace(**changes) if changes else base
     token = _OVERRIDE.set(chosen)
     try:
         yield chosen

@@ -58,13 +58,19 @@ METHODS = ("fact", "ig15", "ig50", "input_x_gradient", "grad_cam", "occlusion", 
 CAPTUM_BATCH = 64  # internal_batch_size / perturbations_per_eval of the Captum methods
 
 
-def _scores(model: FaCTModel) -> Callable[[Tensor], Tensor]:
-    """The function Captum attributes: ``images → logits`` (a plain forward, bias included)."""
+def _integrated_gradients(
+    model: FaCTModel, images: Tensor, targets: Tensor, steps: int, with_delta: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Captum's Integrated Gradients from a black baseline, channels summed: ``(N, H, W)`` [, delta ``(N,)``]."""
+    from captum import attr
 
-    def forward(images: Tensor) -> Tensor:
-        return model(images)
-
-    return forward
+    result = attr.IntegratedGradients(model).attribute(
+        images, baselines=torch.zeros_like(images), target=targets, n_steps=steps,
+        internal_batch_size=CAPTUM_BATCH, return_convergence_delta=with_delta,
+    )  # fmt: skip
+    if with_delta:
+        return result[0].sum(dim=1).detach(), result[1].detach()
+    return result.sum(dim=1).detach()
 
 
 def attribute(model: FaCTModel, method: str, images: Tensor, targets: Tensor, seed: int = 0) -> Tensor:
@@ -83,14 +89,10 @@ def attribute(model: FaCTModel, method: str, images: Tensor, targets: Tensor, se
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
         return torch.rand(n, h, w, generator=generator).to(images.device)
-    forward = _scores(model)
     if method in ("ig15", "ig50"):
-        steps = 15 if method == "ig15" else 50
-        result = attr.IntegratedGradients(forward).attribute(
-            images, baselines=torch.zeros_like(images), target=targets, n_steps=steps,
-            internal_batch_size=CAPTUM_BATCH,
-        )  # fmt: skip
-    elif method == "input_x_gradient":
+        return _integrated_gradients(model, images, targets, 15 if method == "ig15" else 50)
+    forward = model  # what Captum attributes: the plain forward, images → logits (bias included)
+    if method == "input_x_gradient":
         result = attr.InputXGradient(forward).attribute(images.clone().requires_grad_(True), target=targets)
     elif method == "grad_cam":
         stage = dict(model.backbone.stages)[model.concept_layers[-1].name]
@@ -110,13 +112,7 @@ def attribute(model: FaCTModel, method: str, images: Tensor, targets: Tensor, se
 
 def ig_convergence_delta(model: FaCTModel, images: Tensor, targets: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     """``(attributions (N, H, W), Captum's convergence delta (N,))`` of Integrated Gradients (black baseline)."""
-    from captum import attr
-
-    result, delta = attr.IntegratedGradients(_scores(model)).attribute(
-        images, baselines=torch.zeros_like(images), target=targets, n_steps=steps,
-        internal_batch_size=CAPTUM_BATCH, return_convergence_delta=True,
-    )  # fmt: skip
-    return result.sum(dim=1).detach(), delta.detach()
+    return _integrated_gradients(model, images, targets, steps, with_delta=True)
 
 
 def _probability(model: FaCTModel) -> Callable[[Tensor, Tensor], Tensor]:
@@ -275,8 +271,11 @@ def run_faithfulness(
     for method in tqdm(methods, desc="methods", disable=not progress):
         started = time.perf_counter()
         maps = _attribute_all(model, method, images, targets, batch_size)
-        row: dict[str, float | None] = {"completeness_error": float(completeness_error(maps, explained).mean())}
-        row["completeness_error_max"] = float(completeness_error(maps, explained).max())
+        errors = completeness_error(maps, explained)
+        row: dict[str, float | None] = {
+            "completeness_error": float(errors.mean()),
+            "completeness_error_max": float(errors.max()),
+        }
         curves = {
             "deletion_morf": perturbation_curves(score, images, targets, maps, steps),
             "insertion": perturbation_curves(score, images, targets, maps, steps, insert=True),
