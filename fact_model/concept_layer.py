@@ -23,7 +23,7 @@ need not be unit-norm.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +44,26 @@ class ConceptCodes:
         indices: ``(N, P, k)`` int64 concept ids of ``values``.
         spatial_shape: ``(h, w)`` for feature maps (``P = h·w``) or ``(T,)`` for tokens.
         num_concepts: ``K``.
+        scales: ``(N, P, k)`` factors an intervention multiplied the encoder's codes by
+            (``values`` are then ``scales ⊙ TopK(ReLU(E f))``), or None for unedited codes.
     """
 
     values: Tensor
     indices: Tensor
     spatial_shape: tuple[int, ...]
     num_concepts: int
+    scales: Tensor | None = None
+
+    def scaled(self, factors: Tensor) -> ConceptCodes:
+        """These codes with every concept multiplied by its factor (an intervention).
+
+        Args:
+            factors: ``(N, K)`` factor per image and concept (1 leaves a concept unchanged, 0 removes it).
+        """
+        per_slot = factors.to(self.values.dtype).gather(1, self.indices.flatten(1)).view_as(self.values)
+        if self.scales is not None:
+            per_slot = per_slot * self.scales
+        return replace(self, values=self.values * per_slot, scales=per_slot)
 
     def scatter(self, per_slot: Tensor) -> Tensor:
         """Sum ``per_slot`` ``(N, P, k)`` into per-concept totals ``(N, K)``."""
@@ -224,7 +238,8 @@ class ConceptLayer(Detachable, nn.Module):
 
         ``u_{p,j} = ReLU(E f_p)[id_{p,j}]``, so its gradient is the encoder row
         ``E[id_{p,j}]`` where the ReLU is active: a gather-sum of ``k`` rows per
-        position, never the dense ``(N, P, K)`` Jacobian of ``TopK ∘ ReLU``.
+        position, never the dense ``(N, P, K)`` Jacobian of ``TopK ∘ ReLU``. For codes an
+        intervention scaled (``u' = s ⊙ u``) the row is multiplied by ``s``.
 
         Args:
             codes: the codes this layer produced for ``f``.
@@ -237,7 +252,10 @@ class ConceptLayer(Detachable, nn.Module):
         n, p, k = codes.indices.shape
         lead = seed.shape[:-3]
         r = seed[..., 0, 0, 0].numel()
-        active = (codes.values.detach() > 0).to(seed.dtype)
+        # u ≥ 0, so a slot is active where its value is non-zero; scaled codes u' = s ⊙ u carry s.
+        active = (codes.values.detach() != 0).to(seed.dtype)
+        if codes.scales is not None:
+            active = active * codes.scales.detach().to(seed.dtype)
         indices = codes.indices.reshape(n * p, k)
         grad = self._gather_sum(
             (seed * active).reshape(r * n * p, k), indices.repeat(r, 1) if r > 1 else indices, self.encoder.detach()

@@ -33,7 +33,7 @@ for a GPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -47,6 +47,7 @@ from fact_model.explanation import (
     Explanation,
     ExplanationMaps,
     PositionalShares,
+    SlotContributions,
     TopConcept,
     rank_classes,
 )
@@ -185,6 +186,7 @@ def explain(
     map_kinds: Sequence[str] = MAP_KINDS,
     map_layers: Sequence[str] | None = None,
     batched_vjp: bool | None = None,
+    code_scales: Mapping[str, Tensor] | None = None,
 ) -> Explanation:
     """Explain a batch of images exactly, concept by concept.
 
@@ -207,6 +209,9 @@ def explain(
         batched_vjp: run each layer's ``top_k`` rank passes as one batched VJP instead
             of a loop (same results); None follows ``fact_model.options.current().explain_vjp``
             (``FACT_EXPLAIN_VJP``: ``loop``, the default, or ``batched``).
+        code_scales: explain an intervened network: layer → ``(N, K)`` factors multiplying each
+            concept's codes (:meth:`FaCTModel.forward_encoded`; see :mod:`fact_model.intervention`).
+            The explanation is exact for the edited network: its contributions sum to its logit.
 
     Raises:
         ValueError: bad images (rank, channels, dtype, NaN/inf, range, empty), a
@@ -225,7 +230,8 @@ def explain(
     if target_idx is not None:  # known before the forward pass: refuse early
         _check_contrast(target_idx, contrast_idx, model.class_names)
     closed_form = closed_form_applies(model)
-    record, x6 = _record_forward(model, x, maps, needs_graph=maps or len(layer_names) > 1 or not closed_form)
+    needs_graph = maps or len(layer_names) > 1 or not closed_form
+    record, x6 = _record_forward(model, x, maps, needs_graph, code_scales)
     forward_done = time.perf_counter()
     logits, scores = record.logits.detach(), record.scores.detach()
     ranking = rank_classes(scores)
@@ -234,11 +240,13 @@ def explain(
     backprop = _CodeBackprop(model, record, x6 if maps else None)
     codes = record.codes
     code_grads = backprop.code_gradients(target_idx, contrast_idx, closed_form)
-    contributions = {name: codes[name].scatter(codes[name].values.detach() * code_grads[name]) for name in layer_names}
+    slot_contributions = {name: codes[name].values.detach() * code_grads[name] for name in layer_names}
+    contributions = {name: codes[name].scatter(slot_contributions[name]) for name in layer_names}
     activations = {name: codes[name].totals().detach() for name in layer_names}
     top_ids = {name: _top_ids(contributions[name], top_k) for name in layer_names}
-    spatial = {
-        name: codes[name].per_position(codes[name].values.detach() * code_grads[name], top_ids[name])
+    spatial = {name: codes[name].per_position(slot_contributions[name], top_ids[name]) for name in layer_names}
+    slots = {
+        name: SlotContributions(slot_contributions[name], codes[name].indices, codes[name].spatial_shape)
         for name in layer_names
     }
     concept_map_layers = mapped if maps and "concepts" in map_kinds else ()
@@ -267,6 +275,7 @@ def explain(
             name: explained - contributions[name].gather(1, top_ids[name]).sum(dim=1) for name in layer_names
         },
         spatial=spatial,
+        slots=slots,
         traces=traces,
         maps=explanation_maps,
         layer_names=layer_names,
@@ -290,11 +299,13 @@ def _mapped_layers(model: FaCTModel, map_layers: Sequence[str] | None) -> tuple[
     return layer_names, mapped
 
 
-def _record_forward(model: FaCTModel, x: Tensor, maps: bool, needs_graph: bool) -> tuple[ForwardRecord, Tensor]:
+def _record_forward(
+    model: FaCTModel, x: Tensor, maps: bool, needs_graph: bool, code_scales: Mapping[str, Tensor] | None = None
+) -> tuple[ForwardRecord, Tensor]:
     """One forward pass in explanation mode: ``(record, x6)`` with ``x6 (N, 6, H, W)`` the encoded input.
 
     ``needs_graph``: keep the autograd graph (cut at every concept layer's codes) for backward
-    passes; ``maps``: also differentiate with respect to ``x6``.
+    passes; ``maps``: also differentiate with respect to ``x6``; ``code_scales``: an intervention.
     """
     # Mode switches (eval, explanation mode) are flags on shared modules: hold the model's
     # lock while they are set, so concurrent explain() calls cannot undo each other's
@@ -304,7 +315,7 @@ def _record_forward(model: FaCTModel, x: Tensor, maps: bool, needs_graph: bool) 
             x6 = encode_rgb(x)
             if maps:
                 x6.requires_grad_(True)
-            record = model.forward_encoded(x6, code_leaves=needs_graph)
+            record = model.forward_encoded(x6, code_leaves=needs_graph, code_scales=code_scales)
     return record, x6
 
 

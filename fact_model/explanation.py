@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["CrossLayerTrace", "Explanation", "ExplanationMaps", "PositionalShares", "TopConcept", "rank_classes"]
+__all__ = [
+    "CrossLayerTrace",
+    "Explanation",
+    "ExplanationMaps",
+    "PositionalShares",
+    "SlotContributions",
+    "TopConcept",
+    "rank_classes",
+]
 
 
 def rank_classes(scores: Tensor) -> Tensor:
@@ -64,6 +72,22 @@ class CrossLayerTrace:
     lower: str
     upper_ids: Tensor
     contributions: Tensor
+
+
+@dataclass(frozen=True)
+class SlotContributions:
+    """Every code slot's contribution to the explained quantity at one concept layer.
+
+    Attributes:
+        values: ``(N, P, k)`` ``u_{p,j} · ∂y/∂u_{p,j}`` of slot ``j`` at position ``p``; summed over
+            everything, ``y`` exactly (region queries weight positions: :mod:`fact_model.regions`).
+        concept_ids: ``(N, P, k)`` the concept each slot holds.
+        spatial_shape: ``(h, w)`` of the feature map (``P = h·w``) or ``(T,)`` for tokens.
+    """
+
+    values: Tensor
+    concept_ids: Tensor
+    spatial_shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -141,6 +165,7 @@ class Explanation:
         other_contribution: layer → ``(N,)`` ``y`` minus the top concepts' contributions.
         spatial: layer → ``(N, R, h, w)`` where each top concept pushed ``y``:
             ``u_{k,p} · ∂y/∂u_{k,p}`` per position (sums to its contribution).
+        slots: layer → every slot's contribution (all concepts, every position).
         traces: cross-layer traces between consecutive concept layers (empty for one layer).
         maps: input-level maps when requested, else None.
         layer_names: concept layers in forward order (lowest first).
@@ -163,6 +188,7 @@ class Explanation:
     top_concepts: list[list[TopConcept]]
     other_contribution: dict[str, Tensor]
     spatial: dict[str, Tensor]
+    slots: dict[str, SlotContributions]
     traces: list[CrossLayerTrace]
     maps: ExplanationMaps | None
     layer_names: tuple[str, ...]

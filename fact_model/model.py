@@ -16,7 +16,7 @@ its share beside them).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -163,18 +163,33 @@ class FaCTModel(nn.Module):
         return next(self.parameters()).dtype
 
     # ------------------------------------------------------------------ forward
-    def forward_encoded(self, x6: Tensor, concepts: bool = True, code_leaves: bool = False) -> ForwardRecord:
+    def forward_encoded(
+        self,
+        x6: Tensor,
+        concepts: bool = True,
+        code_leaves: bool = False,
+        code_scales: Mapping[str, Tensor] | None = None,
+    ) -> ForwardRecord:
         """Forward pass on encoded images ``(N, 6, H, W)``, recording concept codes.
 
         Args:
             concepts: False runs the plain backbone (concept layers skipped), e.g. to
                 compare the backbone's accuracy with the FaCT model's.
+            code_scales: an intervention: concept-layer name → ``(N, K)`` factors that multiply
+                each concept's codes at that layer before it is decoded (0 removes a concept,
+                1 leaves it); the network continues from the edited reconstruction, and the
+                recorded codes are the edited ones (:meth:`ConceptCodes.scaled`).
             code_leaves: run each concept layer's encoder outside autograd and make its
                 code values fresh leaves that require grad. The graph then stops at
                 every concept layer: explanations step across a concept layer with
                 :meth:`ConceptLayer.encoder_vjp` (sparse) instead of differentiating
                 the dense ``(N, P, K)`` encoder output. Forward values are unchanged.
         """
+        unknown = sorted(set(code_scales or ()) - set(self._layer_names))
+        if unknown:
+            raise ValueError(
+                f"code_scales names unknown concept layer(s) {unknown}; concept layers: {list(self._layer_names)}"
+            )
         codes: dict[str, ConceptCodes] = {}
         features: dict[str, Tensor] = {}
         first_output = None
@@ -189,12 +204,17 @@ class FaCTModel(nn.Module):
             if concepts and name in self._layer_names:
                 layer = self.concepts[_module_key(name)]
                 features[name] = h
+                factors = None if code_scales is None else code_scales.get(name)
                 if code_leaves:
                     with torch.no_grad():
                         code = layer.encode(h)
+                        if factors is not None:
+                            code = code.scaled(factors)
                     code = replace(code, values=code.values.requires_grad_(True))
                 else:
                     code = layer.encode(h)
+                    if factors is not None:
+                        code = code.scaled(factors)
                 codes[name] = code
                 h = layer.decode(code)
         scores = self.backbone.head_scores(h)
@@ -276,6 +296,7 @@ class FaCTModel(nn.Module):
         map_kinds: Sequence[str] = ("concepts", "logit", "other"),
         map_layers: Sequence[str] | None = None,
         batched_vjp: bool | None = None,
+        code_scales: Mapping[str, Tensor] | None = None,
     ) -> Explanation:
         """Exact concept explanation of a batch; see :func:`fact_model.explain.explain`."""
         from fact_model.explain import explain
@@ -290,6 +311,7 @@ class FaCTModel(nn.Module):
             map_kinds=map_kinds,
             map_layers=map_layers,
             batched_vjp=batched_vjp,
+            code_scales=code_scales,
         )
 
     def extra_repr(self) -> str:
