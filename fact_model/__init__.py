@@ -5,6 +5,7 @@ Public API (see README):
 * :class:`FaCTModel`, :class:`FaCTConfig`, :class:`ConceptLayerSpec`, :class:`Preprocessing`
 * :func:`load` / :func:`save` — safetensors weights + JSON manifest
 * :class:`Explanation` — what :meth:`FaCTModel.explain` returns
+* :func:`intervene` / :class:`Intervention` — remove or rescale concepts and explain the edited network
 
 The names are imported on first use (PEP 562), so ``import fact_model`` and the ``fact`` command's
 ``--help`` do not pay for torch, torchvision and bcos until something needs them.
@@ -30,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "ExplanationMaps": "fact_model.explanation",
     "PositionalShares": "fact_model.explanation",
     "TopConcept": "fact_model.explanation",
+    "Intervention": "fact_model.intervention",
+    "intervene": "fact_model.intervention",
     "ConceptLayerInfo": "fact_model.model",
     "FaCTModel": "fact_model.model",
 }
@@ -43,11 +46,13 @@ __all__ = [
     "ExplanationMaps",
     "FaCTConfig",
     "FaCTModel",
+    "Intervention",
     "Options",
     "PositionalShares",
     "Preprocessing",
     "TopConcept",
     "__version__",
+    "intervene",
     "load",
     "save",
 ]
@@ -56,6 +61,7 @@ if TYPE_CHECKING:
     from fact_model.artifacts import ArtifactError, load, save
     from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
     from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, PositionalShares, TopConcept
+    from fact_model.intervention import Intervention, intervene
     from fact_model.model import ConceptLayerInfo, FaCTModel
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from fact_model.explanation import Explanation
+    from fact_model.intervention import Intervention
 
 __all__ = ["ConceptLayerInfo", "FaCTModel", "ForwardRecord"]
 
@@ -312,6 +313,39 @@ class FaCTModel(nn.Module):
             map_layers=map_layers,
             batched_vjp=batched_vjp,
             code_scales=code_scales,
+        )
+
+    def intervene(
+        self,
+        images: Tensor,
+        *,
+        layer: str | None = None,
+        remove: Sequence[int] | None = None,
+        scale: Mapping[int, float] | None = None,
+        remove_top: int | None = None,
+        keep_top: int | None = None,
+        target: ClassSpec = None,
+        contrast: ClassSpec = None,
+        top_k: int = 5,
+        maps: bool = False,
+        map_layers: Sequence[str] | None = None,
+    ) -> Intervention:
+        """Edit concepts of one layer and explain the edited network: :func:`fact_model.intervention.intervene`."""
+        from fact_model.intervention import intervene
+
+        return intervene(
+            self,
+            images,
+            layer=layer,
+            remove=remove,
+            scale=scale,
+            remove_top=remove_top,
+            keep_top=keep_top,
+            target=target,
+            contrast=contrast,
+            top_k=top_k,
+            maps=maps,
+            map_layers=map_layers,
         )
 
     def extra_repr(self) -> str:
