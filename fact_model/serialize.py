@@ -16,16 +16,25 @@ An explanation record (:func:`explanation_record`) of image ``n``:
   ``contribution_to_parent``); ``other``: ``y`` minus the listed concepts;
 * ``completeness``: the residual ``|Σ contributions − y|``, relative to ``Σ |contributions|``,
   and the sum itself; ``active_concepts``: concepts with a positive activation per layer.
+
+An intervention record (:func:`intervention_record`) of image ``n``: the edited ``layer``, the ``edits``
+(concepts whose factor is not 1, with their unedited ``contribution``), the ``target`` / ``contrast``
+both networks explain, the unedited network's ``prediction``, ``explained`` and ``probability_of_target``
+(``before``), the edited network's explanation record (``after``, plus its ``probability_of_target``), and
+the ``change`` of ``explained``: ``predicted`` by the unedited contributions, ``measured``, and their ``gap``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from fact_model.explanation import CrossLayerTrace, Explanation
+
+if TYPE_CHECKING:
+    from fact_model.intervention import Intervention
 
 __all__ = [
     "CHILDREN",
@@ -33,6 +42,7 @@ __all__ = [
     "class_entry",
     "concept_share",
     "explanation_record",
+    "intervention_record",
     "positive_total",
     "prediction_record",
     "ranked_classes",
@@ -52,6 +62,11 @@ def class_entry(class_names: Sequence[str], logits: Tensor, probabilities: Tenso
         "probability": float(probabilities[index]),
         "logit": float(logits[index]),
     }
+
+
+def _class_reference(class_names: Sequence[str], index: int | None) -> dict[str, Any] | None:
+    """``{index, name}`` of an explained (target or contrast) class, or None for no class."""
+    return None if index is None else {"index": index, "name": class_names[index]}
 
 
 def ranked_classes(
@@ -121,13 +136,11 @@ def explanation_record(
         )
     residual = float(expl.residuals[layer][n])
     scale = float(contributions.abs().sum())
-    target = int(expl.target[n])
-    contrast = None if expl.contrast is None else int(expl.contrast[n])
     return {
         "prediction": prediction,
         "top_classes": top_classes,
-        "target": {"index": target, "name": class_names[target]},
-        "contrast": None if contrast is None else {"index": contrast, "name": class_names[contrast]},
+        "target": _class_reference(class_names, int(expl.target[n])),
+        "contrast": _class_reference(class_names, None if expl.contrast is None else int(expl.contrast[n])),
         "explained": float(expl.explained[n]),
         "logit_bias": expl.logit_bias,
         "layer": layer,
@@ -140,6 +153,50 @@ def explanation_record(
         },
         "active_concepts": {name: int((expl.activations[name][n] > 0).sum()) for name in selected},
         "faithfulness": {"method": "fact", "exact": True},
+    }
+
+
+def intervention_record(
+    iv: Intervention,
+    n: int,
+    class_names: Sequence[str],
+    layers: Sequence[str] | None = None,
+    heatmaps: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The record of image ``n`` of an intervention (see the module docstring).
+
+    ``edits`` lists the concepts whose factor is not 1, largest ``|contribution|`` (to the unedited
+    ``explained``) first, ties by concept id. ``layers`` and ``heatmaps`` are those of the ``after``
+    record (:func:`explanation_record`): the edited network's explanation.
+    """
+    before, after = iv.before, iv.after
+    factors = iv.factors[n]
+    contributions = before.contributions[iv.layer][n]
+    edited = (factors != 1).nonzero().flatten().tolist()
+    edits = sorted(
+        ({"concept": c, "factor": float(factors[c]), "contribution": float(contributions[c])} for c in edited),
+        key=lambda edit: (-abs(edit["contribution"]), edit["concept"]),
+    )
+    target = int(before.target[n])
+    prediction = class_entry(class_names, before.logits[n], before.probabilities[n], int(before.ranking[n, 0]))
+    after_record = explanation_record(after, n, class_names, layers, heatmaps)
+    after_record["probability_of_target"] = float(after.probabilities[n, target])
+    return {
+        "layer": iv.layer,
+        "edits": edits,
+        "target": _class_reference(class_names, target),
+        "contrast": _class_reference(class_names, None if before.contrast is None else int(before.contrast[n])),
+        "before": {
+            "prediction": prediction,
+            "explained": float(before.explained[n]),
+            "probability_of_target": float(before.probabilities[n, target]),
+        },
+        "after": after_record,
+        "change": {
+            "predicted": float(iv.predicted_change[n]),
+            "measured": float(iv.measured_change[n]),
+            "gap": float(iv.gap[n]),
+        },
     }
 
 
