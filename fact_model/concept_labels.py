@@ -94,6 +94,7 @@ __all__ = [
     "LabelStoreUnwritable",
     "StaleLabels",
     "UnknownConcept",
+    "UnknownLayer",
     "default_labels_path",
 ]
 
@@ -127,7 +128,11 @@ class InvalidLabel(LabelError):
 
 
 class UnknownConcept(LabelError):
-    """The layer is not one of the model's concept layers, or the concept id is out of range."""
+    """The concept id is out of range for its layer (or, as :class:`UnknownLayer`, the layer is unknown)."""
+
+
+class UnknownLayer(UnknownConcept):
+    """The layer is not one of the model's concept layers."""
 
 
 class LabelNotFound(LabelError):
@@ -391,10 +396,13 @@ def _parse_document(doc: object, layers: Mapping[str, int], source: str) -> _Doc
         parsed: dict[int, ConceptLabel] = {}
         for key, raw in concepts.items():
             where = f"{source}: layers.{layer}.{key}"
-            if not _CONCEPT_KEY.fullmatch(key) or int(key) >= layers[layer]:
+            if not _CONCEPT_KEY.fullmatch(key):
                 raise InvalidLabel(
-                    f"{where}: concept id {key[:40]!r} is out of range: "
-                    f"layer {layer!r} has concepts 0..{layers[layer] - 1}"
+                    f"{where}: {key[:40]!r} is not a concept id: write the id in decimal, without sign or leading zeros"
+                )
+            if int(key) >= layers[layer]:
+                raise InvalidLabel(
+                    f"{where}: concept id {key!r} is out of range: layer {layer!r} has concepts 0..{layers[layer] - 1}"
                 )
             parsed[int(key)] = _parse_entry(layer, int(key), raw, where)
         entries[layer] = parsed
@@ -463,13 +471,21 @@ class LabelStore:
         return f"LabelStore({str(self.path)!r}, model_sha256={self.model_sha256[:12]}…, layers={self.layers})"
 
     # ------------------------------------------------------------------ reads
+    def check_concept(self, layer: str, concept: int) -> None:
+        """Raise :class:`UnknownLayer` / :class:`UnknownConcept` (naming the valid ones) unless the concept exists."""
+        if layer not in self.layers:
+            raise UnknownLayer(f"unknown layer {layer!r}: this model's concept layers are {', '.join(self.layers)}")
+        k = self.layers[layer]
+        if type(concept) is not int or not 0 <= concept < k:
+            raise UnknownConcept(f"concept {concept!r} is out of range: layer {layer!r} has concepts 0..{k - 1}")
+
     def get(self, layer: str, concept: int) -> ConceptLabel | None:
         """The label of ``layer``'s concept ``concept``, or None (none, deleted, or the file is unusable).
 
         Raises:
             UnknownConcept: ``layer`` is not a concept layer or ``concept`` is out of range.
         """
-        self._check_concept(layer, concept)
+        self.check_concept(layer, concept)
         entry = self._usable().entries.get(layer, {}).get(concept)
         return None if entry is None or entry.deleted else entry
 
@@ -520,7 +536,7 @@ class LabelStore:
             UnknownConcept, InvalidLabel, LabelConflict, StaleLabels, CorruptLabels,
             LabelStoreUnwritable, LabelStoreBusy.
         """
-        self._check_concept(layer, concept)
+        self.check_concept(layer, concept)
         label = _clean_label(label)
         note = _clean_note(note)
         author = _clean_author(author)
@@ -545,7 +561,7 @@ class LabelStore:
             LabelNotFound: the concept has no label.
             UnknownConcept, LabelConflict, StaleLabels, CorruptLabels, LabelStoreUnwritable, LabelStoreBusy.
         """
-        self._check_concept(layer, concept)
+        self.check_concept(layer, concept)
         author = _clean_author(author)
         self._check_expected(expected_version)
 
@@ -624,13 +640,6 @@ class LabelStore:
         return counts
 
     # ------------------------------------------------------------------ internals
-    def _check_concept(self, layer: str, concept: int) -> None:
-        if layer not in self.layers:
-            raise UnknownConcept(f"unknown layer {layer!r}: this model's concept layers are {', '.join(self.layers)}")
-        k = self.layers[layer]
-        if type(concept) is not int or not 0 <= concept < k:
-            raise UnknownConcept(f"concept {concept!r} is out of range: layer {layer!r} has concepts 0..{k - 1}")
-
     @staticmethod
     def _check_expected(expected_version: int | None) -> None:
         if expected_version is not None and (type(expected_version) is not int or expected_version < 0):
