@@ -5,6 +5,7 @@ Public API (see README):
 * :class:`FaCTModel`, :class:`FaCTConfig`, :class:`ConceptLayerSpec`, :class:`Preprocessing`
 * :func:`load` / :func:`save` — safetensors weights + JSON manifest
 * :class:`Explanation` — what :meth:`FaCTModel.explain` returns
+* :func:`region_contributions`, :func:`concept_region_map` — region queries (:mod:`fact_model.regions`)
 * :func:`intervene` / :class:`Intervention` — remove or rescale concepts and explain the edited network
 
 The names are imported on first use (PEP 562), so ``import fact_model`` and the ``fact`` command's
@@ -35,6 +36,13 @@ _EXPORTS: dict[str, str] = {
     "intervene": "fact_model.intervention",
     "ConceptLayerInfo": "fact_model.model",
     "FaCTModel": "fact_model.model",
+    "RegionContributions": "fact_model.regions",
+    "box_mask": "fact_model.regions",
+    "cell_weights": "fact_model.regions",
+    "concept_region_map": "fact_model.regions",
+    "mask_from_array": "fact_model.regions",
+    "region_contributions": "fact_model.regions",
+    "spread_to_pixels": "fact_model.regions",
 }
 
 __all__ = [
@@ -50,11 +58,18 @@ __all__ = [
     "Options",
     "PositionalShares",
     "Preprocessing",
+    "RegionContributions",
     "TopConcept",
     "__version__",
+    "box_mask",
+    "cell_weights",
+    "concept_region_map",
     "intervene",
     "load",
+    "mask_from_array",
+    "region_contributions",
     "save",
+    "spread_to_pixels",
 ]
 
 if TYPE_CHECKING:
@@ -63,6 +78,15 @@ if TYPE_CHECKING:
     from fact_model.explanation import CrossLayerTrace, Explanation, ExplanationMaps, PositionalShares, TopConcept
     from fact_model.intervention import Intervention, intervene
     from fact_model.model import ConceptLayerInfo, FaCTModel
+    from fact_model.regions import (
+        RegionContributions,
+        box_mask,
+        cell_weights,
+        concept_region_map,
+        mask_from_array,
+        region_contributions,
+        spread_to_pixels,
+    )
 
 
 def __getattr__(name: str) -> Any:
