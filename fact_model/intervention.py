@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,11 +82,13 @@ def _concept_id(value: object, what: str, num_concepts: int, layer: str) -> int:
 
 
 def _concept_ids(values: object, what: str, num_concepts: int, layer: str) -> list[int]:
-    """Checked, distinct concept ids from a sequence (a bare id or a string is refused)."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, Tensor)) or _is_int(values):
+    """Checked, distinct concept ids from a sequence, set or 1-D array (a bare id, a string or a mapping is refused)."""
+    if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # a tensor or a NumPy array
+        values = values.tolist()  # type: ignore[union-attr]
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (Sequence, AbstractSet)):
         hint = f" (e.g. {what}=[{values}])" if _is_int(values) else ""
         raise ValueError(f"{what} must be a sequence of concept ids in [0, {num_concepts}), got {values!r}{hint}")
-    ids = [_concept_id(v.item() if isinstance(v, Tensor) else v, what, num_concepts, layer) for v in values]
+    ids = [_concept_id(v, what, num_concepts, layer) for v in values]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ValueError(f"{what} lists concept id(s) {duplicates} more than once")

@@ -201,6 +201,9 @@ def test_remove_top_and_keep_top_pick_each_images_top_concepts(two_layer_model, 
         ({"remove": [1.0]}, r"remove must hold int concept ids in \[0, 24\).*got 1.0 \(float\)"),
         ({"remove": 3}, r"remove must be a sequence of concept ids in \[0, 24\), got 3 \(e.g. remove=\[3\]\)"),
         ({"remove": "3"}, r"remove must be a sequence of concept ids in \[0, 24\), got '3'"),
+        ({"remove": {3: 0.0}}, r"remove must be a sequence of concept ids in \[0, 24\), got \{3: 0.0\}"),
+        ({"remove": torch.tensor(3)}, r"remove must be a sequence of concept ids .*got 3 \(e.g. remove=\[3\]\)"),
+        ({"remove": torch.tensor([[1, 2]])}, r"remove must hold int concept ids in \[0, 24\).*got \[1, 2\] \(list\)"),
         ({"scale": {30: 0.5}}, r"scale: concept id 30 is out of range \[0, 24\)"),
         ({"scale": {"a": 0.5}}, r"scale must hold int concept ids in \[0, 24\).*got 'a' \(str\)"),
         ({"scale": {2: float("nan")}}, r"scale: the factor of concept 2 must be a finite float, got nan"),
@@ -225,6 +228,14 @@ def test_remove_top_and_keep_top_pick_each_images_top_concepts(two_layer_model, 
 def test_bad_edits_are_refused_with_the_value_and_the_valid_range(two_layer_model, images, kwargs, message):
     with pytest.raises(ValueError, match=message):
         intervene(two_layer_model, images, **kwargs)
+
+
+def test_concept_ids_may_come_as_a_list_tuple_set_tensor_or_array(two_layer_model, images):
+    import numpy as np
+
+    expected = two_layer_model.intervene(images, remove=[2, 5]).factors
+    for ids in ((2, 5), {5, 2}, torch.tensor([2, 5]), np.array([2, 5]), [np.int64(2), 5]):
+        assert torch.equal(two_layer_model.intervene(images, remove=ids).factors, expected), ids
 
 
 def test_explain_refusals_pass_through(two_layer_model, images):
