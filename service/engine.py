@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from fact_model import options, render, serialize
+from fact_model import options, regions, render, serialize
 from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
 from fact_model.artifacts import load, read_manifest
 from fact_model.bcos.encoding import encode_rgb
@@ -35,6 +34,7 @@ from fact_model.model import FaCTModel
 from service.cards import ExampleImages, check_statistics
 from service.errors import RequestError
 from service.images import decode_image, default_max_pixels
+from service.queries import ConceptQuery, RegionQuery, region_mask, region_record, where_values
 from service.settings import Settings
 
 __all__ = ["HEATMAP_FORMATS", "HEATMAP_KINDS", "MIN_HEATMAP_SIZE", "Engine"]
@@ -221,7 +221,9 @@ class Engine:
         timings["predict"] = (time.perf_counter() - started, 1)
         started = time.perf_counter()
         self.explain(image, None, None, 5, None, "png", "bcos")
-        timings["explain"] = timings["explain_batch"] = (time.perf_counter() - started, 1 + 5)
+        seconds = time.perf_counter() - started
+        timings["explain"] = timings["explain_batch"] = (seconds, 1 + 5)
+        timings["intervene"] = (2 * seconds, 2 * (1 + 5))  # two explanations (before and after the edit)
         return timings
 
     # ------------------------------------------------------------------ predict
@@ -234,7 +236,28 @@ class Engine:
         """
         if not images:
             return []
-        batch = self.model.preprocess(images).to(self.device)
+        logits, probabilities, ranking, top_ids, top_contributions = self.predict_tensors(
+            self.model.preprocess(images), top_k
+        )
+        layer, names, bias = self.layer_names[-1], self.model.class_names, self.model.logit_bias
+        return [
+            {
+                **serialize.prediction_record(
+                    names, logits[n], probabilities[n], ranking[n], layer, top_ids[n], top_contributions[n], bias
+                ),
+                "model": self.model_identity,
+            }
+            for n in range(len(images))
+        ]
+
+    @_under_options
+    def predict_tensors(self, batch: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, ...]:
+        """:meth:`predict`'s quantities of a preprocessed batch ``(N, 3, S, S)`` in [0, 1] (the tensor protocols).
+
+        Returns ``(logits (N, C), probabilities (N, C), ranking (N, C), top_ids (N, k), top_contributions (N, k))``:
+        the last concept layer's top concepts for the predicted class ``ranking[:, 0]``.
+        """
+        batch = batch.to(self.device)
         layer = self.layer_names[-1]
         if self.onnx is not None:
             outputs = self.onnx.run(batch)
@@ -247,17 +270,7 @@ class Engine:
             logits, ranking, contributions = self._predicted_contributions(batch, layer)
             top = contributions.topk(min(top_k, contributions.shape[1]), dim=1)
             top_ids, top_contributions = top.indices, top.values
-        probabilities = self.model.probabilities(logits)
-        names, bias = self.model.class_names, self.model.logit_bias
-        return [
-            {
-                **serialize.prediction_record(
-                    names, logits[n], probabilities[n], ranking[n], layer, top_ids[n], top_contributions[n], bias
-                ),
-                "model": self.model_identity,
-            }
-            for n in range(len(images))
-        ]
+        return logits, self.model.probabilities(logits), ranking, top_ids, top_contributions
 
     def _predicted_contributions(self, batch: torch.Tensor, layer: str) -> tuple[torch.Tensor, ...]:
         """``(logits (N, C), ranking (N, C), contributions (N, K))`` of ``layer``'s concepts to the predicted class."""
@@ -298,17 +311,24 @@ class Engine:
         heatmap_kind: str,
         decode_ms: float = 0.0,
         heatmap_size: int | None = None,
+        region: RegionQuery | None = None,
+        where: ConceptQuery | None = None,
     ) -> list[dict[str, Any]]:
         """One explanation per image, computed as one batch (targets may differ per image).
 
         ``heatmap_size``: side of the heatmaps in pixels, in [:data:`MIN_HEATMAP_SIZE`, input size]
         (None: the input size); images are area-averaged, ``array``/``float32`` maps block-summed.
+        ``region``: also rank the concepts by their contribution inside it (``region`` of each
+        record); ``where``: also map where one concept contributed (``where``) — :mod:`service.queries`.
         """
         top_k = self.check_top_k(top_k)
         selected = self.check_layers(layers)
         size = self.check_heatmaps(heatmaps, heatmap_kind, heatmap_size)
         target_idx = [self.resolve_class(t, "target") for t in targets]
         contrast_idx = [self.resolve_class(c, "contrast") for c in contrasts]
+        region_layer = None if region is None else self._query_layer(region.layer, selected, "region")
+        where_layer = None if where is None else self._query_layer(where.layer, selected, "where")
+        mask = None if region is None else region_mask(self.model, region)
         started = time.perf_counter()
         batch = self.model.preprocess(images).to(self.device)
         preprocess_ms = decode_ms + 1e3 * (time.perf_counter() - started)
@@ -320,6 +340,10 @@ class Engine:
         for i, (expl, row) in enumerate(explanations):
             started = time.perf_counter()
             result = self._response(expl, row, batch[i], selected, heatmaps, heatmap_kind, size)
+            if region is not None:
+                result["region"] = region_record(expl, row, region_layer, mask.to(batch.device), top_k, region)
+            if where is not None:
+                result["where"] = self._where(expl, row, batch[i], where_layer, where.concept, heatmaps, size, mask)
             render_ms = 1e3 * (time.perf_counter() - started)
             result["timings_ms"] = {
                 "preprocess": preprocess_ms / len(images),
@@ -329,6 +353,127 @@ class Engine:
             }
             results.append(result)
         return results
+
+    # ------------------------------------------------------------------ intervene
+    @_under_options
+    def intervene(
+        self,
+        image: Image.Image,
+        *,
+        layer: str | None = None,
+        remove: Sequence[int] = (),
+        scale: dict[int, float] | None = None,
+        remove_top: int | None = None,
+        keep_top: int | None = None,
+        target: int | str | None = None,
+        contrast: int | str | None = None,
+        top_k: int = 5,
+        layers: Sequence[str] | None = None,
+        heatmaps: str = "none",
+        heatmap_kind: str = "bcos",
+        heatmap_size: int | None = None,
+        decode_ms: float = 0.0,
+    ) -> dict[str, Any]:
+        """Edit concepts of ``layer`` and explain the edited network (:func:`fact_model.intervention.intervene`).
+
+        The record (:func:`fact_model.serialize.intervention_record`) holds the edits, the explanation
+        before and after, and the linear prediction of the change next to the measured one.
+        """
+        top_k = self.check_top_k(top_k)
+        selected = self.check_layers(layers)
+        size = self.check_heatmaps(heatmaps, heatmap_kind, heatmap_size)
+        edited = self._query_layer(layer, (self.layer_names[-1],), "layer")
+        target_idx = self.resolve_class(target, "target")
+        contrast_idx = self.resolve_class(contrast, "contrast")
+        started = time.perf_counter()
+        batch = self.model.preprocess([image]).to(self.device)
+        preprocess_ms = decode_ms + 1e3 * (time.perf_counter() - started)
+        primary = selected[-1]
+        with_maps = heatmaps != "none" and heatmap_kind != "spatial"
+        try:
+            result = self.model.intervene(
+                batch,
+                layer=edited,
+                remove=list(remove) or None,
+                scale=scale or None,
+                remove_top=remove_top,
+                keep_top=keep_top,
+                target=None if target_idx is None else [target_idx],
+                contrast=None if contrast_idx is None else [contrast_idx],
+                top_k=top_k,
+                maps=with_maps,
+                map_layers=(primary,),
+            )
+        except ContrastEqualsTargetError as err:
+            raise RequestError(400, "contrast_equals_target", err.message(self.model.class_names)) from None
+        except ValueError as err:
+            raise RequestError(400, "bad_intervention", str(err)) from None
+        started = time.perf_counter()
+        maps = None
+        after = result.after
+        mapped = after.maps is not None or heatmap_kind == "spatial"
+        if heatmaps != "none" and after.top_ids[primary].shape[1] and mapped:
+            maps = self._heatmaps(after, 0, batch[0], primary, heatmaps, heatmap_kind, size)
+        record = serialize.intervention_record(result, 0, self.model.class_names, selected, maps)
+        timings = {name: result.before.timings_ms[name] + after.timings_ms[name] for name in ("forward", "backward")}
+        return {
+            **record,
+            "model": self.model_identity,
+            "timings_ms": {"preprocess": preprocess_ms, **timings, "render": 1e3 * (time.perf_counter() - started)},
+        }
+
+    def _query_layer(self, layer: str | None, selected: tuple[str, ...], what: str) -> str:
+        """The concept layer a region or ``where`` query reads: ``layer``, or the reported one."""
+        if layer is None:
+            return selected[-1]
+        if layer not in self.layer_names:
+            raise RequestError(
+                400,
+                "unknown_layer",
+                f"{what}: unknown concept layer {layer[:64]!r}; this model's concept layers: {list(self.layer_names)}",
+            )
+        return layer
+
+    def _where(
+        self,
+        expl: Explanation,
+        n: int,
+        image: torch.Tensor,
+        layer: str,
+        concept: int,
+        heatmaps: str,
+        size: int,
+        mask: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        """Where concept ``concept`` of ``layer`` contributed in image ``n``: its numbers and a signed map.
+
+        ``in_region``: its contribution inside the request's region (``mask`` ``(S, S)``), or None.
+        ``Σ mask ⊙ spread(v) = Σ cell_weights(mask) ⊙ v``, so this equals the region query's own figure.
+        """
+        values = where_values(expl, n, layer, concept, self.input_size)  # (S, S), sums to its contribution
+        heatmap = None
+        if heatmaps in ("array", "float32"):
+            heatmap = _float_map(render.sum_pool(values[None], size)[0].cpu(), heatmaps, "contribution")
+        elif heatmaps != "none":
+            rgba = render.resize_rgba(render.signed_heatmaps(values[None], image), size)
+            blob = render.encode_rgba(rgba.cpu(), heatmaps)[0]
+            key = "webp_base64" if heatmaps == "webp" else "png_base64"
+            heatmap = {
+                "format": heatmaps,
+                "kind": "signed",
+                "size": [size, size],
+                "media_type": render.MEDIA_TYPES[heatmaps],
+                key: base64.b64encode(blob).decode(),
+            }
+        in_region = None if mask is None else float((values * mask.to(values.device)).sum())
+        return {
+            "layer": layer,
+            "id": concept,
+            "contribution": float(expl.contributions[layer][n, concept]),
+            "activation": float(expl.activations[layer][n, concept]),
+            "in_region": in_region,
+            "heatmap": heatmap,
+        }
 
     def _explain_grouped(
         self,
@@ -394,8 +539,8 @@ class Engine:
         if kind == "bcos":  # all maps of the image in one call
             rgba = render.bcos_colour(weights, inputs[None].expand_as(weights))
         else:
-            if kind == "spatial":  # each position's value over its receptive-field block of the image
-                values = F.interpolate(values[:, None], size=image.shape[-2:], mode="nearest")[:, 0]
+            if kind == "spatial":  # each position's value spread over its cell of the image (fact_model.regions)
+                values = regions.spread_to_pixels(values, tuple(image.shape[-2:]))
             rgba = render.signed_heatmaps(values, image)
         blobs = render.encode_rgba(render.resize_rgba(rgba, size).cpu(), heatmaps)
         key = "webp_base64" if heatmaps == "webp" else "png_base64"

@@ -18,13 +18,18 @@ from service.gate import decoded_image
 from service.settings import SETTINGS
 
 __all__ = [
+    "Box",
+    "ConceptRef",
     "ExplainBatchRequest",
     "ExplainItem",
     "ExplainRequest",
     "HeatmapFormat",
     "HeatmapKind",
+    "InterveneRequest",
     "PredictItem",
     "PredictRequest",
+    "Region",
+    "ScaleEdit",
 ]
 
 HeatmapFormat = Literal["none", "png", "png8", "webp", "array", "float32"]
@@ -68,6 +73,57 @@ LayerNames = Annotated[
 ]
 
 
+MAX_EDITS = 4096
+"""Most concepts one ``/intervene`` request may remove or scale."""
+ConceptId = Annotated[StrictInt, Field(ge=0, description="concept id in [0, K) of the edited layer (GET /model)")]
+LayerName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class Box(BaseModel):
+    """A rectangle in the model input's pixels (GET /model: input_size): x right, y down, origin top-left."""
+
+    model_config = _STRICT
+    x0: float = Field(description="left edge (pixels)")
+    y0: float = Field(description="top edge (pixels)")
+    x1: float = Field(description="right edge (pixels, exclusive)")
+    y1: float = Field(description="bottom edge (pixels, exclusive)")
+
+
+class Region(BaseModel):
+    """Part of the image to query: a box, or a mask (exactly one)."""
+
+    model_config = _STRICT
+    box: Box | None = Field(None, description="a box in the model input's pixels")
+    mask_base64: ImageBase64 | None = Field(
+        None,
+        description="a greyscale mask image (white = inside; grey = partly), base64; any size: it is resized and "
+        "cropped with the image's own preprocessing, so a mask drawn on the uploaded image lines up with it",
+    )
+    layer: LayerName | None = Field(None, description="concept layer queried (default: the reported layer)")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> Region:
+        if (self.box is None) == (self.mask_base64 is None):
+            raise ValueError("give exactly one of 'box' and 'mask_base64'")
+        return self
+
+
+class ConceptRef(BaseModel):
+    """One concept: its layer and id."""
+
+    model_config = _STRICT
+    layer: LayerName | None = Field(None, description="concept layer (default: the reported layer)")
+    id: ConceptId
+
+
+class ScaleEdit(BaseModel):
+    """Multiply one concept's codes by ``factor`` (0 removes it; 2 doubles it)."""
+
+    model_config = _STRICT
+    concept: ConceptId
+    factor: float = Field(allow_inf_nan=False, ge=-1e3, le=1e3)
+
+
 class ExplainRequest(bentoml.IODescriptor):
     """``POST /explain`` as JSON (a multipart form with a file ``image`` and the same fields is accepted too)."""
 
@@ -78,6 +134,31 @@ class ExplainRequest(bentoml.IODescriptor):
     top_k: TopK = 5
     layers: LayerNames | None = None
     heatmaps: HeatmapFormat = Field("png", description=HEATMAPS_DESCRIPTION)
+    heatmap_kind: HeatmapKind = Field("bcos", description=HEATMAP_KIND_DESCRIPTION)
+    heatmap_size: HeatmapSize = None
+    region: Region | None = Field(
+        None, description="also rank the concepts by their contribution inside this part of the image"
+    )
+    where: ConceptRef | None = Field(
+        None, description="also map where this concept contributed (any concept, not only the top ones)"
+    )
+
+
+class InterveneRequest(bentoml.IODescriptor):
+    """``POST /intervene``: remove or scale concepts, re-run the network from the edited reconstruction."""
+
+    model_config = _STRICT
+    image_base64: ImageBase64
+    layer: LayerName | None = Field(None, description="concept layer to edit (default: the last one)")
+    remove: list[ConceptId] = Field(default_factory=list, max_length=MAX_EDITS, description="concepts to remove")
+    scale: list[ScaleEdit] = Field(default_factory=list, max_length=MAX_EDITS, description="concepts to scale")
+    remove_top: StrictInt | None = Field(None, ge=1, description="remove the image's top-n concepts of the layer")
+    keep_top: StrictInt | None = Field(None, ge=1, description="keep only the image's top-n concepts of the layer")
+    target: ClassRef | None = Field(None, description="class to explain; default: the predicted class (before)")
+    contrast: ClassRef | None = Field(None, description="explain target rather than this class")
+    top_k: TopK = 5
+    layers: LayerNames | None = None
+    heatmaps: HeatmapFormat = Field("none", description=HEATMAPS_DESCRIPTION)
     heatmap_kind: HeatmapKind = Field("bcos", description=HEATMAP_KIND_DESCRIPTION)
     heatmap_size: HeatmapSize = None
 

@@ -22,6 +22,9 @@ variable                       default                     meaning
 ``FACT_RUNTIME``               ``pytorch``                 ``/predict`` runtime: ``pytorch`` or ``onnx``
 ``FACT_TORCH_THREADS``         (torch default)             intra-op threads of the model thread
 ``FACT_PREDICT_MAX_LATENCY``   ``500``                     adaptive batching: latency budget (ms); over it → 503
+``FACT_ADMIN_TOKEN``           (unset: label writes off)   bearer token that concept-label writes require
+``FACT_LABELS_PATH``           (next to the model)         concept-label file (default
+                                                           ``<artifact>/concept_labels.json``)
 =============================  ==========================  ==========================================
 
 The library's own options (``FACT_KERNELS``, ``FACT_BCOS_CONV_PATH``, ``FACT_CONCEPT_ENCODE_PATH``,
@@ -37,7 +40,10 @@ from dataclasses import dataclass, field
 
 from fact_model.options import Options
 
-__all__ = ["SETTINGS", "Settings"]
+__all__ = ["MIN_ADMIN_TOKEN", "SETTINGS", "Settings"]
+
+MIN_ADMIN_TOKEN = 16
+"""Shortest ``FACT_ADMIN_TOKEN`` accepted (characters): a guessable token is refused at start-up."""
 
 
 def _positive(name: str, default: float, kind: type[int] | type[float]) -> float:
@@ -86,12 +92,20 @@ class Settings:
     decode_concurrency: int = 2
     cors_origins: tuple[str, ...] = ()
     options: Options = field(default_factory=Options)
+    admin_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log line
+    labels_path: str | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
         device = os.environ.get("FACT_DEVICE") or "auto"  # unset or empty: the default, like every variable
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"FACT_DEVICE must be auto, cpu or cuda, got {device!r}")
+        admin_token = os.environ.get("FACT_ADMIN_TOKEN") or None
+        if admin_token is not None and (len(admin_token) < MIN_ADMIN_TOKEN or not admin_token.isprintable()):
+            raise ValueError(
+                f"FACT_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} printable characters (e.g. "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`); unset it to disable label writes"
+            )
         runtime = os.environ.get("FACT_RUNTIME") or "pytorch"
         if runtime not in ("pytorch", "onnx"):
             raise ValueError(f"FACT_RUNTIME must be pytorch or onnx, got {runtime!r}")
@@ -115,6 +129,8 @@ class Settings:
             decode_concurrency=_int("FACT_DECODE_CONCURRENCY", 2),
             cors_origins=tuple(o.strip() for o in os.environ.get("FACT_CORS_ORIGINS", "").split(",") if o.strip()),
             options=Options.from_environ(),
+            admin_token=admin_token,
+            labels_path=os.environ.get("FACT_LABELS_PATH") or None,
         )
 
     def resolve_device(self) -> str:
