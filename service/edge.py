@@ -4,11 +4,15 @@ Everything a response can be — ours, BentoML's (validation ``detail`` lists, i
 500/503), Starlette's plain-text 404/405, an exception nobody caught, a request that runs
 past its deadline — leaves through :class:`Edge`, which
 
+* serves every route of our own API also under ``/v1/…`` (``/v1/predict`` is ``/predict``):
+  the path is rewritten before anything else sees it, so metrics, gate and routing know one
+  route (:func:`canonical_path`; ``/v1/models…`` is KServe's V1 protocol and is left alone);
 * gives every request an id (the caller's ``X-Request-ID`` when it is sane, else the trace
   id of a W3C ``traceparent``, else a new one), echoes it as ``X-Request-ID`` on every
   response and puts it in every log record of the request (:func:`current_request_id`);
 * rewrites any error body that is not already ``{"error", "reason", "status"}`` into that
-  shape (:mod:`service.errors`), adding ``request_id``;
+  shape (:mod:`service.errors`), adding ``request_id`` (extra fields of our own envelope, such
+  as a readiness probe's ``"ready": false``, are kept);
 * answers 504 in that shape when the request is not answered within its deadline;
 * counts requests by **route template** (``/concepts/{layer}/{id}``, unknown paths as
   ``other``), so that junk URLs cannot grow ``/metrics`` — BentoML's own per-path traffic
@@ -31,7 +35,7 @@ from typing import Any
 
 from service.errors import error_body, error_payload
 
-__all__ = ["BENTOML_REQUEST_LOGGER", "Edge", "QuietRefusals", "current_request_id", "route_label"]
+__all__ = ["BENTOML_REQUEST_LOGGER", "Edge", "QuietRefusals", "canonical_path", "current_request_id", "route_label"]
 
 log = logging.getLogger("fact.service.edge")
 
@@ -52,6 +56,7 @@ ROUTES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"/explain", "explain"),
         (r"/explain_batch", "explain_batch"),
         (r"/predict", "predict"),
+        (r"/intervene", "intervene"),
         (r"/model", "model"),
         (r"/concepts/[^/]+", "concepts/{layer}"),
         (r"/concepts/[^/]+/[^/]+", "concepts/{layer}/{id}"),
@@ -62,6 +67,17 @@ ROUTES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"/docs", "docs"),
         (r"/docs\.json", "docs.json"),
         (r"/(livez|healthz|readyz|metrics)", "probe"),
+        # KServe V1 (service.protocols); a model name has no ':' there, so the verbs come first
+        (r"/v1/models", "v1/models"),
+        (r"/v1/models/[^/:]+:predict", "v1/models/{name}:predict"),
+        (r"/v1/models/[^/:]+:explain", "v1/models/{name}:explain"),
+        (r"/v1/models/[^/]+", "v1/models/{name}"),
+        # Open Inference Protocol V2
+        (r"/v2", "v2"),
+        (r"/v2/health/(live|ready)", "v2/health"),
+        (r"/v2/models/[^/]+(/versions/[^/]+)?", "v2/models/{name}"),
+        (r"/v2/models/[^/]+(/versions/[^/]+)?/ready", "v2/models/{name}/ready"),
+        (r"/v2/models/[^/]+(/versions/[^/]+)?/infer", "v2/models/{name}/infer"),
     )
 )
 """Path → the route label of metrics and logs; anything else is ``other``."""
@@ -73,6 +89,21 @@ def route_label(path: str) -> str:
         if pattern.fullmatch(path):
             return label
     return "other"
+
+
+_VERSIONED = re.compile(r"/v1(/.+)")
+_KSERVE_V1 = re.compile(r"/models(/.*)?|/models:.*")
+
+
+def canonical_path(path: str) -> str:
+    """``path`` without the ``/v1`` version prefix of our own API (``/v1/explain`` → ``/explain``).
+
+    KServe's ``/v1/models…`` paths are another protocol's and stay as they are.
+    """
+    match = _VERSIONED.fullmatch(path)
+    if match is None or _KSERVE_V1.fullmatch(match.group(1)):
+        return path
+    return match.group(1)
 
 
 def current_request_id() -> str | None:
@@ -123,6 +154,8 @@ def _validation_message(detail: list[Any]) -> str:
 
 
 _PROBES = frozenset({"/livez", "/healthz", "/readyz"})
+_READINESS_ROUTES = frozenset({"v1/models/{name}", "v2/health", "v2/models/{name}/ready"})
+"""Protocol readiness probes: their 503 while the model loads is an answer, not an incident (not logged)."""
 
 
 def _foreign_error(status: int, parsed: Any, body: bytes, method: str, path: str) -> tuple[str | None, str]:
@@ -185,6 +218,9 @@ class Edge:
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope.get("headers", []))
+        path = canonical_path(scope.get("path", ""))
+        if path != scope.get("path"):
+            scope = {**scope, "path": path, "raw_path": path.encode()}
         token = _REQUEST_ID.set(request_id)
         try:
             await self._serve(scope, receive, send, request_id)
@@ -202,14 +238,16 @@ class Edge:
 
         async def finish_error(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
             rewritten = _envelope(status, body, method, path)
-            rewritten["request_id"] = request_id
             reason = str(rewritten["reason"])
-            data = error_body(int(rewritten["status"]), reason, str(rewritten["error"]), request_id)
+            payload = error_payload(int(rewritten["status"]), reason, str(rewritten["error"]), request_id)
+            payload.update({k: v for k, v in rewritten.items() if k not in payload and k != "request_id"})
+            data = json.dumps(payload).encode()
             kept = [(k, v) for k, v in headers if k.lower() not in (b"content-length", b"content-type")]
             if status in (429, 503) and not any(k.lower() == b"retry-after" for k, _ in kept):
                 kept.append((b"retry-after", str(self.retry_after).encode()))
             kept += [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-            if path not in _PROBES:  # a probe's 503 while loading is its answer, not an incident
+            quiet = path in _PROBES or (status == 503 and route in _READINESS_ROUTES)
+            if not quiet:  # a probe's 503 while loading is its answer, not an incident
                 self._log(status, reason, str(rewritten["error"]), method, path, request_id)
             if self.on_reject is not None:
                 self.on_reject(route, reason)

@@ -14,7 +14,11 @@ For each API route, in this order:
 5. the images are decoded on a thread pool, at most ``decode_concurrency`` at a time per
    worker (decoding never blocks the event loop, and concurrent decodes bound memory);
 6. the (translated) JSON is replayed to BentoML, and the decoded images are handed to the
-   endpoint through a context variable (:func:`decoded_image`), so nothing is decoded twice.
+   endpoint through a context variable (:func:`decoded_image`), so nothing is decoded twice;
+   the validated request model is in the scope too (:data:`VALIDATED`, for plain ASGI routes).
+
+Routes are keyed by exact path, or by a compiled pattern that must match the whole path
+(``/v2/models/{name}/infer`` and the like, :mod:`service.protocols`); exact paths win.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import asyncio
 import contextvars
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +38,7 @@ from pydantic import BaseModel, ValidationError
 from service.errors import RequestError, send_error
 from service.limits import WORK_UNITS
 
-__all__ = ["RequestGate", "RouteSpec", "decoded_image", "validation_message"]
+__all__ = ["VALIDATED", "RequestGate", "RouteSpec", "decoded_image", "validated_request", "validation_message"]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -46,11 +50,22 @@ _ASCII_INT = re.compile(r"[0-9]{1,9}")
 _MULTIPART_LISTS = frozenset({"layers"})
 _MULTIPART_INTS = frozenset({"top_k", "heatmap_size"})
 
+VALIDATED = "fact.validated_request"
+"""ASGI scope key: the route schema's instance validated from the body (set by the gate)."""
+
 
 def decoded_image(text: str) -> Image.Image | None:
     """The image the gate decoded from this base64 text for the current request, if any."""
     table = _DECODED.get()
     return None if table is None else table.get(text)
+
+
+def validated_request(scope: Scope) -> BaseModel:
+    """The request model the gate validated for this scope (a route handler's typed body)."""
+    model = scope.get(VALIDATED)
+    if model is None:  # every gated route gets one: a missing model is a wiring bug, not a client error
+        raise RuntimeError(f"the request gate did not validate this request ({scope.get('path')!r} is not gated)")
+    return model
 
 
 @dataclass(frozen=True)
@@ -77,9 +92,13 @@ def validation_message(err: ValidationError, schema: type[BaseModel]) -> str:
     parts = []
     for item in err.errors(include_url=False)[:5]:
         where = ".".join(str(p) for p in item["loc"]) or "body"
-        if item["type"] == "extra_forbidden":
+        if not item["loc"]:  # a whole-body check: its message names the fields itself
+            parts.append(item["msg"])
+        elif item["type"] == "extra_forbidden" and len(item["loc"]) == 1:
             known = ", ".join(schema.model_fields)
             parts.append(f"unknown field {where!r} (the fields are: {known})")
+        elif item["type"] == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
         elif item["type"] == "missing":
             parts.append(f"field {where!r} is required")
         else:
@@ -93,7 +112,7 @@ class RequestGate:
 
     Args:
         app: the wrapped ASGI app.
-        routes: path → :class:`RouteSpec`.
+        routes: exact path or compiled pattern (matched against the whole path) → :class:`RouteSpec`.
         max_bytes: largest body (413 above it).
         body_timeout_s: longest wait for the next chunk of a body (408 after it).
         decode: image bytes (already base64-decoded) → a decoded image, or a ``RequestError``.
@@ -108,7 +127,7 @@ class RequestGate:
     def __init__(
         self,
         app: Any,
-        routes: dict[str, RouteSpec],
+        routes: Mapping[str | re.Pattern[str], RouteSpec],
         max_bytes: int,
         body_timeout_s: float,
         decode: Callable[[bytes], Image.Image],
@@ -116,7 +135,8 @@ class RequestGate:
         decode_concurrency: int = 2,
     ) -> None:
         self.app = app
-        self.routes = routes
+        self.routes = {path: spec for path, spec in routes.items() if isinstance(path, str)}
+        self.patterns = [(pattern, spec) for pattern, spec in routes.items() if not isinstance(pattern, str)]
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
         self.decode = decode
@@ -125,7 +145,7 @@ class RequestGate:
         self._pool = ThreadPoolExecutor(max_workers=decode_concurrency, thread_name_prefix="fact-decode")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        spec = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        spec = self._spec(scope.get("path", "")) if scope["type"] == "http" else None
         if spec is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
@@ -136,7 +156,7 @@ class RequestGate:
                 payload = await self._multipart_to_json(scope, body)
             else:
                 payload = self._parse_json(body)
-            spec.schema.model_validate(payload)
+            validated = spec.schema.model_validate(payload)
         except RequestError as err:
             await send_error(send, err)
             return
@@ -163,9 +183,16 @@ class RequestGate:
         token = _DECODED.set(images)
         try:
             units = spec.work_units(payload) if spec.work_units is not None else 1
-            await self.app({**scope, "headers": headers, WORK_UNITS: units}, replay_receive, send)
+            scope = {**scope, "headers": headers, WORK_UNITS: units, VALIDATED: validated}
+            await self.app(scope, replay_receive, send)
         finally:
             _DECODED.reset(token)
+
+    def _spec(self, path: str) -> RouteSpec | None:
+        spec = self.routes.get(path)
+        if spec is None:
+            spec = next((spec for pattern, spec in self.patterns if pattern.fullmatch(path)), None)
+        return spec
 
     # ------------------------------------------------------------------ steps
     def _media_type(self, scope: Scope, spec: RouteSpec) -> str:

@@ -15,7 +15,7 @@ from typing import Any, get_args
 from service.errors import send_error
 from service.schemas import HEATMAP_KIND_DESCRIPTION, HEATMAPS_DESCRIPTION, HeatmapFormat, HeatmapKind
 
-__all__ = ["OpenAPIDocument", "complete_spec"]
+__all__ = ["OpenAPIDocument", "complete_spec", "package_version"]
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -229,6 +229,16 @@ def complete_spec(base: dict[str, Any], version: str) -> dict[str, Any]:
     return spec
 
 
+def package_version() -> str:
+    """The installed ``fact-model`` version (the document's ``info.version``, OIP V2's server version)."""
+    try:
+        from importlib.metadata import version
+
+        return version("fact-model")
+    except Exception:  # not installed as a package (e.g. a Bento): the source tree's version
+        return "0.1.0"
+
+
 class OpenAPIDocument:
     """ASGI middleware answering ``GET /docs.json`` with :func:`complete_spec` of the service's document.
 
@@ -249,19 +259,13 @@ class OpenAPIDocument:
             return
         if self._body is None:
             try:
-                from importlib.metadata import version
-
-                package_version = version("fact-model")
-            except Exception:  # not installed as a package (e.g. a Bento): the source tree's version
-                package_version = "0.1.0"
-            try:
                 base = self.service.openapi_spec.asdict()
             except Exception as err:
                 from service.errors import RequestError
 
                 await send_error(send, RequestError(500, "internal_error", f"cannot build the OpenAPI document: {err}"))
                 return
-            self._body = json.dumps(complete_spec(base, package_version)).encode()
+            self._body = json.dumps(complete_spec(base, package_version())).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self._body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": self._body if scope["method"] == "GET" else b""})
