@@ -44,7 +44,9 @@ means "only if the concept has no label yet".
 the same folder, is flushed and fsync'ed, then ``os.replace``'d over the old one, so readers
 (other threads, workers, replicas sharing the folder) never see half a file and a crash
 leaves the previous file intact. Reads re-parse the file only when its (mtime_ns, size,
-inode) changed.
+inode) changed. A write always re-reads the file under the lock, so no write is ever lost; a
+reader in *another* process could serve a file one write behind only if two writes landed
+within one file-system timestamp tick with the same size and a recycled inode.
 
 **A file this store will not use** — one for another model (``model_sha256`` differs), or one
 that is not a valid label document — is never overwritten: :meth:`~LabelStore.get` and
@@ -745,6 +747,12 @@ class LabelStore:
         try:
             try:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:
+                # A lock file another user created: flock works on a read-only descriptor too.
+                try:
+                    fd = os.open(self.lock_path, os.O_RDONLY)
+                except OSError as err:
+                    raise self._unwritable(self.lock_path, err) from None
             except OSError as err:
                 raise self._unwritable(self.lock_path, err) from None
             try:

@@ -1,14 +1,12 @@
 """HTTP routes of the concept label store (:mod:`fact_model.concept_labels`), independent of BentoML.
 
-==========  ====================================  ===========================================
-method      path                                  does
-==========  ====================================  ===========================================
-``GET``     ``/concepts/{layer}/{concept}/label``  the label with its history (404 ``no_label``)
-``PUT``     ``/concepts/{layer}/{concept}/label``  set it: ``{"label", "note"?, "expected_version"?, "author"?}``
-``DELETE``  ``/concepts/{layer}/{concept}/label``  delete it (history kept; ``?expected_version=N``)
-``GET``     ``/labels``                           the whole document (export)
-``PUT``     ``/labels?mode=merge|replace``        import a document (default ``merge``)
-==========  ====================================  ===========================================
+* ``GET /concepts/{layer}/{concept}/label``: the label with its history (404 ``no_label``);
+* ``PUT /concepts/{layer}/{concept}/label``: set it, body
+  ``{"label": str, "note": str?, "expected_version": int?, "author": str?}``;
+* ``DELETE /concepts/{layer}/{concept}/label?expected_version=N&author=NAME`` (both optional):
+  delete it (the history is kept);
+* ``GET /labels``: the whole document (export);
+* ``PUT /labels?mode=merge|replace``: import a document (default ``merge``).
 
 Reads are open. Writes need ``Authorization: Bearer <FACT_ADMIN_TOKEN>`` (:func:`admin_check`);
 without a configured token they are refused with 403 ``writes_disabled``. The caller is

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -327,6 +328,22 @@ def test_a_read_only_file_system_is_named(store, path, monkeypatch):
     assert store.get("layer2", 0).label == "kept"
 
 
+def test_a_lock_file_of_another_user_is_locked_read_only(store, path, monkeypatch):
+    store.put("layer2", 0, "first")  # the lock file exists now
+    real_open = os.open
+    denied = []
+
+    def open_(name, flags, *args):
+        if str(name).endswith(".lock") and flags & os.O_RDWR:
+            denied.append(name)
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(concept_labels.os, "open", open_)
+    assert store.put("layer2", 0, "second").version == 2
+    assert denied == [store.lock_path]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
 def test_a_read_only_folder_still_serves_reads(store, path):
     store.put("layer2", 0, "kept")
@@ -337,6 +354,14 @@ def test_a_read_only_folder_still_serves_reads(store, path):
             store.put("layer2", 0, "x")
     finally:
         os.chmod(path.parent, 0o755)
+
+
+def test_for_artifact_reads_the_manifest(tmp_path):
+    store = LabelStore.for_artifact("default", path=tmp_path / "labels.json")
+    manifest = json.loads((Path(concept_labels.__file__).parent / "weights/default/manifest.json").read_text())
+    assert store.model_sha256 == manifest["weights"]["sha256"]
+    assert store.layers == {i["name"]: i["num_concepts"] for i in manifest["concept_layers"]}
+    assert LabelStore.for_artifact("default").path.name == "concept_labels.json"
 
 
 # ---------------------------------------------------------------------------- import / export
