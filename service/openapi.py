@@ -1,9 +1,10 @@
 """The OpenAPI document at ``/docs.json``: BentoML's, completed with what it cannot know.
 
 BentoML documents the ``@bentoml.api`` routes from their schemas. This adds the routes of
-the mounted app (``/model``, ``/concepts/…``, ``/samples…``), ``/explain``'s multipart form,
-response schemas, the error envelope on every error status each route can answer, and a
-real ``info.version``.
+the mounted app (``/model``, ``/concepts/…``, ``/samples…``, the KServe V1 and Open Inference
+Protocol V2 routes of :mod:`service.protocols`), ``/explain``'s multipart form, response
+schemas, the error envelope on every error status each route can answer, and a real
+``info.version``. Every route of our own API is also served under ``/v1`` (not listed twice).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from typing import Any, get_args
 
 from service.errors import send_error
+from service.protocols import INPUTS, OUTPUTS, InferRequest, KServeExplainRequest, KServePredictRequest
 from service.schemas import HEATMAP_KIND_DESCRIPTION, HEATMAPS_DESCRIPTION, HeatmapFormat, HeatmapKind
 
 __all__ = ["OpenAPIDocument", "complete_spec", "package_version"]
@@ -120,6 +122,113 @@ def _errors(*statuses: str) -> dict[str, Any]:
     return {s: {"description": _ERROR_TEXT[s], "content": _json_content(ref)} for s in statuses}
 
 
+def _component(model: Any, schemas: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic request model (and the models it uses) as components; returns its ``$ref``."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _post(summary: str, request: dict[str, Any], response: dict[str, Any], statuses: tuple[str, ...],
+          parameters: list) -> dict[str, Any]:  # fmt: skip
+    return {
+        "post": {
+            "summary": summary,
+            "tags": ["KServe / Open Inference Protocol"],
+            "parameters": parameters,
+            "requestBody": {"required": True, "content": _json_content(request)},
+            "responses": {"200": {"description": "OK", "content": _json_content(response)}, **_errors(*statuses)},
+        }
+    }
+
+
+def _protocol_paths(schemas: dict[str, Any]) -> dict[str, Any]:
+    """KServe V1 and OIP V2 (:mod:`service.protocols`): paths, request and response schemas."""
+    name = _path_parameter("name", "the served model's name (GET /v1/models)")
+    version = _path_parameter("version", "the served model's version (GET /v2/models/{name})")
+    tensor = {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "data": {"type": "array", "items": {}},
+        },
+    }
+    tensors = "; ".join(f"{t.name} {t.datatype}: {t.description}" for t in (*INPUTS, *OUTPUTS))
+    infer_response = {
+        "type": "object",
+        "description": f"the outputs, row-major ({tensors})",
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string", "description": "the request's id, else its X-Request-ID"},
+            "outputs": {"type": "array", "items": tensor},
+        },
+    }
+    metadata = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": tensor},
+            "outputs": {"type": "array", "items": tensor},
+        },
+    }
+    ready = {"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}}
+    api_errors = ("400", "404", "408", "413", "415", "429", "500", "503", "504")
+    infer = _post(
+        "OIP V2 inference: one input, image (BYTES, base64) or pixels (FP32 [N, 3, S, S] / [N, S, S, 3] in [0, 1])",
+        _component(InferRequest, schemas),
+        infer_response,
+        api_errors,
+        [name],
+    )
+    paths = {
+        "/v1/models": _get("KServe V1: the served models", {"type": "object"}, ("500",)),
+        "/v1/models/{name}": _get("KServe V1: model readiness (503 while loading)", ready, ("404", "503"), [name]),
+        "/v1/models/{name}:predict": _post(
+            "KServe V1 predict: each prediction is the /predict record of that instance",
+            _component(KServePredictRequest, schemas),
+            {
+                "type": "object",
+                "properties": {"predictions": {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}},
+            },
+            api_errors,
+            [name],
+        ),
+        "/v1/models/{name}:explain": _post(
+            "KServe V1 explain: each explanation is the /explain_batch record of that instance (heatmaps none)",
+            _component(KServeExplainRequest, schemas),
+            {
+                "type": "object",
+                "properties": {
+                    "explanations": {"type": "array", "items": {"$ref": "#/components/schemas/Explanation"}}
+                },
+            },
+            api_errors,
+            [name],
+        ),
+        "/v2": _get("OIP V2 server metadata", {"type": "object"}, ("500",)),
+        "/v2/health/live": _get("OIP V2 liveness (503 once loading failed)", {"type": "object"}, ("503",)),
+        "/v2/health/ready": _get("OIP V2 readiness (503 while loading)", {"type": "object"}, ("503",)),
+        "/v2/models/{name}": _get("OIP V2 model metadata: input and output tensors", metadata, ("404", "503"), [name]),
+        "/v2/models/{name}/versions/{version}": _get(
+            "OIP V2 model metadata of a version", metadata, ("404", "503"), [name, version]
+        ),
+        "/v2/models/{name}/ready": _get("OIP V2 model readiness", ready, ("404", "503"), [name]),
+        "/v2/models/{name}/versions/{version}/ready": _get(
+            "OIP V2 model readiness of a version", ready, ("404", "503"), [name, version]
+        ),
+        "/v2/models/{name}/infer": infer,
+        "/v2/models/{name}/versions/{version}/infer": {"post": {**infer["post"], "parameters": [name, version]}},
+    }
+    return paths
+
+
 def _get(summary: str, schema: dict[str, Any], statuses: tuple[str, ...], parameters: list | None = None,
          media: str = "application/json") -> dict[str, Any]:  # fmt: skip
     content = (
@@ -149,7 +258,9 @@ def complete_spec(base: dict[str, Any], version: str) -> dict[str, Any]:
     info["version"] = version
     info["description"] = (
         "FaCT: exact concept explanations of an image classifier. Every error has the body "
-        "{error, reason, status, request_id}; 429 and 503 carry Retry-After."
+        "{error, reason, status, request_id}; 429 and 503 carry Retry-After. Every route is also served "
+        "under /v1 (/v1/predict is /predict); KServe V1 (/v1/models/…) and the Open Inference Protocol V2 "
+        "(/v2/…) are served over the same model calls."
     )
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas["Error"] = ERROR_SCHEMA
@@ -218,6 +329,7 @@ def complete_spec(base: dict[str, Any], version: str) -> dict[str, Any]:
         ("404", "500", "503", "504"),
         [layer, _path_parameter("concept", "concept id", integer=True)],
     )
+    paths.update(_protocol_paths(schemas))
     paths["/samples"] = _get("Embedded-dataset sample images offered by the explorer", _OBJECT, ("500",))
     paths["/samples/{index}.png"] = _get(
         "One sample image",
