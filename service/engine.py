@@ -23,6 +23,7 @@ from fact_model import options, regions, render, serialize
 from fact_model.analysis.concept_stats import STATS_META, load_concept_stats
 from fact_model.artifacts import load, read_manifest
 from fact_model.bcos.encoding import encode_rgb
+from fact_model.concept_labels import LabelStore, default_labels_path
 from fact_model.explain import (
     ContrastEqualsTargetError,
     closed_form_applies,
@@ -108,6 +109,11 @@ class Engine:
         evaluation = self.artifact_dir / "evaluation.json"
         self.evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else None
         self.closed_form = closed_form_applies(self.model)
+        self.labels = LabelStore(
+            settings.labels_path or default_labels_path(self.artifact_dir),
+            self.manifest["weights"]["sha256"],
+            {i.name: i.num_concepts for i in self.model.concept_layers},
+        )
         self.onnx = None
         if settings.runtime == "onnx":
             from fact_model.onnx_runtime import OnnxPredictor
@@ -203,6 +209,27 @@ class Engine:
             raise RequestError(400, "unknown_layer", f"layers lists {repeated} more than once")
         return tuple(name for name in self.layer_names if name in layers)  # forward order
 
+    def with_labels(self, record: Any, layer: str | None = None, labels: dict | None = None) -> Any:
+        """``record`` with the current label of every concept it names (``label``: the label's record or None).
+
+        A concept is a dict with ``layer`` and ``id`` (explanations, predictions, regions, ``where``,
+        concept cards) or an intervention's edit (``concept`` and ``factor``, of the record's ``layer``).
+        One read of the label file (a ``stat`` when unchanged) per record.
+        """
+        if labels is None:
+            labels = self.labels.all()
+        if isinstance(record, list):
+            return [self.with_labels(item, layer, labels) for item in record]
+        if not isinstance(record, dict):
+            return record
+        layer = record["layer"] if isinstance(record.get("layer"), str) else layer
+        out = {key: self.with_labels(value, layer, labels) for key, value in record.items()}
+        concept = out.get("id") if "layer" in out else out.get("concept") if "factor" in out else None
+        if isinstance(concept, int) and not isinstance(concept, bool) and layer in labels:
+            found = labels[layer].get(concept)
+            out["label"] = None if found is None else found.to_dict(history=False)
+        return out
+
     # ------------------------------------------------------------------ warm-up
     def warmup(self) -> dict[str, tuple[float, int]]:
         """Run each kind of model call once (first calls pay one-off costs).
@@ -240,15 +267,17 @@ class Engine:
             self.model.preprocess(images), top_k
         )
         layer, names, bias = self.layer_names[-1], self.model.class_names, self.model.logit_bias
-        return [
-            {
-                **serialize.prediction_record(
-                    names, logits[n], probabilities[n], ranking[n], layer, top_ids[n], top_contributions[n], bias
-                ),
-                "model": self.model_identity,
-            }
-            for n in range(len(images))
-        ]
+        return self.with_labels(
+            [
+                {
+                    **serialize.prediction_record(
+                        names, logits[n], probabilities[n], ranking[n], layer, top_ids[n], top_contributions[n], bias
+                    ),
+                    "model": self.model_identity,
+                }
+                for n in range(len(images))
+            ]
+        )
 
     @_under_options
     def predict_tensors(self, batch: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, ...]:
@@ -344,6 +373,7 @@ class Engine:
                 result["region"] = region_record(expl, row, region_layer, mask.to(batch.device), top_k, region)
             if where is not None:
                 result["where"] = self._where(expl, row, batch[i], where_layer, where.concept, heatmaps, size, mask)
+            result = self.with_labels(result)
             render_ms = 1e3 * (time.perf_counter() - started)
             result["timings_ms"] = {
                 "preprocess": preprocess_ms / len(images),
@@ -414,7 +444,7 @@ class Engine:
         mapped = after.maps is not None or heatmap_kind == "spatial"
         if heatmaps != "none" and after.top_ids[primary].shape[1] and mapped:
             maps = self._heatmaps(after, 0, batch[0], primary, heatmaps, heatmap_kind, size)
-        record = serialize.intervention_record(result, 0, self.model.class_names, selected, maps)
+        record = self.with_labels(serialize.intervention_record(result, 0, self.model.class_names, selected, maps))
         timings = {name: result.before.timings_ms[name] + after.timings_ms[name] for name in ("forward", "backward")}
         return {
             **record,
@@ -604,6 +634,11 @@ class Engine:
             },
             "concept_statistics": self.stats is not None,
             "concept_cards": {layer: self._cards_problem(layer) is None for layer in self.layer_names},
+            "concept_labels": {
+                "writes": "enabled" if self.settings.admin_token else "disabled (set FACT_ADMIN_TOKEN)",
+                "count": sum(len(found) for found in self.labels.all().values()),
+                "problem": self.labels.problem(),
+            },
             "heatmaps": {
                 "formats": list(HEATMAP_FORMATS),
                 "kinds": list(HEATMAP_KINDS),
@@ -648,6 +683,7 @@ class Engine:
         frequency = self.stats[f"{layer}/frequency"]
         class_means = self.stats[f"{layer}/class_mean_contributions"]  # (classes, K)
         best_class = class_means.argmax(dim=0)
+        labels = self.labels.all().get(layer, {})
         return {
             "layer": layer,
             "concepts": [
@@ -656,14 +692,19 @@ class Engine:
                     "frequency": float(frequency[k]),
                     "top_class": self.model.class_names[int(best_class[k])],
                     "top_class_mean_contribution": float(class_means[best_class[k], k]),
+                    "label": labels[k].to_dict(history=False) if k in labels else None,
                 }
                 for k in range(len(frequency))
             ],
         }
 
+    def concept_card(self, layer: str, concept: int, examples: int = 6) -> dict[str, Any]:
+        """A concept's card (:meth:`_card`) with its current label (labels change; the rest is cached)."""
+        return self.with_labels({**self._card(layer, concept, examples), "layer": layer, "id": concept})
+
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one engine per worker; bounded)
     @_under_options
-    def concept_card(self, layer: str, concept: int, examples: int = 6) -> dict[str, Any]:
+    def _card(self, layer: str, concept: int, examples: int = 6) -> dict[str, Any]:
         """A concept's card: frequency, supported classes, top dataset images with heatmaps.
 
         ``example_images`` says whether the images could be shown (``available``) and if not why

@@ -3,8 +3,8 @@
 A region (a box in the model input's pixels, or a mask image) and a "where did this concept
 contribute" query are answered from one explanation's slot contributions
 (:attr:`fact_model.explanation.Explanation.slots`) through :mod:`fact_model.regions`, whose
-cell partition maps the concept layer's feature grid to input pixels (docs/ARCHITECTURE.md,
-"Regions"). Nothing here runs the model.
+cell partition maps the concept layer's feature grid to input pixels (its module
+docstring says how and why). Nothing here runs the model.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def region_record(
             }
             for value, concept in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         ],
-        "mapping": "area-weighted cell partition of the feature grid (docs/ARCHITECTURE.md, Regions)",
+        "mapping": "area-weighted cell partition of the feature grid (fact_model.regions)",
     }
 
 

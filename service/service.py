@@ -1,6 +1,7 @@
 """The BentoML service: HTTP in, :class:`service.engine.Engine` does the work, JSON out.
 
-Endpoints: ``POST /explain`` (multipart upload or JSON base64), ``POST /explain_batch``,
+Endpoints: ``POST /explain`` (multipart upload or JSON base64; optional ``region`` and ``where``
+queries), ``POST /explain_batch``, ``POST /intervene``,
 ``POST /predict`` (adaptive batching), ``GET /model``, ``GET /concepts/{layer}``,
 ``GET /concepts/{layer}/{id}``, the explorer page at ``GET /`` (``service/explorer.py``), plus BentoML's
 ``/readyz``, ``/livez``, ``/metrics``.
@@ -9,6 +10,7 @@ Endpoints: ``POST /explain`` (multipart upload or JSON base64), ``POST /explain_
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -28,16 +30,21 @@ from service.edge import BENTOML_REQUEST_LOGGER, Edge, QuietRefusals
 from service.errors import RequestError, error_response, parse_path_id
 from service.explorer import routes as explorer_routes
 from service.gate import RequestGate, RouteSpec, decoded_image
+from service.labels import label_routes
 from service.limits import ConcurrencyLimit, ModelBacklog, QueueShedding
 from service.metrics import METRICS
 from service.openapi import OpenAPIDocument
-from service.schemas import ExplainBatchRequest, ExplainRequest, PredictItem, PredictRequest
+from service.protocols import Backend, gate_routes
+from service.protocols import routes as protocol_routes
+from service.queries import ConceptQuery, RegionQuery
+from service.schemas import ExplainBatchRequest, ExplainRequest, InterveneRequest, PredictItem, PredictRequest
 from service.settings import SETTINGS
 
 with bentoml.importing():
     import torch
 
     from fact_model.artifacts import resolve_artifact_path
+    from fact_model.concept_labels import LabelStore
     from service.engine import Engine
     from service.images import decode_base64
 
@@ -130,6 +137,11 @@ async def _concept_card(request: Request) -> Response:
     return _json(card, "concepts")
 
 
+async def _label_store() -> LabelStore:
+    """This worker's concept-label store (503 ``loading`` while the model loads)."""
+    return (await _engine()).labels
+
+
 async def _metrics(request: Request) -> Response:
     """Prometheus text of all workers (BentoML's multiprocess collector), served by us: see :mod:`service.edge`."""
     from bentoml._internal.configuration.containers import BentoMLContainer
@@ -139,12 +151,27 @@ async def _metrics(request: Request) -> Response:
     return Response(content, media_type=client.CONTENT_TYPE_LATEST)
 
 
+# KServe V1 and Open Inference Protocol V2 (service/protocols.py) over the same engine calls as our routes.
+PROTOCOLS = Backend(
+    loaded=lambda: _current().engine,
+    alive=lambda: _current().load_error is None,
+    engine=lambda: _engine(),
+    run=lambda route, fn, *args, **kwargs: _current()._on_model_thread(route, fn, *args, **kwargs),
+    explain=lambda texts, targets, contrasts, options: _current()._explain_items(
+        "explain_batch", texts, targets, contrasts, options
+    ),
+    observe=lambda endpoint, results: _current()._observe(endpoint, results),
+    respond=lambda payload, endpoint: _json(payload, endpoint),
+)
+
 info_app = Starlette(
     routes=[
+        *protocol_routes(PROTOCOLS),
         Route("/model", _model_info, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
         Route("/concepts/{layer}", _concept_list, methods=["GET"]),
         Route("/concepts/{layer}/{concept}", _concept_card, methods=["GET"]),
+        *label_routes(_label_store, SETTINGS.admin_token, SETTINGS.max_request_bytes),
         *explorer_routes(),  # the explorer page at / (service/static/) and its sample images
     ]
 )
@@ -255,7 +282,14 @@ class FaCTService:
         return image
 
     async def _explain_items(
-        self, route: str, texts: list[str], targets: list[Any], contrasts: list[Any], request: dict[str, Any]
+        self,
+        route: str,
+        texts: list[str],
+        targets: list[Any],
+        contrasts: list[Any],
+        request: dict[str, Any],
+        region: RegionQuery | None = None,
+        where: ConceptQuery | None = None,
     ) -> list[dict[str, Any]]:
         """Explanations of the decoded images ``texts`` in one model call (``request``'s shared options)."""
         started = time.perf_counter()
@@ -264,7 +298,7 @@ class FaCTService:
         decode_ms = 1e3 * (time.perf_counter() - started)
         return await self._on_model_thread(
             route,
-            engine.explain_many,
+            functools.partial(engine.explain_many, region=region, where=where),
             images,
             targets,
             contrasts,
@@ -277,6 +311,18 @@ class FaCTService:
             units=explain_units(len(images), request["top_k"]),
         )
 
+    def _queries(self, request: dict[str, Any]) -> tuple[RegionQuery | None, ConceptQuery | None]:
+        """The ``region`` and ``where`` of an ``/explain`` request (the gate decoded a region's mask image)."""
+        region = where = None
+        if request.get("region") is not None:
+            given = request["region"]
+            box = None if given.box is None else (given.box.x0, given.box.y0, given.box.x1, given.box.y1)
+            mask = None if given.mask_base64 is None else self._image(given.mask_base64)
+            region = RegionQuery(given.layer, box, mask)
+        if request.get("where") is not None:
+            where = ConceptQuery(request["where"].layer, request["where"].id)
+        return region, where
+
     @bentoml.api(route="/explain", input_spec=ExplainRequest)
     async def explain(self, **request: Any) -> dict[str, Any]:
         """Explain one image exactly: its top concepts, their contributions, heatmaps and cross-layer tree.
@@ -284,12 +330,49 @@ class FaCTService:
         Send JSON with ``image_base64``, or a multipart form with the file ``image`` and the same other fields.
         """
         try:
+            region, where = self._queries(request)
             results = await self._explain_items(
-                "explain", [request["image_base64"]], [request["target"]], [request["contrast"]], request
+                "explain", [request["image_base64"]], [request["target"]], [request["contrast"]], request, region, where
             )
         except RequestError as err:
             return error_response(err)
         return self._respond("explain", results[0], results)
+
+    @bentoml.api(route="/intervene", input_spec=InterveneRequest)
+    async def intervene(self, **request: Any) -> dict[str, Any]:
+        """Remove or scale concepts and re-run the network from the edited reconstruction.
+
+        Returns the new prediction and a fresh exact explanation, the edits with their contributions
+        before, and the linear prediction of the change (the edited concepts' contributions) next to the
+        measured change: the gap is what the B-cos layers' dynamic scales add.
+        """
+        started = time.perf_counter()
+        try:
+            engine = await _engine()
+            image = self._image(request["image_base64"])
+            edit = functools.partial(
+                engine.intervene,
+                image,
+                layer=request["layer"],
+                remove=request["remove"],
+                scale={item.concept: item.factor for item in request["scale"]},
+                remove_top=request["remove_top"],
+                keep_top=request["keep_top"],
+                target=request["target"],
+                contrast=request["contrast"],
+                top_k=request["top_k"],
+                layers=request["layers"],
+                heatmaps=request["heatmaps"],
+                heatmap_kind=request["heatmap_kind"],
+                heatmap_size=request["heatmap_size"],
+                decode_ms=1e3 * (time.perf_counter() - started),
+            )
+            if len(request["scale"]) != len({item.concept for item in request["scale"]}):
+                raise RequestError(400, "bad_intervention", "scale lists a concept more than once")
+            result = await self._on_model_thread("intervene", edit, units=intervene_units(request["top_k"]))
+        except RequestError as err:
+            return error_response(err)
+        return self._respond("intervene", result, [result["after"]])
 
     @bentoml.api(route="/explain_batch", input_spec=ExplainBatchRequest)
     async def explain_batch(self, **request: Any) -> dict[str, Any]:
@@ -344,6 +427,17 @@ def explain_units(images: int, top_k: int) -> int:
     return images * (1 + top_k)
 
 
+def intervene_units(top_k: int) -> int:
+    """Work units of an intervention: two explanations of one image (before and after the edit)."""
+    return 2 * explain_units(1, top_k)
+
+
+def _explain_images(payload: dict[str, Any]) -> list[str]:
+    """The images of an ``/explain`` body: the image, and a region's mask when it has one."""
+    mask = (payload.get("region") or {}).get("mask_base64")
+    return [payload["image_base64"], *([mask] if isinstance(mask, str) else [])]
+
+
 def _predict_images(payload: dict[str, Any]) -> list[str]:
     return [item["image_base64"] for item in payload["images"]]
 
@@ -360,8 +454,8 @@ if SETTINGS.cors_origins:
     FaCTService.add_asgi_middleware(
         CORSMiddleware,
         allow_origins=list(SETTINGS.cors_origins),
-        allow_methods=["GET", "POST"],
-        allow_headers=["Content-Type", "X-Request-ID", "traceparent"],
+        allow_methods=["GET", "POST", "PUT", "DELETE"],
+        allow_headers=["Content-Type", "X-Request-ID", "traceparent", "Authorization"],
         expose_headers=["X-Request-ID", "Retry-After"],
     )
 FaCTService.add_asgi_middleware(OpenAPIDocument, service=FaCTService, settings=SETTINGS)
@@ -372,9 +466,15 @@ FaCTService.add_asgi_middleware(
         "/explain": RouteSpec(
             ExplainRequest,
             ("application/json",),
-            lambda p: [p["image_base64"]],
+            _explain_images,
             multipart=True,
             work_units=lambda p: explain_units(1, p.get("top_k", 5)),
+        ),
+        "/intervene": RouteSpec(
+            InterveneRequest,
+            ("application/json",),
+            lambda p: [p["image_base64"]],
+            work_units=lambda p: intervene_units(p.get("top_k", 5)),
         ),
         "/explain_batch": RouteSpec(
             ExplainBatchRequest,
@@ -383,6 +483,7 @@ FaCTService.add_asgi_middleware(
             work_units=lambda p: explain_units(len(p["items"]), p.get("top_k", 5)),
         ),
         "/predict": RouteSpec(PredictRequest, ("application/json",), _predict_images),
+        **gate_routes(),
     },
     max_bytes=SETTINGS.max_request_bytes,
     body_timeout_s=SETTINGS.body_timeout_s,
@@ -394,7 +495,7 @@ FaCTService.add_asgi_middleware(
 FaCTService.add_asgi_middleware(
     QueueShedding,
     backlog=MODEL_BACKLOG,
-    routes={"/explain": "explain", "/explain_batch": "explain_batch"},
+    routes={"/explain": "explain", "/explain_batch": "explain_batch", "/intervene": "intervene"},
     budget_s=SETTINGS.queue_budget_s,
 )
 
