@@ -258,7 +258,9 @@ def test_upload_shows_what_the_api_returns(page, server):
     )
     assert tree_children == [f"{c['layer']}:{c['id']}" for c in api["concepts"][0]["children"]]
     alts = page.locator("#result img").evaluate_all("images => images.map(i => i.getAttribute('alt'))")
-    assert None not in alts and len(alts) == 11  # the input, then per concept a map over its image (alt="")
+    assert (
+        None not in alts and len(alts) == 12
+    )  # the input, the region image, per concept a map over the image (alt="")
     assert page.locator("#input-image").get_attribute("alt") == "The explained image: three.png"
     assert not re.search(r"\b(null|undefined|NaN)\b", page.inner_text("#result"))
     shot(page, "02-result-desktop")
