@@ -387,7 +387,10 @@ def pixels_tensor(given: RequestInput, size: int) -> torch.Tensor:
         raise RequestError(
             400, "invalid_request", f"inputs[0].data: FP32 elements are JSON numbers, got {type(bad).__name__}"
         )
-    pixels = torch.tensor(values, dtype=torch.float32).reshape(shape)  # (N, 3, S, S) or (N, S, S, 3)
+    try:
+        pixels = torch.tensor(values, dtype=torch.float32).reshape(shape)  # (N, 3, S, S) or (N, S, S, 3)
+    except (OverflowError, RuntimeError):  # an integer beyond any float (10**400)
+        raise RequestError(400, "invalid_request", "inputs[0].data: pixel values must be in [0, 1]") from None
     if not bool(torch.isfinite(pixels).all()):
         raise RequestError(400, "invalid_request", "inputs[0].data: pixel values must be finite numbers")
     low, high = float(pixels.min()), float(pixels.max())

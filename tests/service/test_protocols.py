@@ -223,6 +223,7 @@ def test_pixels_tensor_reads_both_layouts_and_refuses_bad_values():
     assert "(this model's input size is 32" in refused(nchw, 32)
     assert "values in [0, 255]" in refused(nchw.model_copy(update={"data": [v * 255 for v in nchw.data]}))
     assert "got str" in refused(nchw.model_copy(update={"data": ["0.5", *nchw.data[1:]]}))
+    assert "must be in [0, 1]" in refused(nchw.model_copy(update={"data": [10**400, *nchw.data[1:]]}))
     assert "got bool" in refused(nchw.model_copy(update={"data": [True, *nchw.data[1:]]}))
     assert "holds 3 elements" in refused(nchw.model_copy(update={"data": [0.5, 0.5, 0.5]}))
     ragged = natural.model_copy(update={"data": natural.data[:1]})
