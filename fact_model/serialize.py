@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHILDREN",
+    "MAX_LISTED_EDITS",
     "TOP_CLASSES",
     "class_entry",
     "concept_share",
@@ -52,6 +53,8 @@ TOP_CLASSES = 5
 """Classes listed in ``top_classes``."""
 CHILDREN = 3
 """Lower-layer concepts listed per concept in ``children``."""
+MAX_LISTED_EDITS = 64
+"""Edits an intervention record lists (the largest contributions first; ``edited_concepts`` counts all)."""
 
 
 def class_entry(class_names: Sequence[str], logits: Tensor, probabilities: Tensor, index: int) -> dict[str, Any]:
@@ -166,7 +169,9 @@ def intervention_record(
     """The record of image ``n`` of an intervention (see the module docstring).
 
     ``edits`` lists the concepts whose factor is not 1, largest ``|contribution|`` (to the unedited
-    ``explained``) first, ties by concept id. ``layers`` and ``heatmaps`` are those of the ``after``
+    ``explained``) first, ties by concept id, at most :data:`MAX_LISTED_EDITS` of them (``keep_top``
+    on a large dictionary edits almost every concept, nearly all with contribution 0);
+    ``edited_concepts`` counts them all. ``layers`` and ``heatmaps`` are those of the ``after``
     record (:func:`explanation_record`): the edited network's explanation.
     """
     before, after = iv.before, iv.after
@@ -183,7 +188,8 @@ def intervention_record(
     after_record["probability_of_target"] = float(after.probabilities[n, target])
     return {
         "layer": iv.layer,
-        "edits": edits,
+        "edits": edits[:MAX_LISTED_EDITS],
+        "edited_concepts": len(edits),
         "target": _class_reference(class_names, target),
         "contrast": _class_reference(class_names, None if before.contrast is None else int(before.contrast[n])),
         "before": {

@@ -10,7 +10,7 @@ import torch
 import fact_model
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.intervention import Intervention, intervene
-from fact_model.serialize import explanation_record, intervention_record
+from fact_model.serialize import MAX_LISTED_EDITS, explanation_record, intervention_record
 from tests._support.exactness import REL_TOL, assert_sums_to
 from tests.conftest import NUM_CLASSES, make_model
 
@@ -264,7 +264,8 @@ def test_intervention_record_reports_the_intervention(two_layer_model, images):
     names = model.class_names
     for n in range(4):
         record = intervention_record(iv, n, names)
-        assert set(record) == {"layer", "edits", "target", "contrast", "before", "after", "change"}
+        assert set(record) == {"layer", "edits", "edited_concepts", "target", "contrast", "before", "after", "change"}
+        assert record["edited_concepts"] == 3
         assert record["layer"] == "layer2"
         contributions = iv.before.contributions["layer2"][n]
         assert [e["concept"] for e in record["edits"]] == sorted([0, 3, 5], key=lambda c: -abs(contributions[c]))
@@ -299,3 +300,9 @@ def test_intervention_record_reports_the_intervention(two_layer_model, images):
     assert len(record["edits"]) == 2 and all(e["factor"] == 0.0 for e in record["edits"])
     assert record["after"]["layer"] == "layer3"
     assert NUM_CLASSES == len(names)
+    k = model.concept_layer("layer3").num_concepts
+    everything = intervention_record(model.intervene(images, keep_top=1), 0, names)
+    assert everything["edited_concepts"] == k - 1
+    assert len(everything["edits"]) == min(k - 1, MAX_LISTED_EDITS)
+    shown = [abs(e["contribution"]) for e in everything["edits"]]
+    assert shown == sorted(shown, reverse=True)
