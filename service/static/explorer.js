@@ -931,7 +931,7 @@
   function labelBox(layer, id, message) {
     const found = labelOf(layer, id);
     const meta = found
-      ? [`version ${found.version}`, found.updated_at && found.updated_at.slice(0, 19).replace("T", " "), found.author && `by ${found.author}`]
+      ? [`version ${found.version}`, found.updated_at && `${found.updated_at.slice(0, 16).replace("T", " ")}${/(Z|\+00:00)$/.test(found.updated_at) ? " UTC" : ""}`, found.author && `by ${found.author}`]
       : [];
     const input = (name, label, attrs) => el("label", {}, label, el("input", { name, ...attrs }));
     const form = el(

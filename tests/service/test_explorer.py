@@ -812,3 +812,32 @@ def test_label_edit_shows_everywhere(page, server):
     upload(page, "eight.png", data)
     wait_explained(page)
     assert page.locator(f'#contributions tr[data-concept="{key}"] .clabel').text_content() == "ring edge"
+
+
+def test_label_writes_disabled_show_the_api_message(browser, tmp_path_factory):
+    """A server without FACT_ADMIN_TOKEN refuses label writes (403 writes_disabled): the card says why."""
+    artifact = tmp_path_factory.mktemp("artifact_read_only") / "default"
+    shutil.copytree(resolve_artifact_path("default"), artifact)
+    with (
+        running_server(tmp_path_factory.mktemp("bentoml_home"), env={"FACT_ARTIFACT": str(artifact)}) as url,
+        explorer(browser, url) as page,
+    ):
+        page.console.allowed.append(r"status of 403")
+        upload(page, "one.png", png_bytes(1))
+        wait_explained(page)
+        button = page.locator("#contributions tbody button.concept").first
+        layer, concept = button.get_attribute("data-layer"), button.get_attribute("data-id")
+        button.click()
+        page.wait_for_selector("#card-body .label-box")
+        page.locator("#card-body summary", has_text="Add a label").click()
+        form = page.get_by_role("form", name=f"Edit the label of concept {layer} #{concept}")
+        form.get_by_label("Label", exact=True).fill("disc")
+        form.get_by_label("Admin token").fill(TOKEN)
+        form.get_by_role("button", name="Save label").click()
+        alert = form.get_by_role("alert")
+        alert.wait_for(state="visible")
+        status, api = send("PUT", f"{url}/concepts/{layer}/{concept}/label", {"label": "disc"}, TOKEN)
+        assert (status, api["reason"]) == (403, "writes_disabled") and "FACT_ADMIN_TOKEN" in api["error"]
+        assert api["error"] in alert.text_content() and "HTTP 403" in alert.text_content()
+        assert not (artifact / "concept_labels.json").exists()
+        shot(page, "17-label-writes-disabled", full_page=False)
