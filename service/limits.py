@@ -10,6 +10,7 @@ not batch, waited for their 30 s deadline and a 504.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,7 +28,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-PROBES = frozenset({"/metrics", "/healthz", "/livez", "/readyz"})
+PROBES = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
 """Probe and metrics paths: never shed or size-checked."""
 
 
@@ -123,19 +124,28 @@ class QueueShedding:
     Args:
         app: the wrapped ASGI app.
         backlog: the worker's model backlog (shared with the service, which reports durations).
-        routes: path → route name used for costs (e.g. ``{"/explain": "explain"}``); the request's
-            work units come from the scope (:data:`WORK_UNITS`, set by the request gate).
+        routes: path (or compiled path pattern) → route name used for costs (e.g. ``{"/explain":
+            "explain"}``); the request's work units come from the scope (:data:`WORK_UNITS`, set by
+            the request gate).
         budget_s: the longest predicted queue wait admitted.
     """
 
-    def __init__(self, app: Any, backlog: ModelBacklog, routes: dict[str, str], budget_s: float) -> None:
+    def __init__(
+        self, app: Any, backlog: ModelBacklog, routes: dict[str | re.Pattern[str], str], budget_s: float
+    ) -> None:
         self.app = app
         self.backlog = backlog
-        self.routes = routes
+        self.routes = {path: name for path, name in routes.items() if isinstance(path, str)}
+        self.patterns = [(path, name) for path, name in routes.items() if not isinstance(path, str)]
         self.budget_s = budget_s
 
+    def _route(self, path: str) -> str | None:
+        if path in self.routes:
+            return self.routes[path]
+        return next((name for pattern, name in self.patterns if pattern.fullmatch(path)), None)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        route = self._route(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return

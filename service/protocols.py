@@ -632,11 +632,21 @@ def routes(backend: Backend) -> list[Route]:
     ]
 
 
+KSERVE_EXPLAIN = re.compile(r"/v1/models/[^/]+:explain")
+"""KServe V1's explain route (explanations: admitted by the model-queue budget like ``/explain_batch``)."""
+
+
+def _explain_work_units(payload: dict[str, Any]) -> int:
+    """Model work of a KServe explain body: each image costs one pass plus one per top concept."""
+    top_k = (payload.get("parameters") or {}).get("top_k", 5)
+    return len(payload.get("instances") or ()) * (1 + (top_k if isinstance(top_k, int) else 5))
+
+
 def gate_routes() -> dict[re.Pattern[str], RouteSpec]:
     """The request gate's specs of the protocols' POST routes, keyed by path pattern."""
     json_only = ("application/json",)
     return {
         re.compile(r"/v1/models/[^/]+:predict"): RouteSpec(KServePredictRequest, json_only, _instance_texts),
-        re.compile(r"/v1/models/[^/]+:explain"): RouteSpec(KServeExplainRequest, json_only, _instance_texts),
+        KSERVE_EXPLAIN: RouteSpec(KServeExplainRequest, json_only, _instance_texts, work_units=_explain_work_units),
         re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer"): RouteSpec(InferRequest, json_only, _infer_images),
     }

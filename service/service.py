@@ -34,7 +34,7 @@ from service.labels import label_routes
 from service.limits import ConcurrencyLimit, ModelBacklog, QueueShedding
 from service.metrics import METRICS
 from service.openapi import OpenAPIDocument
-from service.protocols import Backend, gate_routes
+from service.protocols import KSERVE_EXPLAIN, Backend, gate_routes
 from service.protocols import routes as protocol_routes
 from service.queries import ConceptQuery, RegionQuery
 from service.schemas import ExplainBatchRequest, ExplainRequest, InterveneRequest, PredictItem, PredictRequest
@@ -495,7 +495,12 @@ FaCTService.add_asgi_middleware(
 FaCTService.add_asgi_middleware(
     QueueShedding,
     backlog=MODEL_BACKLOG,
-    routes={"/explain": "explain", "/explain_batch": "explain_batch", "/intervene": "intervene"},
+    routes={
+        "/explain": "explain",
+        "/explain_batch": "explain_batch",
+        "/intervene": "intervene",
+        KSERVE_EXPLAIN: "explain_batch",
+    },
     budget_s=SETTINGS.queue_budget_s,
 )
 

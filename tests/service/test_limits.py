@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -77,9 +78,20 @@ def test_concurrency_limit_sheds_at_once():
 def test_probes_and_metrics_are_never_shed():
     limit = ConcurrencyLimit(_ok, max_in_flight=1)
     limit.in_flight = 1  # saturated
-    for path in ("/readyz", "/livez", "/metrics"):
+    for path in ("/readyz", "/livez", "/metrics", "/v2/health/live", "/v2/health/ready"):
         assert asyncio.run(_call(limit, path, method="GET"))[0] == 200
     assert asyncio.run(_call(limit, "/explain"))[0] == 429
+    assert asyncio.run(_call(limit, "/v2/models/fact/infer"))[0] == 429
+
+
+def test_queue_shedding_matches_route_patterns():
+    """KServe's explain route (a path pattern) is admitted by the same budget as /explain_batch."""
+    backlog = ModelBacklog(initial_s=0.3)
+    shed = QueueShedding(_ok, backlog, {re.compile(r"/v1/models/[^/]+:explain"): "explain_batch"}, budget_s=1.0)
+    backlog.admit("explain_batch", 3)  # 0.9 s queued: one more does not fit
+    status, _, body = asyncio.run(_call(shed, "/v1/models/fact:explain"))
+    assert status == 503 and body["reason"] == "overloaded"
+    assert asyncio.run(_call(shed, "/v1/models/fact:predict"))[0] == 200  # not a shed route
 
 
 def test_queue_shedding_admits_within_the_budget_and_refuses_at_once_beyond():
