@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 
+from fact_model._files import fsync_dir
 from fact_model.config import FaCTConfig
 from fact_model.model import FaCTModel
 
@@ -114,20 +115,6 @@ def _summary(model: FaCTModel) -> dict[str, Any]:
         "B": model.backbone.head.b,
         "input_size": model.config.preprocessing.input_size,
     }
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory entry to disk (best effort: not every platform can open directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -221,7 +208,7 @@ def save(
         }
         text = json.dumps(manifest, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
         _write_file(tmp / MANIFEST_FILE, text.encode("utf-8"))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,7 +221,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     parent = target.parent
     if not (target.exists() or target.is_symlink()):
         os.rename(tmp, target)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return
     old = parent / f".{target.name}.old-{uuid.uuid4().hex}"
     os.rename(target, old)
@@ -243,7 +230,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)  # put the previous artifact back
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     try:
         _remove_tree(old)
     except OSError as err:  # the new artifact is in place; leftovers are only clutter

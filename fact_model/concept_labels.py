@@ -76,6 +76,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fact_model._files import fsync_dir
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -845,7 +847,7 @@ class LabelStore:
             if isinstance(err, OSError):
                 raise self._unwritable(self.path, err) from None
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
         with self._cache_lock:  # this process's own write is visible at once, whatever the timestamp resolution
             self._cache_key, self._cache = (st.st_mtime_ns, st.st_size, st.st_ino), doc
 
@@ -867,17 +869,3 @@ def _merged(old: ConceptLabel, new: ConceptLabel) -> ConceptLabel:
         new.author,
         tuple(chain[-HISTORY_LIMIT:]),
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory entry to disk (best effort: not every platform can open directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -38,7 +38,15 @@ from pydantic import BaseModel, ValidationError
 from service.errors import RequestError, send_error
 from service.limits import WORK_UNITS
 
-__all__ = ["VALIDATED", "RequestGate", "RouteSpec", "decoded_image", "validated_request", "validation_message"]
+__all__ = [
+    "VALIDATED",
+    "RequestGate",
+    "RouteSpec",
+    "decoded_image",
+    "parse_json_object",
+    "validated_request",
+    "validation_message",
+]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -85,6 +93,19 @@ class RouteSpec:
     images: Callable[[dict[str, Any]], list[str]]
     multipart: bool = False
     work_units: Callable[[dict[str, Any]], int] | None = None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object (400 ``empty_body`` / ``invalid_json`` otherwise)."""
+    if not body.strip():
+        raise RequestError(400, "empty_body", "the request body is empty: send a JSON object")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RequestError(400, "invalid_json", f"the request body is not valid JSON: {err}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, "invalid_json", f"the request body must be a JSON object, got {type(payload).__name__}")
+    return payload
 
 
 def validation_message(err: ValidationError, schema: type[BaseModel]) -> str:
@@ -258,17 +279,7 @@ class RequestGate:
 
     @staticmethod
     def _parse_json(body: bytes) -> dict[str, Any]:
-        if not body.strip():
-            raise RequestError(400, "empty_body", "the request body is empty: send a JSON object")
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RequestError(400, "invalid_json", f"the request body is not valid JSON: {err}") from None
-        if not isinstance(payload, dict):
-            raise RequestError(
-                400, "invalid_json", f"the request body must be a JSON object, got {type(payload).__name__}"
-            )
-        return payload
+        return parse_json_object(body)
 
     async def _multipart_to_json(self, scope: Scope, body: bytes) -> dict[str, Any]:
         """A multipart form → the route's JSON form (file ``image`` → ``image_base64``; ``top_k`` → int)."""

@@ -45,7 +45,7 @@ from fact_model.concept_labels import (
     UnknownLayer,
 )
 from service.errors import RequestError, error_response, parse_path_id
-from service.gate import validation_message
+from service.gate import parse_json_object, validation_message
 
 __all__ = ["STATUS_OF", "LabelPut", "admin_check", "label_routes", "read_json_body"]
 
@@ -136,16 +136,7 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise RequestError(413, "too_large", f"request body exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body.strip():
-        raise RequestError(400, "empty_body", "the request body is empty: send a JSON object")
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RequestError(400, "invalid_json", f"the request body is not valid JSON: {err}") from None
-    if not isinstance(payload, dict):
-        raise RequestError(400, "invalid_json", f"the request body must be a JSON object, got {type(payload).__name__}")
-    return payload
+    return parse_json_object(b"".join(chunks))
 
 
 def _request_error(err: LabelError) -> RequestError:
