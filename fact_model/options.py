@@ -15,6 +15,11 @@ service's own limits are :mod:`service.settings`).
   faster on CPU) or ``batched`` (one vmapped VJP per layer);
 * ``dinov2_weights`` (``FACT_DINOV2_WEIGHTS``): a local DINOv2 ViT-S/14 weights file, or unset.
 
+Apart from these, :func:`torchrun_environment` reads the variables ``torchrun`` gives each worker
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) for
+:mod:`fact_model.distributed`; they describe the launch, not a choice of the library, so they are
+not fields of :class:`Options`.
+
 The environment is read at the first :func:`current` call of the process. Code that wants
 other options for a while says so explicitly::
 
@@ -41,8 +46,11 @@ __all__ = [
     "ENVIRONMENT",
     "EXPLAIN_VJP_MODES",
     "KERNEL_MODES",
+    "TORCHRUN_VARIABLES",
     "Options",
+    "TorchrunEnvironment",
     "current",
+    "torchrun_environment",
     "using",
 ]
 
@@ -135,3 +143,60 @@ def using(options: Options | None = None, /, **changes: str | None) -> Iterator[
         yield chosen
     finally:
         _OVERRIDE.reset(token)
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What ``torchrun`` (``python -m torch.distributed.run``) sets in every worker it starts."""
+
+
+@dataclass(frozen=True)
+class TorchrunEnvironment:
+    """Where this process stands in a ``torchrun`` launch (see :mod:`fact_model.distributed`)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"WORLD_SIZE must be ≥ 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RANK must lie in [0, WORLD_SIZE = {self.world_size}), got {self.rank}")
+        if self.local_rank < 0:
+            raise ValueError(f"LOCAL_RANK must be ≥ 0, got {self.local_rank}")
+
+
+def torchrun_environment(environ: Mapping[str, str] | None = None) -> TorchrunEnvironment | None:
+    """The launch ``torchrun`` describes in ``environ`` (default: this process's), or ``None`` outside one.
+
+    ``None`` when neither ``RANK`` nor ``WORLD_SIZE`` is set (a plain ``fact`` command). ``LOCAL_RANK``
+    defaults to ``RANK``, ``MASTER_ADDR``/``MASTER_PORT`` to ``127.0.0.1:29500`` (torch's defaults).
+
+    Raises:
+        ValueError: one of ``RANK``/``WORLD_SIZE`` without the other, or a value that is not an
+            integer in range (naming the variable and the value).
+    """
+    environ = os.environ if environ is None else environ
+    raw = {name: environ.get(name, "").strip() for name in TORCHRUN_VARIABLES}
+    if not raw["RANK"] and not raw["WORLD_SIZE"]:
+        return None
+    if not (raw["RANK"] and raw["WORLD_SIZE"]):
+        missing = "RANK" if not raw["RANK"] else "WORLD_SIZE"
+        raise ValueError(f"a torchrun launch sets both RANK and WORLD_SIZE; {missing} is missing")
+
+    def integer(name: str, default: str) -> int:
+        text = raw[name] or default
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
+    return TorchrunEnvironment(
+        rank=integer("RANK", ""),
+        world_size=integer("WORLD_SIZE", ""),
+        local_rank=integer("LOCAL_RANK", raw["RANK"]),
+        master_addr=raw["MASTER_ADDR"] or "127.0.0.1",
+        master_port=integer("MASTER_PORT", "29500"),
+    )
