@@ -373,13 +373,19 @@ def _eval_split(args: argparse.Namespace, model=None):
 
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model import distributed
     from fact_model.analysis.evaluate import evaluate
     from fact_model.artifacts import load
+    from fact_model.options import torchrun_environment
     from fact_model.training.common import print_summary
 
-    model = load(args.model)
-    split = _eval_split(args, model)
-    report = evaluate(model, split, batch_size=_eval_batch_size(args, split.image_size), progress=progress)
+    with distributed.session(torchrun_environment()) as ctx:  # one process, or a rank of a torchrun launch
+        model = load(args.model, device=ctx.device)
+        split = _eval_split(args, model)
+        batch_size = _eval_batch_size(args, split.image_size)
+        report = evaluate(model, split, batch_size=batch_size, progress=progress, context=ctx)
+    if not ctx.is_main:
+        return  # every rank holds the whole report; rank 0 writes it
     json_path, md_path = report.save(args.out)
     rows: dict[str, object] = {"backbone accuracy": report.backbone_accuracy, "FaCT accuracy": report.fact_accuracy}
     for f in report.layers:
@@ -391,22 +397,30 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> None:
         rows[f"{f.layer}: max residual"] = f.max_residual
         rows[f"{f.layer}: shared concepts"] = f"{f.shared_concepts} of {f.concepts_supporting_a_class}"
     rows["report"] = f"{json_path}, {md_path}"
+    if ctx.world_size > 1:
+        rows["processes"] = ctx.world_size
     print_summary("evaluation", rows)
 
 
 def _stats(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model import distributed
     from fact_model.analysis.concept_stats import compute_concept_stats, save_concept_stats
     from fact_model.artifacts import load, resolve_artifact_path
+    from fact_model.options import torchrun_environment
     from fact_model.training.common import print_summary
 
-    model = load(args.model)
-    split = _eval_split(args, model)
-    stats = compute_concept_stats(
-        model, split, top=args.top, batch_size=_eval_batch_size(args, split.image_size), progress=progress
-    )
+    with distributed.session(torchrun_environment()) as ctx:  # one process, or a rank of a torchrun launch
+        model = load(args.model, device=ctx.device)
+        split = _eval_split(args, model)
+        batch_size = _eval_batch_size(args, split.image_size)
+        stats = compute_concept_stats(model, split, top=args.top, batch_size=batch_size, progress=progress, context=ctx)
+    if not ctx.is_main:
+        return  # every rank holds the whole statistics (and every rank's skipped items); rank 0 writes them
     meta = {"data": split.description, "top": args.top, "skipped": len(split.skipped)}
     path = save_concept_stats(resolve_artifact_path(args.model), stats, meta)
     rows = {"images": len(split) - len(split.skipped), "layers": len(model.concept_layers), "file": str(path)}
+    if ctx.world_size > 1:
+        rows["processes"] = ctx.world_size
     print_summary("concept statistics", rows)
 
 
@@ -445,32 +459,43 @@ def _ground_truth(args: argparse.Namespace, command: str) -> _GroundTruth:
 
 
 def _quality(args: argparse.Namespace, progress: bool) -> None:
+    from fact_model import distributed
     from fact_model.analysis.quality import concept_quality, quality_markdown
     from fact_model.data.synthetic import PART_NAMES
+    from fact_model.options import torchrun_environment
     from fact_model.training.common import print_summary
 
-    truth = _ground_truth(args, "quality")
-    model, images, part_maps = truth.model, truth.images, truth.part_maps
-    layers = args.layer or [info.name for info in model.concept_layers]
-    reports = []
-    for layer in layers:
-        for source in ("fact", "channels"):
-            reports.append(
-                concept_quality(
-                    model,
-                    images,
-                    layer,
-                    truth.encoders,
-                    source,
-                    part_maps,
-                    PART_NAMES,
-                    truth.class_parts,
-                    progress=progress,
+    # the quality pass runs on the CPU (as in one process), so its ranks talk over gloo
+    with distributed.session(torchrun_environment(), device="cpu") as ctx:
+        truth = _ground_truth(args, "quality")
+        model, images, part_maps = truth.model, truth.images, truth.part_maps
+        layers = args.layer or [info.name for info in model.concept_layers]
+        reports = []
+        for layer in layers:
+            for source in ("fact", "channels"):
+                reports.append(
+                    concept_quality(
+                        model,
+                        images,
+                        layer,
+                        truth.encoders,
+                        source,
+                        part_maps,
+                        PART_NAMES,
+                        truth.class_parts,
+                        progress=progress,
+                        context=ctx,
+                    )
                 )
-            )
+    if not ctx.is_main:
+        return  # every rank holds the whole reports; rank 0 writes them
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
-    (args.out / "quality.md").write_text(quality_markdown(reports))
+    texts = {"quality.json": json.dumps([r.to_dict() for r in reports], indent=2) + "\n"}
+    texts["quality.md"] = quality_markdown(reports)
+    for name, text in texts.items():
+        tmp = args.out / f".{name}.tmp"  # a reader never sees half a file
+        tmp.write_text(text)
+        tmp.replace(args.out / name)
     rows: dict[str, object] = {}
     for r in reports:
         for key, value in r.summary().items():

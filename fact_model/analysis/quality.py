@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +34,7 @@ from fact_model.analysis.c2 import (
     weighted_consistency,
 )
 from fact_model.bcos.encoding import encode_rgb
+from fact_model.distributed import SINGLE_PROCESS, DistributedContext
 from fact_model.explain import concept_input_maps
 from fact_model.model import FaCTModel
 
@@ -115,17 +116,33 @@ def plain_backbone(model: FaCTModel) -> FaCTModel:
     return plain.to(model.device).eval()
 
 
+def _in_batches(n: int, batch_size: int, rows: Callable[[Tensor], Tensor], context: DistributedContext) -> Tensor:
+    """``rows(indices)`` over the batches ``arange(n).split(batch_size)``, concatenated: ``(n, ...)``.
+
+    Each rank computes its share of whole batches (the same batches as one process, so the rows are
+    bit-identical to a single process's); the rows are gathered on every rank, in batch order.
+    """
+    chunks = torch.arange(n).split(batch_size)
+    mine = {b: rows(chunks[b]).cpu() for b in context.shard(len(chunks))}
+    if context.is_distributed:
+        for theirs in context.all_gather_object(mine):
+            mine.update(theirs)
+    return torch.cat([mine[b] for b in range(len(chunks))])
+
+
 @torch.no_grad()
-def _activation_table(model: FaCTModel, images: Tensor, layer: str, source: Source, batch_size: int) -> Tensor:
+def _activation_table(
+    model: FaCTModel, images: Tensor, layer: str, source: Source, batch_size: int, context: DistributedContext
+) -> Tensor:
     """``(N, units)`` total activations ``S``."""
-    rows = []
-    for idx in torch.arange(len(images)).split(batch_size):
+
+    def rows(idx: Tensor) -> Tensor:
         x6 = encode_rgb(images[idx].float() / 255)
         if source == "fact":
-            rows.append(model.forward_encoded(x6).codes[layer].totals())
-        else:
-            rows.append(model.features_at(x6, layer).clamp(min=0).sum(dim=(2, 3)))
-    return torch.cat(rows)
+            return model.forward_encoded(x6).codes[layer].totals()
+        return model.features_at(x6, layer).clamp(min=0).sum(dim=(2, 3))
+
+    return _in_batches(len(images), batch_size, rows, context)
 
 
 def _attributions(model: FaCTModel, images: Tensor, layer: str, source: Source, unit: int) -> Tensor:
@@ -154,6 +171,7 @@ def concept_quality(
     random_repeats: int = 20,
     seed: int = 0,
     progress: bool = True,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> QualityReport:
     """Score every unit of ``layer`` on uint8 ``images`` ``(N, 3, H, W)``.
 
@@ -164,25 +182,31 @@ def concept_quality(
             channels at ``layer``; pass the FaCT model, the backbone is taken from it).
         part_maps: ``(N, H, W)`` ground-truth labels (enables purity and coverage).
         class_part_labels: the labels that are class parts (for coverage).
+        context: under ``torchrun``, every rank calls this with its context: the activation table
+            and the reference features are computed in shards of whole batches and gathered, the
+            units are dealt round-robin over the ranks and their scores gathered. Every unit is scored
+            on the same inputs as in one process, so every rank returns the single-process report
+            exactly (same floats).
     """
     model = (plain_backbone(model) if source == "channels" else model).eval()
-    table = _activation_table(model, images, layer, source, batch_size)
+    table = _activation_table(model, images, layer, source, batch_size, context)
     selection = select_top_images(table)
     features = {}
     for encoder in encoders:
-        encoded = torch.cat(
-            [
-                encoder.encode(images[idx].float() / 255, indices=idx)
-                for idx in torch.arange(len(images)).split(batch_size)
-            ]
+        encoded = _in_batches(
+            len(images), batch_size, lambda idx, e=encoder: e.encode(images[idx].float() / 255, indices=idx), context
         )
         features[encoder.name] = encoded - encoded.mean(dim=(0, 2, 3), keepdim=True)
     num_labels = int(part_maps.max()) + 1 if part_maps is not None else 0
-    scores = []
-    for unit, indices in tqdm(selection.selected.items(), desc=f"{source} {layer}", disable=not progress, leave=False):
+    units = list(selection.selected.items())
+    mine: dict[int, UnitScores | None] = {}
+    shown = progress and context.is_main
+    for position in tqdm(context.shard(len(units)), desc=f"{source} {layer}", disable=not shown, leave=False):
+        unit, indices = units[position]
         maps = _attributions(model, images[indices], layer, source, unit)
         weights = selection.weights[unit]
         score = UnitScores(unit=unit, images=len(indices))
+        mine[position] = None
         if float(maps.sum()) <= 0:
             continue  # no positive attribution anywhere: nothing to encode
         for name, encoded in features.items():
@@ -192,7 +216,11 @@ def concept_quality(
             mass = torch.zeros(num_labels).index_add_(0, labels.flatten(), maps.flatten())
             shares = mass / mass.sum()
             score.purity, score.part = float(shares.max()), int(shares.argmax())
-        scores.append(score)
+        mine[position] = score
+    if context.is_distributed:
+        for theirs in context.all_gather_object(mine):
+            mine.update(theirs)
+    scores = [score for position in range(len(units)) if (score := mine[position]) is not None]
     typical = sorted(len(i) for i in selection.selected.values())
     per_concept = typical[len(typical) // 2] if typical else 10
     random_c2 = {
