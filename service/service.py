@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from service.labels import label_routes
 from service.limits import ConcurrencyLimit, ModelBacklog, QueueShedding
 from service.metrics import METRICS
 from service.openapi import OpenAPIDocument
+from service.placement import pin_worker_gpu
 from service.protocols import KSERVE_EXPLAIN, Backend, gate_routes
 from service.protocols import routes as protocol_routes
 from service.queries import ConceptQuery, RegionQuery
@@ -47,6 +49,10 @@ with bentoml.importing():
     from fact_model.concept_labels import LabelStore
     from service.engine import Engine
     from service.images import decode_base64
+
+# Before anything starts CUDA: with several GPUs each worker sees only its own (BentoML gives every worker
+# all of them; service/placement.py says where in its source).
+PINNED_GPU = pin_worker_gpu(bentoml.server_context.worker_index, SETTINGS.device, os.environ)
 
 log = logging.getLogger("fact.service")
 # BentoML's server logging shows WARNING and above for other loggers; our one line per refused
@@ -215,7 +221,8 @@ class FaCTService:
                 MODEL_BACKLOG.observe(route, seconds, units)
             self.engine = engine
             self._update_gpu_memory()
-            log.info("serving %s:%s on %s", name, version, engine.device)
+            pinned = f" (CUDA_VISIBLE_DEVICES={PINNED_GPU})" if PINNED_GPU else ""
+            log.info("serving %s:%s on %s%s", name, version, engine.device, pinned)
         except BaseException as err:  # reported by /readyz staying 503 and in the log
             self.load_error = err
             log.exception("loading the model failed")

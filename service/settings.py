@@ -6,7 +6,8 @@ variable                       default                     meaning
 ``FACT_MODEL_TAG``             ``fact-default:latest``     model in the BentoML model store
 ``FACT_ARTIFACT``              (unset)                     artifact directory to serve instead
 ``FACT_DEVICE``                ``auto``                    ``auto`` (CUDA when present), ``cpu``, ``cuda``
-``FACT_WORKERS``               ``1``                       worker processes
+``FACT_WORKERS``               ``1``                       worker processes; ``per-gpu``: one per visible GPU,
+                                                           each pinned to its own (``service/placement.py``)
 ``FACT_MAX_REQUEST_BYTES``     ``10485760`` (10 MiB)       larger request bodies get HTTP 413
 ``FACT_MAX_PIXELS``            ``25000000``                larger decoded images are refused (bombs)
 ``FACT_MAX_TOP_K``             ``20``                      upper bound of ``top_k``
@@ -39,6 +40,7 @@ import os
 from dataclasses import dataclass, field
 
 from fact_model.options import Options
+from service.placement import PER_GPU, gpu_workers
 
 __all__ = ["MIN_ADMIN_TOKEN", "SETTINGS", "Settings"]
 
@@ -69,6 +71,16 @@ def _int(name: str, default: int) -> int:
 
 def _float(name: str, default: float) -> float:
     return float(_positive(name, default, float))
+
+
+def _workers() -> int:
+    """``FACT_WORKERS``: a positive integer, or ``per-gpu`` (one worker per visible GPU)."""
+    if os.environ.get("FACT_WORKERS") == PER_GPU:
+        return gpu_workers(os.environ)
+    try:
+        return _int("FACT_WORKERS", 1)
+    except ValueError as err:
+        raise ValueError(f"{err} (or {PER_GPU!r}: one worker per visible GPU)") from None
 
 
 @dataclass(frozen=True)
@@ -113,7 +125,7 @@ class Settings:
             model_tag=os.environ.get("FACT_MODEL_TAG", "fact-default:latest"),
             artifact=os.environ.get("FACT_ARTIFACT") or None,
             device=device,
-            workers=_int("FACT_WORKERS", 1),
+            workers=_workers(),
             max_request_bytes=_int("FACT_MAX_REQUEST_BYTES", 10 * 1024 * 1024),
             max_pixels=_int("FACT_MAX_PIXELS", 1) if os.environ.get("FACT_MAX_PIXELS") else None,
             max_top_k=_int("FACT_MAX_TOP_K", 20),
