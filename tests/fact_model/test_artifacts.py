@@ -321,10 +321,9 @@ def test_resolve_plain_paths(tmp_path: Path) -> None:
 
 def test_package_exports_resolve_lazily_and_completely():
     """``import fact_model`` is cheap; every public name resolves to the object of its module."""
+    import importlib
     import subprocess
     import sys
-
-    import importlib
 
     import fact_model
 
