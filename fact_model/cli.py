@@ -372,14 +372,20 @@ def _eval_split(args: argparse.Namespace, model=None):
     return data
 
 
-def _evaluate(args: argparse.Namespace, progress: bool) -> None:
+def _torchrun_session(device: str | None = None):
+    """The process group of a ``torchrun`` launch, or a single process (:func:`fact_model.distributed.session`)."""
     from fact_model import distributed
+    from fact_model.options import torchrun_environment
+
+    return distributed.session(torchrun_environment(), device=device)
+
+
+def _evaluate(args: argparse.Namespace, progress: bool) -> None:
     from fact_model.analysis.evaluate import evaluate
     from fact_model.artifacts import load
-    from fact_model.options import torchrun_environment
     from fact_model.training.common import print_summary
 
-    with distributed.session(torchrun_environment()) as ctx:  # one process, or a rank of a torchrun launch
+    with _torchrun_session() as ctx:  # one process, or a rank of a torchrun launch
         model = load(args.model, device=ctx.device)
         split = _eval_split(args, model)
         batch_size = _eval_batch_size(args, split.image_size)
@@ -403,13 +409,11 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> None:
 
 
 def _stats(args: argparse.Namespace, progress: bool) -> None:
-    from fact_model import distributed
     from fact_model.analysis.concept_stats import compute_concept_stats, save_concept_stats
     from fact_model.artifacts import load, resolve_artifact_path
-    from fact_model.options import torchrun_environment
     from fact_model.training.common import print_summary
 
-    with distributed.session(torchrun_environment()) as ctx:  # one process, or a rank of a torchrun launch
+    with _torchrun_session() as ctx:  # one process, or a rank of a torchrun launch
         model = load(args.model, device=ctx.device)
         split = _eval_split(args, model)
         batch_size = _eval_batch_size(args, split.image_size)
@@ -459,14 +463,12 @@ def _ground_truth(args: argparse.Namespace, command: str) -> _GroundTruth:
 
 
 def _quality(args: argparse.Namespace, progress: bool) -> None:
-    from fact_model import distributed
     from fact_model.analysis.quality import concept_quality, quality_markdown
     from fact_model.data.synthetic import PART_NAMES
-    from fact_model.options import torchrun_environment
     from fact_model.training.common import print_summary
 
     # the quality pass runs on the CPU (as in one process), so its ranks talk over gloo
-    with distributed.session(torchrun_environment(), device="cpu") as ctx:
+    with _torchrun_session(device="cpu") as ctx:
         truth = _ground_truth(args, "quality")
         model, images, part_maps = truth.model, truth.images, truth.part_maps
         layers = args.layer or [info.name for info in model.concept_layers]

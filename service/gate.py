@@ -36,7 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from service.errors import RequestError, send_error
-from service.limits import WORK_UNITS
+from service.limits import WORK_UNITS, PathTable
 
 __all__ = [
     "VALIDATED",
@@ -156,8 +156,7 @@ class RequestGate:
         decode_concurrency: int = 2,
     ) -> None:
         self.app = app
-        self.routes = {path: spec for path, spec in routes.items() if isinstance(path, str)}
-        self.patterns = [(pattern, spec) for pattern, spec in routes.items() if not isinstance(pattern, str)]
+        self.routes = PathTable(routes)
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
         self.decode = decode
@@ -210,10 +209,7 @@ class RequestGate:
             _DECODED.reset(token)
 
     def _spec(self, path: str) -> RouteSpec | None:
-        spec = self.routes.get(path)
-        if spec is None:
-            spec = next((spec for pattern, spec in self.patterns if pattern.fullmatch(path)), None)
-        return spec
+        return self.routes.get(path)
 
     # ------------------------------------------------------------------ steps
     def _media_type(self, scope: Scope, spec: RouteSpec) -> str:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 from service.errors import RequestError, send_error
 
-__all__ = ["WORK_UNITS", "ConcurrencyLimit", "ModelBacklog", "QueueShedding"]
+__all__ = ["WORK_UNITS", "ConcurrencyLimit", "ModelBacklog", "PathTable", "QueueShedding"]
 
 WORK_UNITS = "fact.work_units"
 """ASGI scope key: the request's work units, set by the request gate (absent: 1)."""
@@ -26,6 +26,26 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+
+T = TypeVar("T")
+
+
+class PathTable(Generic[T]):
+    """Path → value, by exact path or by compiled pattern (``fullmatch``); an exact path wins.
+
+    The request gate (route specs) and :class:`QueueShedding` (cost routes) look paths up the same way.
+    """
+
+    def __init__(self, entries: Mapping[str | re.Pattern[str], T]) -> None:
+        self.exact = {path: value for path, value in entries.items() if isinstance(path, str)}
+        self.patterns = [(path, value) for path, value in entries.items() if not isinstance(path, str)]
+
+    def get(self, path: str) -> T | None:
+        """The value of ``path``, or None."""
+        if path in self.exact:
+            return self.exact[path]
+        return next((value for pattern, value in self.patterns if pattern.fullmatch(path)), None)
 
 
 PROBES = frozenset({"/metrics", "/healthz", "/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -135,17 +155,11 @@ class QueueShedding:
     ) -> None:
         self.app = app
         self.backlog = backlog
-        self.routes = {path: name for path, name in routes.items() if isinstance(path, str)}
-        self.patterns = [(path, name) for path, name in routes.items() if not isinstance(path, str)]
+        self.routes = PathTable(routes)
         self.budget_s = budget_s
 
-    def _route(self, path: str) -> str | None:
-        if path in self.routes:
-            return self.routes[path]
-        return next((name for pattern, name in self.patterns if pattern.fullmatch(path)), None)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self._route(scope.get("path", "")) if scope["type"] == "http" else None
+        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         if route is None or scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
