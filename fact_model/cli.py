@@ -117,6 +117,31 @@ def _layer_spec(text: str):
         raise argparse.ArgumentTypeError(f"expected LAYER:K:k such as layer3:256:8, got {text!r} ({err})") from err
 
 
+def _add_training_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if available; under torchrun the rank's GPU cuda:LOCAL_RANK, NCCL), cpu (gloo under "
+        "torchrun), or a device such as cuda:1 for a single process",
+    )
+
+
+def _training_session(args: argparse.Namespace):
+    """``(session, device)``: the torchrun process group (or a single process) and where a single process trains."""
+    import torch
+
+    if args.device == "auto":
+        single = "cuda" if torch.cuda.is_available() else "cpu"
+        return _torchrun_session(), single
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asks for CUDA, which this machine does not have (try --device cpu)")
+    return _torchrun_session(device="cpu" if device.type == "cpu" else None), device
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fact", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     backbone.add_argument("--batch-size", type=int, default=64)
     backbone.add_argument("--lr", type=float, default=2e-3)
     backbone.add_argument("--seed", type=int, default=0)
+    backbone.add_argument(
+        "--clip-grad-norm", type=float, default=None, help="clip the gradient's L2 norm to this value (default: off)"
+    )
+    backbone.add_argument("--amp", action="store_true", help="bf16 autocast of the forward pass (CUDA only)")
+    _add_training_device(backbone)
     backbone.add_argument("--out", type=Path, required=True, help="run directory (checkpoint/, model/)")
 
     concepts = train.add_parser("concepts", help="add and train concept layers (backbone frozen)")
@@ -159,7 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     concepts.add_argument(
         "--feature-dtype", choices=["float32", "float16"], default="float32", help="feature shards on disk"
     )
+    concepts.add_argument(
+        "--shard-mib", type=float, default=64.0, help="feature shard size on disk, MiB (the SAE buffers 4 shards)"
+    )
     concepts.add_argument("--seed", type=int, default=0)
+    _add_training_device(concepts)
     concepts.add_argument("--out", type=Path, default=None, help="run directory (features/, checkpoints, model/)")
 
     evaluate = commands.add_parser("evaluate", help="accuracy and concept figures of a model")
@@ -261,9 +295,13 @@ def _train_backbone(args: argparse.Namespace, progress: bool) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        clip_grad_norm=args.clip_grad_norm,
+        amp=args.amp,
     )
     data = open_training_data(_data_spec(args))
-    train_backbone(config, data, args.out, progress=progress)
+    session, device = _training_session(args)
+    with session as ctx:  # one process, or a rank of a torchrun launch (DistributedDataParallel)
+        train_backbone(config, data, args.out, progress=progress, context=ctx, device=device)
 
 
 def _start_model(args: argparse.Namespace, data, arch: str | None, output_activation: str = "sigmoid", trained=None):
@@ -344,7 +382,14 @@ def _train_concepts(args: argparse.Namespace, progress: bool) -> None:
     data = open_training_data(_data_spec(args, preprocessing))
     arch = args.arch or (preset.arch if preset else None)
     model = _start_model(args, data, arch, preset.output_activation if preset else "sigmoid", trained)
-    train_concepts(model, data, layers, config, args.out, progress=progress)
+    if not args.shard_mib > 0:
+        raise ValueError(f"--shard-mib must be > 0, got {args.shard_mib}")
+    session, device = _training_session(args)
+    with session as ctx:  # one process, or a rank of a torchrun launch (sharded collection, data-parallel SAE)
+        train_concepts(
+            model, data, layers, config, args.out, progress, context=ctx, device=device,
+            shard_bytes=max(1, int(args.shard_mib * 2**20)),
+        )  # fmt: skip
 
 
 def _eval_split(args: argparse.Namespace, model=None):

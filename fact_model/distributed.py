@@ -136,6 +136,36 @@ class DistributedContext:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def broadcast_object(self, obj: Any, source: int = 0) -> Any:
+        """Rank ``source``'s ``obj`` (picklable) on every rank; the others' ``obj`` is ignored."""
+        if not self.is_distributed:
+            return obj
+        box = [obj if self.rank == source else None]
+        dist.broadcast_object_list(box, src=source)
+        return box[0]
+
+    def broadcast_(self, tensor: Tensor, source: int = 0) -> Tensor:
+        """Overwrite ``tensor`` in place with rank ``source``'s (same shape and dtype everywhere); returns it."""
+        if self.is_distributed:
+            work = tensor.detach().to(self.device if self.backend == "nccl" else "cpu", copy=True)
+            dist.broadcast(work, src=source)
+            tensor.data.copy_(work.to(tensor.device))
+        return tensor
+
+    def local_batch_size(self, global_batch_size: int) -> int:
+        """This rank's share of a global batch: ``B // W``, one more on the first ``B mod W`` ranks.
+
+        Raises:
+            ValueError: ``global_batch_size`` smaller than the world size (some rank would get nothing).
+        """
+        if global_batch_size < self.world_size:
+            raise ValueError(
+                f"a global batch of {global_batch_size} cannot be split over {self.world_size} processes; "
+                "use --batch-size ≥ the number of processes"
+            )
+        share, extra = divmod(global_batch_size, self.world_size)
+        return share + (1 if self.rank < extra else 0)
+
     def barrier(self) -> None:
         """Wait until every rank gets here."""
         if self.is_distributed:

@@ -11,12 +11,22 @@ of its "long" ImageNet models) and ``NoBias(PositionNormUncentered2d)``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from fact_model.bcos.explanation_mode import Detachable
 
-__all__ = ["NORM_LAYERS", "BatchNormUncentered2d", "PositionNormUncentered2d", "make_norm_layer"]
+__all__ = [
+    "NORM_LAYERS",
+    "BatchNormUncentered2d",
+    "PositionNormUncentered2d",
+    "make_norm_layer",
+    "synchronised_batch_norms",
+]
 
 
 def _variance(x: Tensor, dims: int | tuple[int, ...], keepdim: bool = False) -> Tensor:
@@ -30,13 +40,47 @@ def _variance(x: Tensor, dims: int | tuple[int, ...], keepdim: bool = False) -> 
     return (x - mean).square().mean(dim=dims, keepdim=keepdim)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """``Σ_ranks t`` on every rank; its gradient is again summed over the ranks (each rank's output
+    feeds that rank's loss, and the objective is the sum of the ranks' losses)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def _global_channel_variance(x: Tensor) -> Tensor:
+    """``(C,)`` centred variance of ``(N, C, H, W)`` over the batches of *all* ranks of the process group.
+
+    Two differentiable all-reduces (sums, then squared deviations from the global mean), so the
+    gradient flows to every rank's inputs as if the ranks' batches were one batch (as
+    :class:`torch.nn.SyncBatchNorm` does for a centred norm). A rank with an empty batch takes part.
+    """
+    all_reduce = _SumOverRanks.apply
+    count = x.new_tensor([x.numel() // x.shape[1]])
+    totals = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), count]))
+    mean = totals[:-1] / totals[-1]
+    deviations = (x - mean[None, :, None, None]).square().sum(dim=(0, 2, 3))
+    return all_reduce(deviations) / totals[-1]
+
+
 class BatchNormUncentered2d(Detachable, nn.BatchNorm2d):
     """Uncentred batch norm: ``weight ⊙ x / sqrt(var + eps)``.
 
     In training, ``var`` is the (centred) batch variance per channel and updates
     ``running_var``; in eval, ``running_var`` is used, so images of a batch do not
     interact at inference. ``running_mean`` exists for checkpoint compatibility and
-    is never used. No bias parameter.
+    is never used. No bias parameter. With ``synchronise`` set (by
+    :func:`synchronised_batch_norms`, for data-parallel training) the batch is the union
+    of every rank's batch, so training on W processes normalises as one process would.
 
     Shapes: ``(N, C, H, W)`` → same.
     """
@@ -44,6 +88,7 @@ class BatchNormUncentered2d(Detachable, nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, **kwargs: object) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, **kwargs)  # type: ignore[arg-type]
         self.bias = None  # bias-free: a bias breaks the exact decomposition
+        self.synchronise = False
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise ``(N, C, H, W)`` by the batch (training) or running (eval) std."""
@@ -52,7 +97,10 @@ class BatchNormUncentered2d(Detachable, nn.BatchNorm2d):
         use_batch_stats = self.training or self.running_var is None
         if use_batch_stats:
             stats_input = x.detach() if self.detach_dynamic else x
-            var = _variance(stats_input, (0, 2, 3))
+            if self.synchronise and self.training and dist.is_initialized() and dist.get_world_size() > 1:
+                var = _global_channel_variance(stats_input)
+            else:
+                var = _variance(stats_input, (0, 2, 3))
             if self.training and self.track_running_stats and self.running_var is not None:
                 momentum = self._update_momentum()
                 with torch.no_grad():
@@ -105,6 +153,21 @@ class PositionNormUncentered2d(Detachable, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+
+
+@contextlib.contextmanager
+def synchronised_batch_norms(module: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """For the block, every :class:`BatchNormUncentered2d` in ``module`` takes its training statistics
+    over all ranks of the default process group (a no-op without one); restored on leaving."""
+    norms = [m for m in module.modules() if isinstance(m, BatchNormUncentered2d)]
+    before = [m.synchronise for m in norms]
+    for m in norms:
+        m.synchronise = enabled
+    try:
+        yield module
+    finally:
+        for m, value in zip(norms, before, strict=True):
+            m.synchronise = value
 
 
 NORM_LAYERS: dict[str, type[nn.Module]] = {

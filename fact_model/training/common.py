@@ -12,6 +12,7 @@ from rich.table import Table
 
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.data.loading import ImageSplit, TrainingData
+from fact_model.distributed import SINGLE_PROCESS, DistributedContext
 from fact_model.explanation import rank_classes
 from fact_model.model import FaCTModel
 
@@ -68,22 +69,32 @@ def unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 @torch.no_grad()
-def accuracy(model: FaCTModel, split: ImageSplit, concepts: bool = True, batch_size: int = 256) -> float:
+def accuracy(
+    model: FaCTModel,
+    split: ImageSplit,
+    concepts: bool = True,
+    batch_size: int = 256,
+    context: DistributedContext = SINGLE_PROCESS,
+) -> float:
     """Top-1 accuracy of ``model`` (with or without its concept layers) on ``split``, streamed in batches.
 
     Unreadable items are left out (and reported once by the split); the accuracy is over the rest.
+    Under ``torchrun`` each rank scores its shard of whole batches and the counts are summed, so every
+    rank returns the single-process figure exactly.
     """
     was_training = model.training
     model.eval()
     correct = total = 0
     pin = model.device.type == "cuda"
-    for batch in split.batches(batch_size, pin_memory=pin):
+    order = context.shard(len(split), block=batch_size)
+    for batch in split.batches(batch_size, order=order, pin_memory=pin):
         if not len(batch):
             continue
         record = model.forward_encoded(encode_rgb(batch.float_images(model.device)), concepts=concepts)
         correct += int((rank_classes(record.scores)[:, 0].cpu() == batch.labels).sum())
         total += len(batch)
     model.train(was_training)
+    correct, total = (int(v) for v in context.all_reduce_sum(torch.tensor([correct, total], dtype=torch.long)))
     if total == 0:
         raise ValueError(f"no readable image in {split!r}")
     return correct / total

@@ -17,6 +17,19 @@ the FaCT model really computes with the lower concept layer in place):
 Dead latents (none of the last ``dead_after`` vectors fired them) and over-active
 latents (firing on more than ``frequent_threshold`` of the vectors in an epoch)
 are logged. Resumable per layer through atomic checkpoints.
+
+Under ``torchrun`` the SAE trains data-parallel over the feature shards: rank ``r`` reads
+shards ``r, r+W, …`` (:meth:`FeatureShards.part`) in batches of its share of the global
+``batch_size``, and every step is the single-process step on the union of the ranks'
+batches: the loss is normalised by the global vector count, the firing counts and the
+auxiliary loss's denominator are all-reduced before the loss is formed, the gradients are
+summed over the ranks, and the radial-gradient removal, clipping, Adam step and
+renormalisation then run on identical numbers on every rank, so the layers stay equal. What
+differs from one process is only which vectors meet in a batch (each rank shuffles its own
+shards), so a run on W processes reaches the single-process quality, not its exact weights.
+The epoch's shuffle is seeded by ``(seed, epoch, rank)``, which lets a run resume on any
+number of processes; validation is sharded, and rank 0's figure picks the best epoch on
+every rank; rank 0 alone writes checkpoints and the model.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from fact_model.artifacts import save
 from fact_model.concept_layer import ConceptCodes, ConceptLayer
 from fact_model.config import ConceptLayerSpec
 from fact_model.data.loading import TrainingData
+from fact_model.distributed import SINGLE_PROCESS, DistributedContext
 from fact_model.model import FaCTModel
 from fact_model.training.checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
 from fact_model.training.common import (
@@ -48,7 +62,7 @@ from fact_model.training.common import (
     unprefixed,
     warmup_cosine,
 )
-from fact_model.training.features import FeatureShards, collect_features
+from fact_model.training.features import SHARD_BYTES, FeatureShards, collect_features
 
 __all__ = [
     "ConceptTrainConfig",
@@ -167,12 +181,14 @@ class FiringTracker:
 
     def update(self, codes: ConceptCodes) -> Tensor:
         """Record a batch's codes (a latent fires where its slot value is > 0); returns the ``(K,)`` dead mask."""
-        active = codes.indices[codes.values > 0]
-        fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
-        fired[active] = True
-        self.fire_counts += torch.bincount(active, minlength=len(self.fire_counts))
-        self.since_fired += codes.values[..., 0].numel()
-        self.since_fired[fired] = 0
+        return self.record(firing_counts(codes, len(self.fire_counts)), codes.values[..., 0].numel())
+
+    def record(self, counts: Tensor, vectors: int) -> Tensor:
+        """Record a batch of ``vectors`` vectors in which latent ``i`` fired ``counts[i]`` times (``(K,)`` int64,
+        summed over the ranks in data-parallel training); returns the ``(K,)`` dead mask."""
+        self.fire_counts += counts
+        self.since_fired += vectors
+        self.since_fired[counts > 0] = 0
         return self.dead()
 
     def dead(self) -> Tensor:
@@ -189,7 +205,19 @@ class FiringTracker:
         }
 
 
-def aux_k_loss(layer: ConceptLayer, pre_activations: Tensor, dead: Tensor, residual: Tensor, aux_k: int) -> Tensor:
+def firing_counts(codes: ConceptCodes, num_concepts: int) -> Tensor:
+    """``(K,)`` int64 on the CPU: how often each latent fired (slot value > 0) in ``codes``."""
+    return torch.bincount(codes.indices[codes.values > 0].cpu(), minlength=num_concepts)
+
+
+def aux_k_loss(
+    layer: ConceptLayer,
+    pre_activations: Tensor,
+    dead: Tensor,
+    residual: Tensor,
+    aux_k: int,
+    denominator: Tensor | None = None,
+) -> Tensor:
     """The auxiliary-K loss: how well the ``aux_k`` most active dead latents reconstruct the residual.
 
     ``‖r − D·TopK_aux(ReLU(E x) ⊙ dead)‖² / ‖r‖²`` over the batch, with the residual
@@ -202,6 +230,8 @@ def aux_k_loss(layer: ConceptLayer, pre_activations: Tensor, dead: Tensor, resid
         dead: ``(K,)`` bool, at least one ``True``.
         residual: ``(B, C)`` ``x − x̂`` (detached here).
         aux_k: latents per vector (fewer if fewer are dead).
+        denominator: ``‖r‖²`` to divide by (default this batch's); in data-parallel training the
+            sum over all ranks, so the ranks' losses add up to the loss of their batches together.
 
     Returns:
         A scalar tensor (unitless).
@@ -211,7 +241,9 @@ def aux_k_loss(layer: ConceptLayer, pre_activations: Tensor, dead: Tensor, resid
     codes = ConceptCodes(values[None], indices[None], (len(values),), layer.num_concepts)
     recon = layer.decode(codes)[0]  # (B, C)
     target = residual.detach()
-    return (target - recon).square().sum() / target.square().sum().clamp_min(1e-12)
+    if denominator is None:
+        denominator = target.square().sum()
+    return (target - recon).square().sum() / denominator.clamp_min(1e-12)
 
 
 @dataclass(frozen=True)
@@ -223,14 +255,34 @@ class StepLosses:
     aux: float
 
 
-def _optimise(layer: ConceptLayer, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-    """One Adam step on unit-norm directions: radial gradient removed, norm clipped at 1, renormalised."""
+def _optimise(
+    layer: ConceptLayer,
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    context: DistributedContext = SINGLE_PROCESS,
+    report: Tensor | None = None,
+) -> Tensor | None:
+    """One Adam step on unit-norm directions: radial gradient removed, norm clipped at 1, renormalised.
+
+    With several ranks the gradients (and the small ``report`` tensor riding along) are summed over
+    the ranks in one all-reduce first, so every rank applies the same step; returns the summed ``report``.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if context.is_distributed:
+        parameters = list(layer.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        pieces = [g.reshape(-1) for g in grads] + ([report.to(grads[0])] if report is not None else [])
+        summed = context.all_reduce_sum(torch.cat(pieces))
+        sizes = [p.numel() for p in parameters]
+        for parameter, flat in zip(parameters, summed[: sum(sizes)].split(sizes), strict=True):
+            parameter.grad = flat.view_as(parameter)
+        report = summed[sum(sizes) :]
     _remove_parallel_gradient(layer.decoder)
     torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
     optimizer.step()
     _normalise_directions(layer.decoder.data)
+    return report
 
 
 def sae_step(
@@ -239,26 +291,44 @@ def sae_step(
     batch: Tensor,
     firing: FiringTracker,
     config: ConceptTrainConfig,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> StepLosses:
     """One optimisation step of the TopK SAE on a ``(B, C)`` batch of (scaled) feature vectors.
 
     Loss: ``mean_b ‖x_b − x̂_b‖² / C`` plus ``aux_weight`` × :func:`aux_k_loss` while
-    some latents are dead; ``firing`` is updated with the batch's codes first.
+    some latents are dead; ``firing`` is updated with the batch's codes first. Under ``torchrun``
+    ``batch`` is this rank's part of the global batch (it may be empty) and the step is the
+    single-process step on all ranks' parts together (see the module docstring); the returned
+    figures are the global batch's.
     """
     pre = layer.pre_activations(batch[None])  # (1, B, K): the batch as one row of B tokens
     # Sorted slots: the decoder sums the k directions largest first, a summation order
     # that does not depend on which top-k algorithm torch picks for this k and K.
     codes = layer.top_k(pre, sorted=True)
     residual = batch - layer.decode(codes)[0]  # (B, C)
-    loss = residual.square().sum(dim=1).mean() / layer.in_features
-    nmse = residual.detach().square().sum() / batch.square().sum()
-    dead = firing.update(codes)
-    aux = torch.zeros(())
+    squared = residual.square().sum()
+    # One all-reduce for everything the loss needs from the other ranks: firing counts, vectors, ‖x‖², ‖r‖².
+    local = torch.cat(
+        [
+            firing_counts(codes, layer.num_concepts).double(),
+            torch.tensor([len(batch), float(batch.square().sum()), float(squared.detach())], dtype=torch.float64),
+        ]
+    )
+    totals = context.all_reduce_sum(local)
+    counts, (vectors, batch_squared, residual_squared) = totals[:-3].long(), totals[-3:].tolist()
+    if vectors == 0:
+        raise ValueError("an SAE step needs at least one feature vector on some rank")
+    dead = firing.record(counts, int(vectors))
+    loss = squared / (vectors * layer.in_features)
+    aux = torch.zeros((), device=batch.device)
     if dead.any():
-        aux = aux_k_loss(layer, pre[0], dead, residual, config.aux_k)
+        denominator = torch.tensor(residual_squared, device=batch.device)
+        aux = aux_k_loss(layer, pre[0], dead, residual, config.aux_k, denominator=denominator)
         loss = loss + config.aux_weight * aux
-    _optimise(layer, optimizer, loss)
-    return StepLosses(loss.item(), float(nmse), aux.item())
+    report = _optimise(layer, optimizer, loss, context, torch.stack([loss.detach(), aux.detach()]))
+    assert report is not None
+    total_loss, total_aux = (float(v) for v in report)
+    return StepLosses(total_loss, residual_squared / max(batch_squared, 1e-30), total_aux)
 
 
 class _EpochMeans:
@@ -285,7 +355,6 @@ class _SAERun:
     layer: ConceptLayer
     optimizer: torch.optim.Optimizer
     firing: FiringTracker
-    generator: torch.Generator
     norm_factor: float
     best: BestEpoch = dataclasses.field(default_factory=BestEpoch)
     epoch: int = 0
@@ -305,7 +374,6 @@ def _resume(run: _SAERun, checkpoint_dir: Path, spec: ConceptLayerSpec, config: 
     restore_optimizer(run.optimizer, tensors, meta["optimizer"])
     run.best = BestEpoch(meta["best_acc"], unprefixed("best", tensors) or None)
     run.firing.since_fired = tensors["since_fired"]
-    run.generator.set_state(tensors["rng.generator"])
     run.epoch, run.history, run.norm_factor = meta["epoch"], meta["history"], meta["s"]
     log.info("resuming concept layer %s from epoch %d", spec.layer, run.epoch)
 
@@ -315,7 +383,6 @@ def _save_run(run: _SAERun, checkpoint_dir: Path, spec: ConceptLayerSpec, config
     opt_tensors, opt_meta = optimizer_tensors(run.optimizer)
     tensors = {**prefixed("layer", run.layer.state_dict()), **prefixed("best", run.best.state), **opt_tensors}
     tensors["since_fired"] = run.firing.since_fired
-    tensors["rng.generator"] = run.generator.get_state()
     meta = {
         **_checkpoint_meta(spec, config),
         "epoch": run.epoch,
@@ -327,15 +394,48 @@ def _save_run(run: _SAERun, checkpoint_dir: Path, spec: ConceptLayerSpec, config
     save_checkpoint(checkpoint_dir, tensors, meta)
 
 
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The generator that shuffles rank ``rank``'s shards in epoch ``epoch`` (a function of the three only)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63))
+
+
+def steps_per_epoch(shards: FeatureShards, batch_size: int, context: DistributedContext = SINGLE_PROCESS) -> int:
+    """Steps of one epoch: the most any rank needs for its shards in batches of its share of ``batch_size``."""
+    if not context.is_distributed:
+        return shards.steps(batch_size)
+    return max(
+        shards.part(rank, context.world_size).steps(
+            dataclasses.replace(context, rank=rank).local_batch_size(batch_size)
+        )
+        for rank in range(context.world_size)
+    )
+
+
 def _train_epoch(
-    run: _SAERun, shards: FeatureShards, config: ConceptTrainConfig, first_step: int, total_steps: int, bar: tqdm
+    run: _SAERun,
+    shards: FeatureShards,
+    config: ConceptTrainConfig,
+    epoch: int,
+    steps: int,
+    bar: tqdm,
+    context: DistributedContext,
 ) -> dict[str, float]:
-    """One pass over ``shards`` in a fresh order; returns the epoch's mean loss, NMSE and auxiliary loss."""
+    """One pass over ``shards`` (this rank's part) in a fresh order; returns the epoch's mean losses.
+
+    Every rank takes ``steps`` steps; a rank whose shards are used up contributes empty batches.
+    """
     run.firing.new_epoch()
     means = _EpochMeans()
-    for step, unscaled in enumerate(shards.batches(config.batch_size, run.generator), start=first_step):
+    mine = shards.part(context.rank, context.world_size) if context.is_distributed else shards
+    generator = epoch_generator(config.seed, epoch, context.rank)
+    batches = mine.batches(context.local_batch_size(config.batch_size), generator)
+    device = run.layer.encoder.device
+    empty = torch.empty(0, shards.dim)
+    total_steps = steps * config.epochs
+    for step in range(epoch * steps, (epoch + 1) * steps):
+        unscaled = next(batches, empty).to(device, non_blocking=True)
         set_learning_rate(run.optimizer, sae_learning_rate(step, total_steps, config))
-        means.add(sae_step(run.layer, run.optimizer, unscaled * run.norm_factor, run.firing, config))
+        means.add(sae_step(run.layer, run.optimizer, unscaled * run.norm_factor, run.firing, config, context))
         bar.update(1)
     return means.means()
 
@@ -347,35 +447,45 @@ def train_sae(
     evaluate: Callable[[dict[str, Tensor]], float],
     checkpoint_dir: Path,
     progress: bool = True,
+    context: DistributedContext = SINGLE_PROCESS,
+    device: str | torch.device | None = None,
 ) -> SAEResult:
     """Train one concept layer on ``shards``, resuming from ``checkpoint_dir`` if it holds this run.
 
     Args:
-        evaluate: ``(folded_state) -> float`` giving held-out FaCT accuracy with the layer in place.
-        checkpoint_dir: where this layer's resumable checkpoint lives (rewritten every epoch).
+        evaluate: ``(folded_state) -> float`` giving held-out FaCT accuracy with the layer in place
+            (called on every rank; rank 0's figure decides the best epoch).
+        checkpoint_dir: where this layer's resumable checkpoint lives (rewritten every epoch, by rank 0).
+        context: this process's place in a ``torchrun`` launch (see the module docstring).
+        device: where a single process trains (default the CPU); under ``torchrun`` the rank's device.
+
+    Returns:
+        The best epoch's layer on the CPU, with the norm factor folded in.
     """
+    device = torch.device(context.device if context.is_distributed else (device or "cpu"))
     torch.manual_seed(config.seed)
-    layer = ConceptLayer(shards.dim, spec.num_concepts, spec.k)
+    layer = ConceptLayer(shards.dim, spec.num_concepts, spec.k).to(device)
     run = _SAERun(
         layer=layer,
         optimizer=torch.optim.Adam(layer.parameters(), lr=config.lr),
         firing=FiringTracker(spec.num_concepts, config.dead_after or max(1, shards.count // 2)),
-        generator=torch.Generator().manual_seed(config.seed),
         norm_factor=(shards.dim / shards.mean_squared_norm()) ** 0.5,
     )
     if checkpoint_dir.exists():
         _resume(run, checkpoint_dir, spec, config)
-    steps_per_epoch = shards.steps(config.batch_size)
+    for parameter in layer.parameters():  # every rank starts from rank 0's weights
+        context.broadcast_(parameter.data)
+    steps = steps_per_epoch(shards, config.batch_size, context)
     for epoch in range(run.epoch, config.epochs):
         with tqdm(
-            total=steps_per_epoch,
+            total=steps,
             desc=f"SAE {spec.layer} epoch {epoch + 1}/{config.epochs}",
-            disable=not progress,
+            disable=not (progress and context.is_main),
             leave=False,
         ) as bar:
-            means = _train_epoch(run, shards, config, epoch * steps_per_epoch, steps_per_epoch * config.epochs, bar)
+            means = _train_epoch(run, shards, config, epoch, steps, bar, context)
         state = _folded(layer, run.norm_factor)
-        val_acc = evaluate(state)
+        val_acc = float(context.broadcast_object(evaluate(state)))  # rank 0's figure decides, on every rank
         record = {"epoch": epoch + 1, **means, "val_acc": val_acc}
         record.update(run.firing.epoch_counts(shards.count, config.frequent_threshold))
         run.history.append(record)
@@ -385,7 +495,9 @@ def train_sae(
         )  # fmt: skip
         run.best.offer(val_acc, state)
         run.epoch = epoch + 1
-        _save_run(run, checkpoint_dir, spec, config)
+        if context.is_main:
+            _save_run(run, checkpoint_dir, spec, config)
+        context.barrier()
 
     result_layer = ConceptLayer(shards.dim, spec.num_concepts, spec.k)
     result_layer.load_state_dict(run.best.state if run.best.state is not None else _folded(layer, run.norm_factor))
@@ -399,8 +511,17 @@ def train_concepts(
     config: ConceptTrainConfig,
     run_dir: str | Path,
     progress: bool = True,
+    context: DistributedContext = SINGLE_PROCESS,
+    device: str | torch.device | None = None,
+    shard_bytes: int = SHARD_BYTES,
 ) -> FaCTModel:
     """Add and train concept layers at ``specs`` (backbone frozen); saves ``run_dir/model``.
+
+    Under ``torchrun`` (``context``) the features are collected sharded by rank and the SAE trains
+    data-parallel (see the module docstring and :mod:`.features`); ``run_dir`` must be shared by all
+    ranks. ``device``: where a single process works (default the model's device); under
+    ``torchrun`` the rank's device. ``shard_bytes``: the size of one feature shard on disk (the unit
+    of resuming and of dealing work to ranks; the SAE holds four in memory).
 
     Raises:
         ValueError: a layer name the backbone does not have (the message lists the
@@ -415,11 +536,12 @@ def train_concepts(
                 f"has stages {list(model.backbone.stage_names)}"
             )
     backbone_manifest = getattr(model, "manifest", None) or {}
-    model = model.eval()
+    device = torch.device(context.device if context.is_distributed else (device or model.device))
+    model = model.to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     started = time.perf_counter()
-    backbone_acc = accuracy(model, data.val, concepts=False)
+    backbone_acc = accuracy(model, data.val, concepts=False, context=context)
     summary: dict[str, object] = {"backbone val accuracy": backbone_acc}
     records = []
     for spec in sorted(specs, key=lambda s: stage_order[s.layer]):
@@ -432,6 +554,8 @@ def train_concepts(
             dtype=config.feature_dtype,
             seed=config.seed,
             progress=progress,
+            shard_bytes=shard_bytes,
+            context=context,
         )
         candidate = with_concept_layer(model, spec)
         candidate_layer = candidate.concept_layer(spec.layer)
@@ -442,9 +566,10 @@ def train_concepts(
             state: dict[str, Tensor], candidate: FaCTModel = candidate, target: ConceptLayer = candidate_layer
         ) -> float:
             target.load_state_dict(state)
-            return accuracy(candidate, data.val)
+            return accuracy(candidate, data.val, context=context)
 
-        result = train_sae(shards, spec, config, evaluate, run_dir / f"checkpoint_{spec.layer}", progress=progress)
+        checkpoint = run_dir / f"checkpoint_{spec.layer}"
+        result = train_sae(shards, spec, config, evaluate, checkpoint, progress, context, device)
         candidate_layer.load_state_dict(result.layer.state_dict())
         model = candidate
         summary[f"{spec.layer}: K / k"] = f"{spec.num_concepts} / {spec.k}"
@@ -456,7 +581,10 @@ def train_concepts(
         )
         records.append({"spec": asdict(spec), "norm_factor": result.norm_factor, "history": result.history})
 
-    fact_acc = accuracy(model, data.val)
+    fact_acc = accuracy(model, data.val, context=context)
+    if not context.is_main:
+        context.barrier()  # rank 0 saves the model
+        return model
     summary["FaCT val accuracy"] = fact_acc
     summary["seconds (this session)"] = round(time.perf_counter() - started, 1)
     provenance = {
@@ -470,5 +598,8 @@ def train_concepts(
     }
     save(model, run_dir / "model", provenance=provenance, overwrite=True)
     summary["artifact"] = str(run_dir / "model")
+    if context.is_distributed:
+        summary["processes"] = f"{context.world_size} ({context.backend})"
     print_summary("concept-layer training", summary)
+    context.barrier()
     return model

@@ -8,17 +8,26 @@ dictionary.
 
 Images stream in batches from the split's loader; vectors stream to disk in
 safetensors shards of bounded size (float32, or float16 to halve the disk), so
-memory does not grow with the number of images. Collection is resumable: after
-every shard ``progress.json`` records the shards written so far (rows, sha256, the
-last batch each covers), and an interrupted run continues after the last complete
-shard — a shard that is missing, torn or does not match its hash is redone. Position
-sampling draws from a generator seeded per batch, so a resumed collection writes
-exactly the shards an uninterrupted one writes. ``done.json`` marks a finished
+memory does not grow with the number of images. Shard ``j`` holds the vectors of a
+fixed range of batches (``batches_per_shard`` consecutive batches of the split, sized
+so a shard is about ``shard_bytes``) and is finished when its record
+``shard_j.json`` (settings, rows, sha256) sits next to it. Position sampling draws
+from a generator seeded per batch, so a shard's bytes depend only on the settings
+and ``j`` — not on how many processes collected, nor on what ran before.
+
+That makes collection resumable and shardable in the same way. An interrupted run
+redoes only the shards without an intact record (missing, torn, or not matching its
+hash). Under ``torchrun`` shard ``j`` is collected by rank ``j mod W`` (every rank
+reads its own batches and writes its own shards into the shared directory); after a
+barrier rank 0 writes the manifest ``done.json``, so a finished collection is one set
+of files whatever the number of processes, and a collection interrupted on one rank —
+or on all — resumes on any number of processes. ``done.json`` marks a finished
 collection, reused when its settings match.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,12 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from fact_model.bcos.encoding import encode_rgb
 from fact_model.data.loading import ImageSplit
+from fact_model.distributed import SINGLE_PROCESS, DistributedContext
 from fact_model.model import FaCTModel
 
 __all__ = ["FeatureShards", "collect_features", "position_contributions", "sample_positions"]
@@ -131,6 +142,14 @@ class FeatureShards:
         if len(carry):
             yield carry
 
+    def part(self, rank: int, world_size: int) -> FeatureShards:
+        """Rank ``rank``'s shards for data-parallel training: shards ``rank, rank + W, …`` (maybe none)."""
+        if not self.sizes:
+            raise ValueError(f"{self.directory} records no shard sizes; collect the features again")
+        keep = range(rank, len(self.paths), world_size)
+        sizes = tuple(self.sizes[i] for i in keep)
+        return dataclasses.replace(self, paths=tuple(self.paths[i] for i in keep), count=sum(sizes), sizes=sizes)
+
     def mean_squared_norm(self) -> float:
         """``mean ‖f‖²`` over all vectors (for the global norm factor), streamed shard by shard."""
         total = sum(float(s.square().sum()) for s in self.iterate())
@@ -148,7 +167,6 @@ class FeatureShards:
         return cls(directory, paths, meta["count"], meta["dim"], tuple(meta.get("sizes", ())))
 
 
-_PROGRESS = "progress.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -166,39 +184,64 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(directory: Path, index: int, rows: list[Tensor], dtype: torch.dtype, end_batch: int) -> dict:
-    name = f"shard_{index:05d}.safetensors"
-    tmp = directory / f".{name}.tmp"
-    features = torch.cat(rows).to(dtype).contiguous()
-    save_file({"features": features}, str(tmp))
-    os.replace(tmp, directory / name)
-    return {"name": name, "rows": len(features), "end_batch": end_batch, "sha256": _sha256(directory / name)}
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
 
 
-def _complete_shards(out_dir: Path, settings: dict) -> list[dict]:
-    """The shards of an interrupted collection with the same settings that are intact, in order."""
-    path = out_dir / _PROGRESS
+def _record_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"shard_{index:05d}.json"
+
+
+def _write_shard(out_dir: Path, index: int, rows: list[Tensor], dtype: torch.dtype, settings: dict) -> dict:
+    """Write shard ``index`` (atomically), then its record; returns the record."""
+    name = _shard_name(index)
+    data = safetensors_save({"features": torch.cat(rows).to(dtype).contiguous()})
+    tmp = out_dir / f".{name}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, out_dir / name)
+    rows_written = sum(len(r) for r in rows)
+    record = {"settings": settings, "name": name, "rows": rows_written, "sha256": hashlib.sha256(data).hexdigest()}
+    _write_json(_record_path(out_dir, index), record)
+    return record
+
+
+def _intact_record(out_dir: Path, index: int, settings: dict) -> dict | None:
+    """Shard ``index``'s record if it belongs to this collection and the shard matches its hash, else ``None``."""
+    path = _record_path(out_dir, index)
     if not path.is_file():
-        return []
+        return None
     try:
         record = json.loads(path.read_text())
     except ValueError:
-        log.warning("unreadable %s; restarting the feature collection", path)
-        return []
+        log.warning("unreadable %s; collecting that shard again", path)
+        return None
     if record.get("settings") != settings:
-        return []
-    good = []
-    for shard in record.get("shards", []):
-        file = out_dir / shard["name"]
-        if not file.is_file() or _sha256(file) != shard["sha256"]:
-            log.warning("feature shard %s is missing or torn; collecting again from there", file)
-            break
-        good.append(shard)
-    return good
+        return None
+    file = out_dir / _shard_name(index)
+    if not file.is_file() or _sha256(file) != record.get("sha256"):
+        log.warning("feature shard %s is missing or torn; collecting it again", file)
+        return None
+    return record
 
 
 def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + batch_index) % (2**63))
+
+
+def _feature_dim(model: FaCTModel, layer: str, image_size: int) -> int:
+    """Channels ``C`` of the features at ``layer`` (one forward pass of a blank image)."""
+    with torch.no_grad():
+        blank = encode_rgb(torch.zeros(1, 3, image_size, image_size, device=model.device))
+        return int(model.features_at(blank, layer).shape[1])
+
+
+def _sample_batch(model: FaCTModel, images: Tensor, layer: str, positions_per_image: int, generator) -> Tensor:
+    """``(B · positions_per_image, C)`` float32 feature vectors of one batch, positions ∝ |contribution|."""
+    features, contributions = position_contributions(model, encode_rgb(images), layer)
+    positions = sample_positions(contributions.cpu(), positions_per_image, generator)
+    flat = features.flatten(2).transpose(1, 2).cpu()  # (B, P, C)
+    picked = flat.gather(1, positions[..., None].expand(-1, -1, flat.shape[-1]))
+    return picked.reshape(-1, flat.shape[-1]).float().contiguous()
 
 
 def collect_features(
@@ -213,6 +256,7 @@ def collect_features(
     seed: int = 0,
     progress: bool = True,
     shard_rows: int | None = None,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> FeatureShards:
     """Sample feature vectors at stage ``layer`` from ``split`` into shards under ``out_dir``.
 
@@ -220,13 +264,16 @@ def collect_features(
         split: the images, read batch by batch in split order.
         positions_per_image: vectors sampled per image (∝ |contribution|).
         batch_size: images per forward/backward pass.
-        shard_bytes: target size of one shard on disk (``shard_rows`` overrides it with a row count).
+        shard_bytes: target size of one shard on disk (``shard_rows`` overrides it with a row count);
+            a shard holds whole batches, at least one.
         dtype: ``"float32"`` or ``"float16"`` shards.
         seed: position sampling (per batch, see the module docstring).
+        context: under ``torchrun``, every rank calls this with its context and the same arguments;
+            ``out_dir`` must be a directory all ranks share (one file system).
 
-    Reuses a finished collection with the same settings and resumes an interrupted one.
-    Concept layers below ``layer`` are part of the model, so upper layers see the features the
-    FaCT model really computes.
+    Reuses a finished collection with the same settings and resumes an interrupted one. Concept
+    layers below ``layer`` are part of the model, so upper layers see the features the FaCT model
+    really computes.
 
     Raises:
         ValueError: an unknown ``dtype``, or no readable image in the split.
@@ -234,6 +281,10 @@ def collect_features(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
+    model.eval()
+    dim = _feature_dim(model, layer, split.image_size)
+    rows_per_shard = shard_rows or max(1, shard_bytes // (dim * _DTYPES[dtype].itemsize))
+    batches_per_shard = max(1, -(-rows_per_shard // (batch_size * positions_per_image)))
     settings = {
         "layer": layer,
         "positions_per_image": positions_per_image,
@@ -241,58 +292,77 @@ def collect_features(
         "data": split.description,
         "seed": seed,
         "batch_size": batch_size,
+        "batches_per_shard": batches_per_shard,
         "dtype": dtype,
     }
     marker = out_dir / "done.json"
     if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
         return FeatureShards.open(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    shards = _complete_shards(out_dir, settings)
-    for stale in out_dir.glob("shard_*.safetensors"):  # from another run, or after the last intact shard
-        if stale.name not in {s["name"] for s in shards}:
-            stale.unlink()
-    start_batch = shards[-1]["end_batch"] if shards else 0
-    if start_batch:
-        log.info("resuming feature collection at %s after %d shard(s) (batch %d)", layer, len(shards), start_batch)
-    model.eval()
-    pending: list[Tensor] = []
-    pending_rows, dim, rows_per_shard = 0, 0, shard_rows
+    context.barrier()  # every rank has looked at the marker before rank 0 removes a stale one
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
+    context.barrier()
+
     total_batches = -(-len(split) // batch_size)
-    reader = split.batches(batch_size, start_batch=start_batch, pin_memory=model.device.type == "cuda")
-    bar = tqdm(
-        reader, total=total_batches, initial=start_batch, desc=f"features @ {layer}", disable=not progress, leave=False
-    )
-    for batch_index, batch in enumerate(bar, start=start_batch):
-        if len(batch):
-            x6 = encode_rgb(batch.float_images(model.device))
-            features, contributions = position_contributions(model, x6, layer)
-            positions = sample_positions(contributions.cpu(), positions_per_image, _batch_generator(seed, batch_index))
-            flat = features.flatten(2).transpose(1, 2).cpu()  # (B, P, C)
-            picked = flat.gather(1, positions[..., None].expand(-1, -1, flat.shape[-1])).reshape(-1, flat.shape[-1])
-            dim = picked.shape[1]
-            if rows_per_shard is None:
-                rows_per_shard = max(1, shard_bytes // (dim * _DTYPES[dtype].itemsize))
-            pending.append(picked.float().contiguous())
-            pending_rows += len(picked)
-        if rows_per_shard is not None and pending_rows >= rows_per_shard:
-            shards.append(_write_shard(out_dir, len(shards), pending, _DTYPES[dtype], batch_index + 1))
-            _write_json(out_dir / _PROGRESS, {"settings": settings, "shards": shards})
-            pending, pending_rows = [], 0
-    if pending:
-        shards.append(_write_shard(out_dir, len(shards), pending, _DTYPES[dtype], total_batches))
-    if not shards:
-        raise ValueError(f"no readable image in {split!r}: nothing to collect at {layer}")
-    if not dim:
-        dim = int(load_file(str(out_dir / shards[0]["name"]))["features"].shape[1])
+    total_shards = -(-total_batches // batches_per_shard)
+    mine = list(range(context.rank, total_shards, context.world_size))
+    todo = [j for j in mine if _intact_record(out_dir, j, settings) is None]
+    if len(todo) < len(mine):
+        log.info("feature collection at %s: %d of %d shard(s) already intact", layer, len(mine) - len(todo), len(mine))
+    # One reader over all of this rank's batches (a loader per shard would restart its workers each time);
+    # every shard but the split's last spans whole batches, so batch boundaries stay the split's own.
+    plan = [(j, b) for j in todo for b in range(j * batches_per_shard, min(total_batches, (j + 1) * batches_per_shard))]
+    order = [p for _, b in plan for p in range(b * batch_size, min(len(split), (b + 1) * batch_size))]
+    reader = split.batches(batch_size, order=order, pin_memory=model.device.type == "cuda")
+    bar = tqdm(total=len(plan), desc=f"features @ {layer}", disable=not (progress and context.is_main), leave=False)
+    rows: list[Tensor] = []
+    with bar:
+        for step, ((j, batch_index), batch) in enumerate(zip(plan, reader, strict=True)):
+            if len(batch):
+                images, generator = batch.float_images(model.device), _batch_generator(seed, batch_index)
+                rows.append(_sample_batch(model, images, layer, positions_per_image, generator))
+            bar.update(1)
+            if step + 1 == len(plan) or plan[step + 1][0] != j:  # the shard's last batch
+                _write_shard(out_dir, j, rows or [torch.empty(0, dim)], _DTYPES[dtype], settings)
+                rows = []
+    context.barrier()  # every shard is written
+
+    problem = None
+    if context.is_main:
+        problem = _write_manifest(out_dir, split, layer, total_shards, dim, dtype, settings)
+    problem = context.broadcast_object(problem)  # every rank fails alike, or goes on once the manifest exists
+    if problem:
+        raise ValueError(problem)
+    return FeatureShards.open(out_dir)
+
+
+def _write_manifest(
+    out_dir: Path, split: ImageSplit, layer: str, total_shards: int, dim: int, dtype: str, settings: dict
+) -> str | None:
+    """Check every shard's record, remove strays, write ``done.json``; returns what went wrong, or ``None``."""
+    records = [_intact_record(out_dir, j, settings) for j in range(total_shards)]
+    missing = [j for j, r in enumerate(records) if r is None]
+    if missing:
+        return f"feature shards {missing} at {out_dir} are missing or torn after collection"
+    kept = [r for r in records if r is not None and r["rows"]]  # a shard of unreadable images holds nothing
+    if not kept:
+        return f"no readable image in {split!r}: nothing to collect at {layer}"
     done = {
-        "shards": [s["name"] for s in shards],
-        "sizes": [s["rows"] for s in shards],
-        "count": sum(s["rows"] for s in shards),
+        "shards": [r["name"] for r in kept],
+        "sizes": [r["rows"] for r in kept],
+        "count": sum(r["rows"] for r in kept),
         "dim": dim,
         "dtype": dtype,
         "settings": settings,
     }
-    _write_json(marker, done)
-    (out_dir / _PROGRESS).unlink(missing_ok=True)
-    return FeatureShards.open(out_dir)
+    ours = {_shard_name(j) for j in range(total_shards)}
+    for stray in out_dir.glob("shard_*.safetensors"):  # from an earlier collection with other settings
+        if stray.name not in ours:
+            stray.unlink()
+            stray.with_suffix(".json").unlink(missing_ok=True)
+    for leftover in out_dir.glob(".shard_*.tmp"):  # writes cut short by an interruption
+        leftover.unlink(missing_ok=True)
+    (out_dir / "progress.json").unlink(missing_ok=True)  # an older version's resume record
+    _write_json(out_dir / "done.json", done)
+    return None

@@ -184,8 +184,8 @@ def test_interrupted_collection_resumes_to_the_same_shards(tmp_path, monkeypatch
     monkeypatch.setattr(features_module, "position_contributions", crash_at_batch_8)
     with pytest.raises(KeyboardInterrupt):
         collect_features(model, split, "layer2", tmp_path / "resumed", **kwargs)
-    progress = json.loads((tmp_path / "resumed" / "progress.json").read_text())
-    assert [s["end_batch"] for s in progress["shards"]] == [2, 4, 6]  # complete shards before the crash
+    records = sorted(p.name for p in (tmp_path / "resumed").glob("shard_*.json"))
+    assert records == ["shard_00000.json", "shard_00001.json", "shard_00002.json"]  # complete before the crash
     assert not (tmp_path / "resumed" / "done.json").exists()
 
     resumed_calls = {"n": 0}
@@ -208,16 +208,13 @@ def test_torn_shard_is_detected_and_redone(tmp_path):
     reference = _shard_bytes(collect_features(model, split, "layer2", tmp_path / "reference", **kwargs).directory)
     out = tmp_path / "torn"
     collect_features(model, split, "layer2", out, **kwargs)
-    # Turn the finished collection back into an interrupted one whose second shard is torn.
-    done = json.loads((out / "done.json").read_text())
+    # Turn the finished collection back into an interrupted one: the last two shards unrecorded, the second torn.
     (out / "done.json").unlink()
-    shards = [
-        {"name": name, "rows": rows, "end_batch": 2 * (i + 1), "sha256": features_module._sha256(out / name)}
-        for i, (name, rows) in enumerate(zip(done["shards"][:3], done["sizes"][:3], strict=True))
-    ]
-    (out / "progress.json").write_text(json.dumps({"settings": done["settings"], "shards": shards}))
-    second = out / shards[1]["name"]
+    for index in (3, 4):
+        (out / f"shard_{index:05d}.json").unlink()
+    second = out / "shard_00001.safetensors"
     second.write_bytes(second.read_bytes()[:-40])
+    (out / ".shard_00004.safetensors.tmp").write_bytes(b"half a shard")  # a write cut short
     collect_features(model, split, "layer2", out, **kwargs)
     assert _shard_bytes(out) == reference
 

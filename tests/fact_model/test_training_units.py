@@ -203,9 +203,9 @@ def test_train_sae_sets_the_scheduled_learning_rate_before_every_step(tmp_path, 
     seen = []
     real_step = concepts_module.sae_step
 
-    def recording_step(layer, optimizer, batch, firing, config):
+    def recording_step(layer, optimizer, batch, firing, config, context):
         seen.append(optimizer.param_groups[0]["lr"])
-        return real_step(layer, optimizer, batch, firing, config)
+        return real_step(layer, optimizer, batch, firing, config, context)
 
     monkeypatch.setattr(concepts_module, "sae_step", recording_step)
     train_sae(shards, ConceptLayerSpec("l", 10, 2), config, lambda state: 0.0, tmp_path / "ckpt", progress=False)
