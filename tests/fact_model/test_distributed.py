@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +15,8 @@ from fact_model.config import ConceptLayerSpec, FaCTConfig, Preprocessing
 from fact_model.data.synthetic import CLASS_NAMES
 from fact_model.distributed import SINGLE_PROCESS, DistributedContext, shard
 from fact_model.model import FaCTModel
-from fact_model.options import TORCHRUN_VARIABLES, TorchrunEnvironment, torchrun_environment
+from fact_model.options import TorchrunEnvironment, torchrun_environment
+from tests._support import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,29 +147,9 @@ def _tiny_artifact(directory: Path) -> Path:
     return save(FaCTModel(config).eval(), directory)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(command: list[str], processes: int, timeout: float = 240) -> float:
     """``fact COMMAND`` in 1 process, or in ``processes`` torchrun workers on loopback; returns the seconds it took."""
-    env = {name: value for name, value in os.environ.items() if name not in TORCHRUN_VARIABLES}
-    env["OMP_NUM_THREADS"] = "1"  # torchrun's default for its workers: the same threads in both runs
-    env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    if processes == 1:
-        argv = [sys.executable, "-m", "fact_model.cli", "-q", *command]
-    else:
-        argv = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
-            "-m", "fact_model.cli", "-q", *command,
-        ]  # fmt: skip
-    start = time.perf_counter()
-    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
-    return time.perf_counter() - start
+    return torchrun.run("fact_model.cli", ["-q", *command], processes, timeout)
 
 
 DATA = ["--image-size", "32", "--test-size", "23"]  # 23 images in batches of 4: 6 batches, the last one short
