@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-__all__ = ["Detachable", "explanation_mode", "in_explanation_mode"]
+__all__ = ["Detachable", "explanation_mode", "in_explanation_mode", "module_flags"]
 
 
 class Detachable:
@@ -41,15 +41,23 @@ def explanation_mode(model: nn.Module) -> Iterator[nn.Module]:
         ...     logits = model(x)          # same values as outside
         ...     grad, = torch.autograd.grad(logits[0, c], x)   # = W̃(x)[c]
     """
-    switched = [m for m in model.modules() if isinstance(m, Detachable)]
-    previous = [m.detach_dynamic for m in switched]
+    with module_flags(model, Detachable, "detach_dynamic", True):
+        yield model
+
+
+@contextmanager
+def module_flags(model: nn.Module, kind: type, attribute: str, value: object) -> Iterator[nn.Module]:
+    """For the block, set ``attribute = value`` on every submodule of ``model`` that is a ``kind``;
+    each module's previous value is restored on exit, also when the body raises."""
+    switched = [m for m in model.modules() if isinstance(m, kind)]
+    previous = [getattr(m, attribute) for m in switched]
     for module in switched:
-        module.detach_dynamic = True
+        setattr(module, attribute, value)
     try:
         yield model
     finally:
         for module, state in zip(switched, previous, strict=True):
-            module.detach_dynamic = state
+            setattr(module, attribute, state)
 
 
 def in_explanation_mode(model: nn.Module) -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fact_model.bcos.explanation_mode import Detachable
+from fact_model.bcos.explanation_mode import Detachable, module_flags
 
 __all__ = [
     "NORM_LAYERS",
@@ -159,15 +159,8 @@ class PositionNormUncentered2d(Detachable, nn.Module):
 def synchronised_batch_norms(module: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """For the block, every :class:`BatchNormUncentered2d` in ``module`` takes its training statistics
     over all ranks of the default process group (a no-op without one); restored on leaving."""
-    norms = [m for m in module.modules() if isinstance(m, BatchNormUncentered2d)]
-    before = [m.synchronise for m in norms]
-    for m in norms:
-        m.synchronise = enabled
-    try:
+    with module_flags(module, BatchNormUncentered2d, "synchronise", enabled):
         yield module
-    finally:
-        for m, value in zip(norms, before, strict=True):
-            m.synchronise = value
 
 
 NORM_LAYERS: dict[str, type[nn.Module]] = {

@@ -122,3 +122,27 @@ def test_collection_interrupted_on_one_rank_resumes_to_the_same_shards(tmp_path)
     assert _digests(out) == reference
     assert {name: (out / name).stat().st_mtime_ns for name in before} == before  # intact shards were kept
     assert not list(out.glob(".shard_*.tmp"))
+
+
+def test_fact_train_concepts_on_two_processes(tmp_path):
+    """The CLI end to end: sharded collection (the same shards), data-parallel SAE, rank 0's model."""
+    torchrun.run(WORKER, ["backbone", "--out", str(tmp_path / "backbone")], 1)
+    command = [
+        "-q", "train", "concepts", "--model", str(tmp_path / "backbone" / "run" / "model"), "--layer", "layer3:16:4",
+        "--image-size", "32", "--train-size", "512", "--val-size", "16", "--test-size", "16", "--epochs", "4",
+        "--batch-size", "64", "--positions", "4", "--shard-mib", "0.005", "--device", "cpu",
+    ]  # fmt: skip
+    for processes in (1, 2):
+        torchrun.run("fact_model.cli", [*command, "--out", str(tmp_path / f"p{processes}")], processes)
+    # 4 collection batches of 128 images; 0.005 MiB is one batch a shard, so both ranks collect and train on 2
+    features = [tmp_path / f"p{p}" / "features" / "layer3" for p in (1, 2)]
+    assert _digests(features[0]) == _digests(features[1]) and len(_digests(features[0])) == 4
+    layers = [
+        json.loads((tmp_path / f"p{p}" / "model" / "manifest.json").read_text())["provenance"]["layers"][0]
+        for p in (1, 2)
+    ]
+    one, two = (layer["history"] for layer in layers)
+    assert [h["epoch"] for h in two] == [1, 2, 3, 4]
+    assert layers[0]["norm_factor"] == pytest.approx(layers[1]["norm_factor"], rel=1e-6)  # the same vectors
+    assert abs(two[-1]["nmse"] - one[-1]["nmse"]) < 0.05, (two[-1]["nmse"], one[-1]["nmse"])
+    assert len(_weights(tmp_path / "p2" / "model")) == len(_weights(tmp_path / "p1" / "model"))

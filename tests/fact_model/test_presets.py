@@ -51,7 +51,7 @@ def test_cli_preset_sets_arch_layer_preprocessing_and_recipe(tmp_path, monkeypat
     folder = write_image_folder(tmp_path / "folder", 8, 64)
     seen = {}
 
-    def capture(model, data, layers, config, run_dir, progress=True):
+    def capture(model, data, layers, config, run_dir, progress=True, **placement):
         seen.update(model=model, data=data, layers=layers, config=config)
         return model
 
