@@ -41,6 +41,13 @@ def _digests(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("shard_*.safetensors"))}
 
 
+def _worker_on_one_and_two(tmp_path: Path, command: str, record: str) -> tuple:
+    """Run the worker's ``command`` alone and on 2 processes; the JSON ``record`` each wrote (rank 0)."""
+    for processes in (1, 2):
+        torchrun.run(WORKER, [command, "--out", str(tmp_path / f"p{processes}")], processes)
+    return tuple(json.loads((tmp_path / f"p{p}" / record).read_text()) for p in (1, 2))
+
+
 def test_backbone_on_two_processes_follows_one_process(tmp_path):
     command = [
         "-q", "train", "backbone", "--arch", "bcos_resnet8", "--width", "4", "--image-size", "32",
@@ -74,9 +81,7 @@ def test_backbone_interrupted_on_two_processes_resumes_on_one(tmp_path):
 
 
 def test_sae_step_on_two_processes_equals_one_step_on_the_whole_batch(tmp_path):
-    for processes in (1, 2):
-        torchrun.run(WORKER, ["sae-steps", "--out", str(tmp_path / f"p{processes}")], processes)
-    one, two = (json.loads((tmp_path / f"p{p}" / "steps.json").read_text()) for p in (1, 2))
+    one, two = _worker_on_one_and_two(tmp_path, "sae-steps", "steps.json")
     assert two["ranks_identical"]  # both ranks hold the same weights after every step's all-reduce
     assert two["since_fired"] == one["since_fired"] and two["fire_counts"] == one["fire_counts"]  # exact tallies
     assert any(aux > 0 for _, _, aux in one["losses"])  # the auxiliary loss on dead latents took part
@@ -87,9 +92,7 @@ def test_sae_step_on_two_processes_equals_one_step_on_the_whole_batch(tmp_path):
 
 
 def test_sae_run_on_two_processes_reaches_the_single_process_quality(tmp_path):
-    for processes in (1, 2):
-        torchrun.run(WORKER, ["sae-train", "--out", str(tmp_path / f"p{processes}")], processes)
-    one, two = (json.loads((tmp_path / f"p{p}" / "history.json").read_text()) for p in (1, 2))
+    one, two = _worker_on_one_and_two(tmp_path, "sae-train", "history.json")
     assert len(one) == len(two) == 12
     first, last = one[0]["nmse"], one[-1]["nmse"]
     assert last < 0.5 * first  # it learnt the planted dictionary
