@@ -112,11 +112,15 @@ class DistributedContext:
         """This rank's part of ``items`` (see :func:`shard`)."""
         return shard(items, self.rank, self.world_size, block)
 
+    def _on_wire(self, tensor: Tensor) -> Tensor:
+        """A copy of ``tensor`` where the backend communicates (NCCL on the GPU, gloo on the CPU);
+        a copy, so the caller's tensor is left as it was until the result is written back."""
+        return tensor.detach().to(self.device if self.backend == "nccl" else "cpu", copy=True)
+
     def _reduce(self, tensor: Tensor, op: dist.ReduceOp) -> Tensor:
         if not self.is_distributed:
             return tensor
-        # NCCL reduces on the GPU, gloo on the CPU; a copy, so the caller's tally is left as it was
-        work = tensor.detach().to(self.device if self.backend == "nccl" else "cpu", copy=True)
+        work = self._on_wire(tensor)
         dist.all_reduce(work, op=op)
         return work.to(tensor.device)
 
@@ -147,7 +151,7 @@ class DistributedContext:
     def broadcast_(self, tensor: Tensor, source: int = 0) -> Tensor:
         """Overwrite ``tensor`` in place with rank ``source``'s (same shape and dtype everywhere); returns it."""
         if self.is_distributed:
-            work = tensor.detach().to(self.device if self.backend == "nccl" else "cpu", copy=True)
+            work = self._on_wire(tensor)
             dist.broadcast(work, src=source)
             tensor.data.copy_(work.to(tensor.device))
         return tensor

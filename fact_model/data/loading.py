@@ -30,7 +30,16 @@ from tqdm.auto import tqdm
 
 from fact_model.config import Preprocessing
 
-__all__ = ["Batch", "ImageSplit", "ItemSource", "TensorItems", "TrainingData", "default_workers", "shuffled_order"]
+__all__ = [
+    "Batch",
+    "ImageSplit",
+    "ItemSource",
+    "TensorItems",
+    "TrainingData",
+    "default_workers",
+    "seeded_generator",
+    "shuffled_order",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +80,18 @@ def default_workers(in_memory: bool) -> int:
     return max(1, min(_MAX_AUTO_WORKERS, cores - 1))
 
 
+def seeded_generator(seed: int, *indices: int) -> torch.Generator:
+    """A CPU generator that depends only on ``seed`` and the ``indices`` (an epoch, a batch, a rank …),
+    so a resumed or re-sharded run draws exactly what an uninterrupted one draws."""
+    state = int(seed)
+    for index in indices:
+        state = state * 1_000_003 + int(index)
+    return torch.Generator().manual_seed(state % (2**63))
+
+
 def shuffled_order(n: int, seed: int, epoch: int = 0) -> list[int]:
     """A permutation of ``range(n)`` that depends only on ``(seed, epoch)`` (so a resumed run sees the same order)."""
-    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2**63))
-    return torch.randperm(n, generator=generator).tolist()
+    return torch.randperm(n, generator=seeded_generator(seed, epoch)).tolist()
 
 
 def _to_uint8(image: Tensor) -> Tensor:

@@ -200,7 +200,7 @@ def _save_run(run: _BackboneRun, checkpoint_dir: Path, config: BackboneTrainConf
     save_checkpoint(checkpoint_dir, tensors, meta)
 
 
-def flip_mask(generator: torch.Generator, requested: list[int], batch: Batch, context: DistributedContext) -> Tensor:
+def _flip_mask(generator: torch.Generator, requested: list[int], batch: Batch, context: DistributedContext) -> Tensor:
     """``(len(batch),)`` bool: which of this rank's images to mirror, drawn for the whole global batch.
 
     Every rank draws ``W · len(requested)`` numbers (the global step's images; the generators stay
@@ -273,7 +273,7 @@ def _train_epoch(
     loss_sum, images = 0.0, 0
     for i, batch in enumerate(bar):
         requested = order[i * local_batch : (i + 1) * local_batch]
-        flips = flip_mask(run.generator, requested, batch, context) if config.flip else None
+        flips = _flip_mask(run.generator, requested, batch, context) if config.flip else None
         set_learning_rate(run.optimizer, schedule.learning_rate(epoch * schedule.steps_per_epoch + i))
         loss_sum += _train_step(run, batch, flips, config)
         images += len(batch)
@@ -355,14 +355,13 @@ def train_backbone(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay),
         generator=torch.Generator().manual_seed(config.seed),
-        network=_Logits(model),
+        network=_network(model, context),  # resuming below loads every rank's weights in place, alike
         context=context,
     )
     schedule = BackboneSchedule.of(config, len(data.train), context.world_size)
     checkpoint_dir = run_dir / "checkpoint"
     if checkpoint_dir.exists():
         _resume(run, checkpoint_dir, config)
-    run.network = _network(model, context)  # after resuming: DDP starts from rank 0's (equal) weights
 
     started = time.perf_counter()
     with synchronised_batch_norms(model, enabled=context.is_distributed):

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from fact_model.artifacts import save
 from fact_model.concept_layer import ConceptCodes, ConceptLayer
 from fact_model.config import ConceptLayerSpec
-from fact_model.data.loading import TrainingData
+from fact_model.data.loading import TrainingData, seeded_generator
 from fact_model.distributed import SINGLE_PROCESS, DistributedContext
 from fact_model.model import FaCTModel
 from fact_model.training.checkpoint import load_checkpoint, optimizer_tensors, restore_optimizer, save_checkpoint
@@ -308,12 +308,8 @@ def sae_step(
     residual = batch - layer.decode(codes)[0]  # (B, C)
     squared = residual.square().sum()
     # One all-reduce for everything the loss needs from the other ranks: firing counts, vectors, ‖x‖², ‖r‖².
-    local = torch.cat(
-        [
-            firing_counts(codes, layer.num_concepts).double(),
-            torch.tensor([len(batch), float(batch.square().sum()), float(squared.detach())], dtype=torch.float64),
-        ]
-    )
+    sums = torch.stack([torch.tensor(float(len(batch)), device=batch.device), batch.square().sum(), squared.detach()])
+    local = torch.cat([firing_counts(codes, layer.num_concepts).double(), sums.double().cpu()])
     totals = context.all_reduce_sum(local)
     counts, (vectors, batch_squared, residual_squared) = totals[:-3].long(), totals[-3:].tolist()
     if vectors == 0:
@@ -394,11 +390,6 @@ def _save_run(run: _SAERun, checkpoint_dir: Path, spec: ConceptLayerSpec, config
     save_checkpoint(checkpoint_dir, tensors, meta)
 
 
-def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
-    """The generator that shuffles rank ``rank``'s shards in epoch ``epoch`` (a function of the three only)."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63))
-
-
 def steps_per_epoch(shards: FeatureShards, batch_size: int, context: DistributedContext = SINGLE_PROCESS) -> int:
     """Steps of one epoch: the most any rank needs for its shards in batches of its share of ``batch_size``."""
     if not context.is_distributed:
@@ -427,7 +418,7 @@ def _train_epoch(
     run.firing.new_epoch()
     means = _EpochMeans()
     mine = shards.part(context.rank, context.world_size) if context.is_distributed else shards
-    generator = epoch_generator(config.seed, epoch, context.rank)
+    generator = seeded_generator(config.seed, epoch, context.rank)  # resumable on any number of ranks
     batches = mine.batches(context.local_batch_size(config.batch_size), generator)
     device = run.layer.encoder.device
     empty = torch.empty(0, shards.dim)
@@ -438,6 +429,13 @@ def _train_epoch(
         means.add(sae_step(run.layer, run.optimizer, unscaled * run.norm_factor, run.firing, config, context))
         bar.update(1)
     return means.means()
+
+
+def _norm_factor(shards: FeatureShards, context: DistributedContext) -> float:
+    """``s`` with ``mean ‖s·f‖² = C`` over all vectors; under ``torchrun`` each rank reads only its shards."""
+    mine = shards.part(context.rank, context.world_size) if context.is_distributed else shards
+    total = float(context.all_reduce_sum(torch.tensor([mine.squared_norm_sum()], dtype=torch.float64))[0])
+    return (shards.dim * shards.count / total) ** 0.5
 
 
 def train_sae(
@@ -469,7 +467,7 @@ def train_sae(
         layer=layer,
         optimizer=torch.optim.Adam(layer.parameters(), lr=config.lr),
         firing=FiringTracker(spec.num_concepts, config.dead_after or max(1, shards.count // 2)),
-        norm_factor=(shards.dim / shards.mean_squared_norm()) ** 0.5,
+        norm_factor=_norm_factor(shards, context),
     )
     if checkpoint_dir.exists():
         _resume(run, checkpoint_dir, spec, config)

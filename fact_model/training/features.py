@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fact_model.bcos.encoding import encode_rgb
-from fact_model.data.loading import ImageSplit
+from fact_model.data.loading import ImageSplit, seeded_generator
 from fact_model.distributed import SINGLE_PROCESS, DistributedContext
 from fact_model.model import FaCTModel
 
@@ -150,10 +150,13 @@ class FeatureShards:
         sizes = tuple(self.sizes[i] for i in keep)
         return dataclasses.replace(self, paths=tuple(self.paths[i] for i in keep), count=sum(sizes), sizes=sizes)
 
+    def squared_norm_sum(self) -> float:
+        """``Σ ‖f‖²`` over all vectors (0 for no shards), streamed shard by shard."""
+        return sum(float(s.square().sum()) for s in self.iterate())
+
     def mean_squared_norm(self) -> float:
-        """``mean ‖f‖²`` over all vectors (for the global norm factor), streamed shard by shard."""
-        total = sum(float(s.square().sum()) for s in self.iterate())
-        return total / self.count
+        """``mean ‖f‖²`` over all vectors (for the global norm factor)."""
+        return self.squared_norm_sum() / self.count
 
     @classmethod
     def open(cls, directory: str | Path) -> FeatureShards:
@@ -205,8 +208,8 @@ def _write_shard(out_dir: Path, index: int, rows: list[Tensor], dtype: torch.dty
     return record
 
 
-def _intact_record(out_dir: Path, index: int, settings: dict) -> dict | None:
-    """Shard ``index``'s record if it belongs to this collection and the shard matches its hash, else ``None``."""
+def _read_record(out_dir: Path, index: int, settings: dict) -> dict | None:
+    """Shard ``index``'s record if there is one for this collection's ``settings``, else ``None``."""
     path = _record_path(out_dir, index)
     if not path.is_file():
         return None
@@ -215,17 +218,19 @@ def _intact_record(out_dir: Path, index: int, settings: dict) -> dict | None:
     except ValueError:
         log.warning("unreadable %s; collecting that shard again", path)
         return None
-    if record.get("settings") != settings:
+    return record if record.get("settings") == settings else None
+
+
+def _intact_record(out_dir: Path, index: int, settings: dict) -> dict | None:
+    """:func:`_read_record`, and only if the shard on disk matches the record's hash (a resumed run's check)."""
+    record = _read_record(out_dir, index, settings)
+    if record is None:
         return None
     file = out_dir / _shard_name(index)
     if not file.is_file() or _sha256(file) != record.get("sha256"):
         log.warning("feature shard %s is missing or torn; collecting it again", file)
         return None
     return record
-
-
-def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + batch_index) % (2**63))
 
 
 def _feature_dim(model: FaCTModel, layer: str, image_size: int) -> int:
@@ -320,7 +325,7 @@ def collect_features(
     with bar:
         for step, ((j, batch_index), batch) in enumerate(zip(plan, reader, strict=True)):
             if len(batch):
-                images, generator = batch.float_images(model.device), _batch_generator(seed, batch_index)
+                images, generator = batch.float_images(model.device), seeded_generator(seed, batch_index)
                 rows.append(_sample_batch(model, images, layer, positions_per_image, generator))
             bar.update(1)
             if step + 1 == len(plan) or plan[step + 1][0] != j:  # the shard's last batch
@@ -340,11 +345,18 @@ def collect_features(
 def _write_manifest(
     out_dir: Path, split: ImageSplit, layer: str, total_shards: int, dim: int, dtype: str, settings: dict
 ) -> str | None:
-    """Check every shard's record, remove strays, write ``done.json``; returns what went wrong, or ``None``."""
-    records = [_intact_record(out_dir, j, settings) for j in range(total_shards)]
+    """Check every shard's record, remove strays, write ``done.json``; returns what went wrong, or ``None``.
+
+    The shards are not hashed again: each was hashed when it was written (or checked when a resumed
+    run kept it), and its record is written only after the shard is in place.
+    """
+    records = [
+        _read_record(out_dir, j, settings) if (out_dir / _shard_name(j)).is_file() else None
+        for j in range(total_shards)
+    ]
     missing = [j for j, r in enumerate(records) if r is None]
     if missing:
-        return f"feature shards {missing} at {out_dir} are missing or torn after collection"
+        return f"feature shards {missing} at {out_dir} are missing after collection"
     kept = [r for r in records if r is not None and r["rows"]]  # a shard of unreadable images holds nothing
     if not kept:
         return f"no readable image in {split!r}: nothing to collect at {layer}"
