@@ -256,7 +256,8 @@ def explain(
         explanation_maps = _whole_logit_maps(backprop, code_grads, top_ids, map_kinds, concept_maps, concept_shares)
     backward_done = time.perf_counter()
 
-    residuals = {name: (contributions[name].sum(dim=1) - explained).abs() for name in layer_names}
+    # In float32 whatever the model's dtype: a bfloat16 sum would round its own residual away.
+    residuals = {name: (contributions[name].float().sum(dim=1) - explained.float()).abs() for name in layer_names}
     return Explanation(
         logits=logits,
         probabilities=model.probabilities(logits),

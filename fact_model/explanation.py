@@ -8,10 +8,13 @@ All tensors are detached, on the model's device. ``N`` = images, ``C`` = classes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from fact_model.host_transfer import map_tensors
 
 __all__ = [
     "CrossLayerTrace",
@@ -193,3 +196,12 @@ class Explanation:
     maps: ExplanationMaps | None
     layer_names: tuple[str, ...]
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def image(self, n: int, maps: bool = True) -> Explanation:
+        """Image ``n`` alone, as a batch of one: every tensor is row ``n`` of its batch (a view, no copy).
+
+        ``maps=False`` drops the input maps (the largest tensors; a response needs only their rendering).
+        """
+        rest = dataclasses.replace(self, maps=self.maps if maps else None, top_concepts=[])
+        one = map_tensors(rest, lambda t: t[n : n + 1])
+        return dataclasses.replace(one, top_concepts=self.top_concepts[n : n + 1])

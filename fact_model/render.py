@@ -37,8 +37,10 @@ __all__ = [
     "ENCODINGS",
     "MEDIA_TYPES",
     "bcos_colour",
+    "encode_pixels",
     "encode_rgba",
     "overlay",
+    "quantise",
     "resize_rgba",
     "signed_heatmap",
     "signed_heatmaps",
@@ -314,6 +316,7 @@ def signed_heatmaps(
     image: Tensor | None = None,
     percentile: float = 99.5,
     opacity: float = 0.6,
+    check_values: bool = True,
 ) -> Tensor:
     """:func:`signed_heatmap` of each of ``N`` maps (each scaled by its own percentile), in one call.
 
@@ -322,6 +325,8 @@ def signed_heatmaps(
             contributions of one image.
         image: optional ``(3, H, W)`` float image in [0, 1] blended under every map.
         percentile, opacity: as for :func:`signed_heatmap`.
+        check_values: check that the values are finite (and the image's in [0, 1]); False skips
+            those reads, which wait for a GPU (the service renders the model's own outputs).
 
     Returns:
         RGBA ``(N, H, W, 4)`` float in [0, 1]; map ``i`` equals ``signed_heatmap(contributions[i], image)``.
@@ -329,9 +334,10 @@ def signed_heatmaps(
     Raises:
         ValueError: as for :func:`signed_heatmap`.
     """
-    contributions = _check_signed_arguments(contributions, "contributions", "(N, H, W)", percentile, opacity)
-    if image is not None:
-        image = _check_image(image, _shape(contributions)[1:])
+    if check_values:
+        contributions = _check_signed_arguments(contributions, "contributions", "(N, H, W)", percentile, opacity)
+        if image is not None:
+            image = _check_image(image, _shape(contributions)[1:])
     return _signed(contributions, image, percentile, opacity)
 
 
@@ -537,17 +543,18 @@ def resize_rgba(rgba: Tensor, size: int | tuple[int, int]) -> Tensor:
 # --------------------------------------------------------------------------- compact encodings
 
 
-def _quantise(rgba: Tensor) -> np.ndarray:
-    """Float RGBA ``(N, H, W, 4)`` in [0, 1] → ``uint8`` ``(N, H, W, 4)``, rounded; colour 0 where alpha is 0.
+def quantise(rgba: Tensor) -> Tensor:
+    """Float RGBA ``(…, H, W, 4)`` in [0, 1] → ``uint8`` of the same shape, rounded; colour 0 where alpha is 0.
 
-    A pixel with alpha 0 is invisible whatever its colour; clearing it lets PNG's filters
-    and deflate compress the transparent area to almost nothing (a B-cos colour map of a
-    224² image is often mostly transparent: measured 102 → 10 kB per map, docs/LOAD.md).
+    Runs where ``rgba`` is (a GPU's maps leave it as 4× fewer bytes) and reads nothing back:
+    values are clamped to [0, 1], not checked (:func:`encode_rgba` checks). A pixel with alpha 0
+    is invisible whatever its colour; clearing it lets PNG's filters and deflate compress the
+    transparent area to almost nothing (a B-cos colour map of a 224² image is often mostly
+    transparent: measured 102 → 10 kB per map, docs/LOAD.md).
     """
-    _check_unit_range(rgba, "rgba")
-    pixels = (rgba.detach().to("cpu", torch.float32) * 255).round_().clamp_(0, 255).to(torch.uint8)
+    pixels = (rgba.detach().to(torch.float32) * 255).round_().clamp_(0, 255).to(torch.uint8)
     pixels[..., :3] *= (pixels[..., 3:] > 0).to(torch.uint8)
-    return pixels.numpy()
+    return pixels
 
 
 def encode_rgba(rgba: Tensor, encoding: str = "png", quality: int = WEBP_QUALITY) -> list[bytes]:
@@ -577,13 +584,30 @@ def encode_rgba(rgba: Tensor, encoding: str = "png", quality: int = WEBP_QUALITY
         rgba = rgba[None]
     if rgba.ndim != 4:
         raise ValueError(f"rgba must have shape (N, H, W, 4) or (H, W, 4), got {_shape(rgba)}")
+    _check_unit_range(rgba, "rgba")
+    return encode_pixels(quantise(rgba).cpu(), encoding, quality)
+
+
+def encode_pixels(pixels: Tensor, encoding: str = "png", quality: int = WEBP_QUALITY) -> list[bytes]:
+    """Encode :func:`quantise`'d maps, ``uint8`` ``(N, H, W, 4)`` on the CPU, as image files (see :func:`encode_rgba`).
+
+    Raises:
+        ValueError: not a CPU ``uint8`` ``(N, H, W, 4)`` tensor, unknown encoding, or a bad quality.
+    """
+    if not (isinstance(pixels, Tensor) and pixels.dtype == torch.uint8 and pixels.ndim == 4 and pixels.shape[-1] == 4):
+        raise ValueError(
+            f"pixels must be a uint8 (N, H, W, 4) tensor, got {type(pixels).__name__} "
+            f"{getattr(pixels, 'dtype', '')} {tuple(getattr(pixels, 'shape', ()))}"
+        )
+    if pixels.device.type != "cpu":
+        raise ValueError(f"pixels must be on the CPU (to_host or .cpu() them first), got {pixels.device}")
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100:
         raise ValueError(f"quality must be an int in [0, 100], got {quality!r}")
     out = []
-    for pixels in _quantise(rgba):
-        picture = Image.fromarray(pixels)  # (H, W, 4) uint8 → RGBA
+    for frame in pixels.contiguous().numpy():
+        picture = Image.fromarray(frame)  # (H, W, 4) uint8 → RGBA
         buffer = io.BytesIO()
         if encoding == "png":
             picture.save(buffer, format="PNG", compress_level=1)

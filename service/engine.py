@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 import logging
@@ -33,6 +34,7 @@ from fact_model.explain import (
 from fact_model.explanation import Explanation, rank_classes
 from fact_model.model import FaCTModel
 from service.cards import ExampleImages, check_statistics
+from service.compute import Compute
 from service.errors import RequestError
 from service.images import decode_image, default_max_pixels
 from service.queries import ConceptQuery, RegionQuery, region_mask, region_record, where_values
@@ -56,11 +58,12 @@ _CLASS_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: "٣" or "²" ar
 
 
 def _under_options(method: Callable[..., T]) -> Callable[..., T]:
-    """Run an engine method with the engine's library options (``settings.options``) in force."""
+    """Run an engine method as model work: the library options (``settings.options``) and, on CUDA,
+    the model thread's stream in force (:meth:`service.compute.Compute.session`)."""
 
     @functools.wraps(method)
     def wrapper(self: Engine, *args: Any, **kwargs: Any) -> T:
-        with options.using(self.settings.options):
+        with options.using(self.settings.options), self.compute.session():
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -82,7 +85,9 @@ class Engine:
             torch.set_num_threads(settings.torch_threads)
         self.artifact_dir = Path(artifact_dir)
         self.device = settings.resolve_device()
-        self.model: FaCTModel = load(self.artifact_dir, device=self.device)
+        # Built here, on the thread that runs the model from now on: it owns the CUDA stream.
+        self.compute = Compute(self.device, settings.dtype)
+        self.model: FaCTModel = load(self.artifact_dir, device=self.device).to(self.compute.model_dtype)
         self.manifest = read_manifest(self.artifact_dir)
         self.name, self.version = name, version
         self.layer_names = tuple(info.name for info in self.model.concept_layers)
@@ -260,11 +265,13 @@ class Engine:
 
         PyTorch and ONNX Runtime compute the same quantities (:func:`closed_form_contributions`,
         exported as :class:`~fact_model.onnx_export.PredictionGraph`); one record builder serves both.
+        The merged batch (BentoML's adaptive batching) goes to the device as one pinned copy, is
+        computed there as one batch, and its results come back in one copy.
         """
         if not images:
             return []
-        logits, probabilities, ranking, top_ids, top_contributions = self.predict_tensors(
-            self.model.preprocess(images), top_k
+        logits, probabilities, ranking, top_ids, top_contributions = self.compute.to_host(
+            self.predict_tensors(self.model.preprocess(images), top_k)
         )
         layer, names, bias = self.layer_names[-1], self.model.class_names, self.model.logit_bias
         return self.with_labels(
@@ -286,17 +293,16 @@ class Engine:
         Returns ``(logits (N, C), probabilities (N, C), ranking (N, C), top_ids (N, k), top_contributions (N, k))``:
         the last concept layer's top concepts for the predicted class ``ranking[:, 0]``.
         """
-        batch = batch.to(self.device)
         layer = self.layer_names[-1]
         if self.onnx is not None:
-            outputs = self.onnx.run(batch)
+            outputs = self.onnx.run(batch.to(self.device))  # the exported graph takes float32
             logits = torch.from_numpy(outputs["logits"])
             ranking = torch.from_numpy(outputs["ranking"])  # the order the graph explained (OnnxPredictor.run)
             k = min(top_k, outputs["top_ids"].shape[1])
             top_ids = torch.from_numpy(outputs["top_ids"][:, :k])
             top_contributions = torch.from_numpy(outputs["top_contributions"][:, :k])
         else:
-            logits, ranking, contributions = self._predicted_contributions(batch, layer)
+            logits, ranking, contributions = self._predicted_contributions(self.compute.to_device(batch), layer)
             top = contributions.topk(min(top_k, contributions.shape[1]), dim=1)
             top_ids, top_contributions = top.indices, top.values
         return logits, self.model.probabilities(logits), ranking, top_ids, top_contributions
@@ -359,7 +365,7 @@ class Engine:
         where_layer = None if where is None else self._query_layer(where.layer, selected, "where")
         mask = None if region is None else region_mask(self.model, region)
         started = time.perf_counter()
-        batch = self.model.preprocess(images).to(self.device)
+        batch = self.compute.to_device(self.model.preprocess(images))
         preprocess_ms = decode_ms + 1e3 * (time.perf_counter() - started)
 
         primary = selected[-1]
@@ -368,11 +374,20 @@ class Engine:
         results = []
         for i, (expl, row) in enumerate(explanations):
             started = time.perf_counter()
-            result = self._response(expl, row, batch[i], selected, heatmaps, heatmap_kind, size)
+            # Everything this response reads, in one device→host copy; the rest runs on the host.
+            host = self.compute.to_host(
+                {
+                    "explanation": expl.image(row, maps=False),
+                    "maps": self._rendered_maps(expl, row, batch[i], primary, heatmaps, heatmap_kind, size),
+                    "image": batch[i].float() if where is not None else None,
+                }
+            )
+            one = host["explanation"]
+            result = self._response(one, host["maps"], selected, heatmaps, heatmap_kind, size)
             if region is not None:
-                result["region"] = region_record(expl, row, region_layer, mask.to(batch.device), top_k, region)
+                result["region"] = region_record(one, 0, region_layer, mask, top_k, region)
             if where is not None:
-                result["where"] = self._where(expl, row, batch[i], where_layer, where.concept, heatmaps, size, mask)
+                result["where"] = self._where(one, host["image"], where_layer, where.concept, heatmaps, size, mask)
             result = self.with_labels(result)
             render_ms = 1e3 * (time.perf_counter() - started)
             result["timings_ms"] = {
@@ -416,7 +431,7 @@ class Engine:
         target_idx = self.resolve_class(target, "target")
         contrast_idx = self.resolve_class(contrast, "contrast")
         started = time.perf_counter()
-        batch = self.model.preprocess([image]).to(self.device)
+        batch = self.compute.to_device(self.model.preprocess([image]))
         preprocess_ms = decode_ms + 1e3 * (time.perf_counter() - started)
         primary = selected[-1]
         with_maps = heatmaps != "none" and heatmap_kind != "spatial"
@@ -439,13 +454,21 @@ class Engine:
         except ValueError as err:
             raise RequestError(400, "bad_intervention", str(err)) from None
         started = time.perf_counter()
-        maps = None
-        after = result.after
-        mapped = after.maps is not None or heatmap_kind == "spatial"
-        if heatmaps != "none" and after.top_ids[primary].shape[1] and mapped:
-            maps = self._heatmaps(after, 0, batch[0], primary, heatmaps, heatmap_kind, size)
-        record = self.with_labels(serialize.intervention_record(result, 0, self.model.class_names, selected, maps))
-        timings = {name: result.before.timings_ms[name] + after.timings_ms[name] for name in ("forward", "backward")}
+        rendered = self._rendered_maps(result.after, 0, batch[0], primary, heatmaps, heatmap_kind, size)
+        host = self.compute.to_host(
+            {
+                "result": dataclasses.replace(
+                    result, before=result.before.image(0, maps=False), after=result.after.image(0, maps=False)
+                ),
+                "maps": rendered,
+            }
+        )  # one device→host copy
+        maps = None if rendered is None else self._heatmap_records(host["maps"], heatmaps, heatmap_kind, size)
+        record = self.with_labels(
+            serialize.intervention_record(host["result"], 0, self.model.class_names, selected, maps)
+        )
+        before, after = result.before.timings_ms, result.after.timings_ms
+        timings = {name: before[name] + after[name] for name in ("forward", "backward")}
         return {
             **record,
             "model": self.model_identity,
@@ -467,7 +490,6 @@ class Engine:
     def _where(
         self,
         expl: Explanation,
-        n: int,
         image: torch.Tensor,
         layer: str,
         concept: int,
@@ -475,32 +497,25 @@ class Engine:
         size: int,
         mask: torch.Tensor | None,
     ) -> dict[str, Any]:
-        """Where concept ``concept`` of ``layer`` contributed in image ``n``: its numbers and a signed map.
+        """Where concept ``concept`` of ``layer`` contributed in ``expl``'s one image: its numbers and a signed map.
 
+        Runs on the host copy of a response (``expl`` and the preprocessed ``image`` ``(3, S, S)``).
         ``in_region``: its contribution inside the request's region (``mask`` ``(S, S)``), or None.
         ``Σ mask ⊙ spread(v) = Σ cell_weights(mask) ⊙ v``, so this equals the region query's own figure.
         """
-        values = where_values(expl, n, layer, concept, self.input_size)  # (S, S), sums to its contribution
+        values = where_values(expl, 0, layer, concept, self.input_size)  # (S, S), sums to its contribution
         heatmap = None
         if heatmaps in ("array", "float32"):
-            heatmap = _float_map(render.sum_pool(values[None], size)[0].cpu(), heatmaps, "contribution")
+            heatmap = _float_map(render.sum_pool(values[None], size)[0], heatmaps, "contribution")
         elif heatmaps != "none":
-            rgba = render.resize_rgba(render.signed_heatmaps(values[None], image), size)
-            blob = render.encode_rgba(rgba.cpu(), heatmaps)[0]
-            key = "webp_base64" if heatmaps == "webp" else "png_base64"
-            heatmap = {
-                "format": heatmaps,
-                "kind": "signed",
-                "size": [size, size],
-                "media_type": render.MEDIA_TYPES[heatmaps],
-                key: base64.b64encode(blob).decode(),
-            }
-        in_region = None if mask is None else float((values * mask.to(values.device)).sum())
+            pixels = render.quantise(render.resize_rgba(render.signed_heatmaps(values[None], image), size))
+            heatmap = _image_record(render.encode_pixels(pixels, heatmaps)[0], heatmaps, "signed", size)
+        in_region = None if mask is None else float((values * mask).sum())
         return {
             "layer": layer,
             "id": concept,
-            "contribution": float(expl.contributions[layer][n, concept]),
-            "activation": float(expl.activations[layer][n, concept]),
+            "contribution": float(expl.contributions[layer][0, concept]),
+            "activation": float(expl.activations[layer][0, concept]),
             "in_region": in_region,
             "heatmap": heatmap,
         }
@@ -545,62 +560,64 @@ class Engine:
                 out[i] = (expl, j)
         return out  # type: ignore[return-value]  (every row was filled)
 
-    def _heatmaps(
+    def _rendered_maps(
         self, expl: Explanation, n: int, image: torch.Tensor, layer: str, heatmaps: str, kind: str, size: int
-    ) -> list[dict[str, Any]]:
-        """One heatmap per top concept of ``layer`` in image ``n``, at ``size × size`` pixels.
+    ) -> torch.Tensor | None:
+        """Image ``n``'s heatmaps of ``layer``'s top concepts, rendered where the model ran; None when none are asked.
 
         Pixel kinds start from the concept maps ``W`` ``(R, 6, S, S)`` and the encoded input
         ``(6, S, S)``: per-pixel contributions ``Σ_ch x ⊙ W`` ``(R, S, S)`` sum to each concept's
         activation. ``spatial`` starts from ``Explanation.spatial`` ``(R, h, w)`` (sums to each
-        concept's contribution). Images are rendered at ``S`` and area-averaged to ``size``;
-        ``image`` ``(3, S, S)`` in [0, 1] is the preprocessed input the signed kinds are drawn over.
+        concept's contribution). ``image`` ``(3, S, S)`` in [0, 1] is the preprocessed input the
+        signed kinds are drawn over.
+
+        Returns ``uint8`` RGBA ``(R, size, size, 4)`` (:func:`fact_model.render.quantise`: images are
+        rendered at ``S`` and area-averaged to ``size``) for the image formats, float32 values for
+        ``array``/``float32`` (``(R, size, size)`` block sums; ``spatial``: ``(R, h, w)``). Nothing
+        here reads a value back, so on a GPU it queues behind the explanation without waiting.
         """
+        mapped = expl.maps is not None or kind == "spatial"
+        if heatmaps == "none" or not expl.top_ids[layer].shape[1] or not mapped:
+            return None
         if kind == "spatial":
             values = expl.spatial[layer][n]  # (R, h, w)
         else:
             weights, inputs = expl.maps.concepts[layer][n], expl.maps.inputs[n]  # (R, 6, S, S), (6, S, S)
             values = (inputs[None] * weights).sum(dim=1)  # (R, S, S)
         if heatmaps in ("array", "float32"):
-            value_kind = "spatial" if kind == "spatial" else "contribution"
             if kind != "spatial":  # spatial maps stay at the concept layer's resolution
                 values = render.sum_pool(values, size)
-            return [_float_map(v, heatmaps, value_kind) for v in values.cpu()]
+            return values.float()
         if kind == "bcos":  # all maps of the image in one call
             rgba = render.bcos_colour(weights, inputs[None].expand_as(weights))
         else:
             if kind == "spatial":  # each position's value spread over its cell of the image (fact_model.regions)
                 values = regions.spread_to_pixels(values, tuple(image.shape[-2:]))
-            rgba = render.signed_heatmaps(values, image)
-        blobs = render.encode_rgba(render.resize_rgba(rgba, size).cpu(), heatmaps)
-        key = "webp_base64" if heatmaps == "webp" else "png_base64"
-        return [
-            {
-                "format": heatmaps,
-                "kind": kind,
-                "size": [size, size],
-                "media_type": render.MEDIA_TYPES[heatmaps],
-                key: base64.b64encode(blob).decode(),
-            }
-            for blob in blobs
-        ]
+            rgba = render.signed_heatmaps(values.float(), image.float(), check_values=False)
+        return render.quantise(render.resize_rgba(rgba, size))
+
+    @staticmethod
+    def _heatmap_records(rendered: torch.Tensor, heatmaps: str, kind: str, size: int) -> list[dict[str, Any]]:
+        """The JSON heatmaps of :meth:`_rendered_maps`' host copy: encoded images, or exact float maps."""
+        if heatmaps in ("array", "float32"):
+            return [_float_map(v, heatmaps, "spatial" if kind == "spatial" else "contribution") for v in rendered]
+        return [_image_record(blob, heatmaps, kind, size) for blob in render.encode_pixels(rendered, heatmaps)]
 
     def _response(
         self,
         expl: Explanation,
-        n: int,
-        image: torch.Tensor,
+        rendered: torch.Tensor | None,
         selected: tuple[str, ...],
         heatmaps: str,
         kind: str,
         size: int,
     ) -> dict[str, Any]:
-        """Image ``n``'s explanation record (:func:`fact_model.serialize.explanation_record`) with its heatmaps."""
-        primary = selected[-1]
-        maps = None
-        if heatmaps != "none" and expl.top_ids[primary].shape[1] and (expl.maps is not None or kind == "spatial"):
-            maps = self._heatmaps(expl, n, image, primary, heatmaps, kind, size)
-        record = serialize.explanation_record(expl, n, self.model.class_names, selected, maps)
+        """The explanation record (:func:`fact_model.serialize.explanation_record`) of the one image of ``expl``.
+
+        ``expl`` and ``rendered`` (:meth:`_rendered_maps`) are the response's host copy.
+        """
+        maps = None if rendered is None else self._heatmap_records(rendered, heatmaps, kind, size)
+        record = serialize.explanation_record(expl, 0, self.model.class_names, selected, maps)
         return {**record, "model": self.model_identity}
 
     # ------------------------------------------------------------------ model and concept cards
@@ -746,6 +763,18 @@ class Engine:
             "example_images": availability.to_json(),
             "dataset": (self.stats_meta or {}).get("data"),
         }
+
+
+def _image_record(blob: bytes, fmt: str, kind: str, size: int) -> dict[str, Any]:
+    """One encoded heatmap as JSON (``png_base64`` or ``webp_base64``)."""
+    key = "webp_base64" if fmt == "webp" else "png_base64"
+    return {
+        "format": fmt,
+        "kind": kind,
+        "size": [size, size],
+        "media_type": render.MEDIA_TYPES[fmt],
+        key: base64.b64encode(blob).decode(),
+    }
 
 
 def _float_map(values: torch.Tensor, fmt: str, kind: str) -> dict[str, Any]:

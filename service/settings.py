@@ -6,6 +6,8 @@ variable                       default                     meaning
 ``FACT_MODEL_TAG``             ``fact-default:latest``     model in the BentoML model store
 ``FACT_ARTIFACT``              (unset)                     artifact directory to serve instead
 ``FACT_DEVICE``                ``auto``                    ``auto`` (CUDA when present), ``cpu``, ``cuda``
+``FACT_DTYPE``                 ``float32``                 model precision: ``float32`` (exact), ``tf32`` (TF32
+                                                           products on CUDA), ``bfloat16`` (``service/compute.py``)
 ``FACT_WORKERS``               ``1``                       worker processes; ``per-gpu``: one per visible GPU,
                                                            each pinned to its own (``service/placement.py``)
 ``FACT_MAX_REQUEST_BYTES``     ``10485760`` (10 MiB)       larger request bodies get HTTP 413
@@ -42,7 +44,10 @@ from dataclasses import dataclass, field
 from fact_model.options import Options
 from service.placement import PER_GPU, gpu_workers
 
-__all__ = ["MIN_ADMIN_TOKEN", "SETTINGS", "Settings"]
+__all__ = ["DTYPES", "MIN_ADMIN_TOKEN", "SETTINGS", "Settings"]
+
+DTYPES = ("float32", "tf32", "bfloat16")
+"""``FACT_DTYPE`` values (what each means: :mod:`service.compute`)."""
 
 MIN_ADMIN_TOKEN = 16
 """Shortest ``FACT_ADMIN_TOKEN`` accepted (characters): a guessable token is refused at start-up."""
@@ -106,6 +111,7 @@ class Settings:
     options: Options = field(default_factory=Options)
     admin_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log line
     labels_path: str | None = None
+    dtype: str = "float32"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -118,6 +124,9 @@ class Settings:
                 f"FACT_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} printable characters (e.g. "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`); unset it to disable label writes"
             )
+        dtype = os.environ.get("FACT_DTYPE") or "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"FACT_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
         runtime = os.environ.get("FACT_RUNTIME") or "pytorch"
         if runtime not in ("pytorch", "onnx"):
             raise ValueError(f"FACT_RUNTIME must be pytorch or onnx, got {runtime!r}")
@@ -143,6 +152,7 @@ class Settings:
             options=Options.from_environ(),
             admin_token=admin_token,
             labels_path=os.environ.get("FACT_LABELS_PATH") or None,
+            dtype=dtype,
         )
 
     def resolve_device(self) -> str:
