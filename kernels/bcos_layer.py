@@ -47,7 +47,7 @@ from kernels.bcos_postop import (
     launch_sumsq,
     window_sum_norms,
 )
-from kernels.path_table import PathTable
+from kernels.path_table import PathTable, batch_bucket
 
 __all__ = [
     "PATHS",
@@ -230,7 +230,7 @@ def _dispatch_key(kind: str, t: Tensor, weight_hat: Tensor, geometry: ConvGeomet
     sizes share a choice per power-of-two bucket: a server batching 1…32 requests
     measures 6 buckets, not 32.
     """
-    bucket = 1 << (t.shape[0] - 1).bit_length()
+    bucket = batch_bucket(t.shape[0])
     shape = (*t.shape[1:], *weight_hat.shape)
     return (kind, bucket, t.dtype, torch.backends.cudnn.allow_tf32, shape, geometry, *extra)
 

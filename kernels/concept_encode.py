@@ -65,7 +65,7 @@ from kernels._common import (
 )
 from kernels._topk import MAX_K, _check_encode, _insert_keys, _next_pow2, merge_candidates
 from kernels.concept_select import encode_topk_gemm_select
-from kernels.path_table import PathTable
+from kernels.path_table import PathTable, batch_bucket
 
 __all__ = [
     "MAX_K",
@@ -330,7 +330,7 @@ def _run_path(path: str, x: Tensor, encoder: Tensor, k: int) -> tuple[Tensor, Te
 
 def path_key(x: Tensor, encoder: Tensor, k: int) -> tuple:
     """What the faster path depends on: ``M`` (power-of-two bucket), ``C``, ``K``, ``k``, dtype, TF32 state."""
-    bucket = 1 << max(0, (x.shape[0] - 1).bit_length())
+    bucket = batch_bucket(x.shape[0])
     tf32 = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)
     return (bucket, x.shape[1], encoder.shape[0], k, x.dtype, *tf32)
 

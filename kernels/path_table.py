@@ -14,9 +14,37 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["PathTable"]
+__all__ = ["PathTable", "batch_bucket", "covering_batch_sizes"]
 
 log = logging.getLogger(__name__)
+
+
+def batch_bucket(rows: int) -> int:
+    """The dispatch key's bucket of a call on ``rows`` rows: the smallest power of two ≥ ``rows`` (1 for ≤ 1).
+
+    Calls whose batches share a bucket share one measured choice: a server batching 1…32
+    requests measures 6 buckets, not 32.
+    """
+    return 1 << (max(1, int(rows)) - 1).bit_length()
+
+
+def covering_batch_sizes(largest: int) -> tuple[int, ...]:
+    """Batch sizes whose calls meet every bucket that any batch of 1…``largest`` images can meet.
+
+    The powers of two below ``largest``, and ``largest``. This holds for every layer at once,
+    whatever number ``P`` of rows each image makes there (``P = 1`` for a convolution's batch,
+    the positions of a feature map for the concept encode): ``batch_bucket(P·2n) = 2·batch_bucket(P·n)``,
+    so the powers of two step through consecutive buckets, and the rows of the batches above the
+    largest power of two end in ``batch_bucket(P·largest)`` or one bucket below it.
+    """
+    if isinstance(largest, bool) or not isinstance(largest, int) or largest < 1:
+        raise ValueError(f"largest must be a positive int, got {largest!r}")
+    sizes = []
+    size = 1
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, largest)
 
 
 class PathTable:

@@ -236,13 +236,24 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ warm-up
-    def warmup(self) -> dict[str, tuple[float, int]]:
+    def warmup(self, every_bucket: bool | None = None) -> dict[str, tuple[float, int]]:
         """Run each kind of model call once (first calls pay one-off costs).
+
+        ``every_bucket`` (default: on CUDA): also run ``/predict`` and ``/explain_batch`` at
+        :meth:`warmup_batch_sizes`, so that every batch-size bucket the kernel dispatchers key
+        on (:func:`kernels.path_table.batch_bucket`) is timed and every cuDNN plan and Triton
+        autotune is made before the first request, not during it.
 
         Returns route → (seconds of a warm call, its work units: images × (1 + top_k) for explanations).
         """
         size = self.input_size
         image = Image.new("RGB", (size, size), (120, 80, 60))
+        if every_bucket if every_bucket is not None else self.compute.uses_cuda:
+            sizes = self.warmup_batch_sizes()
+            for n in sizes["predict"]:
+                self.predict([image] * n, top_k=3)
+            for n in sizes["explain"]:
+                self.explain_many([image] * n, [None] * n, [None] * n, 5, None, "png", "bcos")
         self.predict([image], top_k=3)
         self.explain(image, None, None, 3, None, "png", "bcos")
         for heatmaps, kind in (("webp", "signed"), ("png8", "spatial")):  # first use of each encoder
@@ -257,6 +268,20 @@ class Engine:
         timings["explain"] = timings["explain_batch"] = (seconds, 1 + 5)
         timings["intervene"] = (2 * seconds, 2 * (1 + 5))  # two explanations (before and after the edit)
         return timings
+
+    def warmup_batch_sizes(self) -> dict[str, tuple[int, ...]]:
+        """The batch sizes :meth:`warmup` runs per kind of call to meet every dispatcher bucket.
+
+        ``predict``: BentoML merges up to ``FACT_PREDICT_MAX_BATCH`` images; ``explain``: an
+        ``/explain_batch`` holds up to ``FACT_MAX_BATCH_ITEMS`` (``/explain`` and ``/intervene``
+        are batches of one). :func:`kernels.path_table.covering_batch_sizes` says why these suffice.
+        """
+        from kernels.path_table import covering_batch_sizes
+
+        return {
+            "predict": covering_batch_sizes(self.settings.predict_max_batch),
+            "explain": covering_batch_sizes(self.settings.max_batch_items),
+        }
 
     # ------------------------------------------------------------------ predict
     @_under_options
@@ -643,6 +668,7 @@ class Engine:
             "output_activation": self.model.config.output_activation,
             "logit_bias": self.model.logit_bias,
             "device": self.device,
+            "dtype": self.compute.dtype,
             "torch_threads": torch.get_num_threads(),
             "evaluation": None
             if self.evaluation is None

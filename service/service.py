@@ -48,6 +48,7 @@ with bentoml.importing():
     from fact_model.artifacts import resolve_artifact_path
     from fact_model.concept_labels import LabelStore
     from service.engine import Engine
+    from service.gpu_metrics import GpuMonitor
     from service.images import decode_base64
 
 # Before anything starts CUDA: with several GPUs each worker sees only its own (BentoML gives every worker
@@ -153,6 +154,7 @@ async def _metrics(request: Request) -> Response:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     client = BentoMLContainer.metrics_client.get()
+    _current()._update_gpu_memory()  # this worker's GPU as of the scrape (others: as of their last response)
     content = await asyncio.get_running_loop().run_in_executor(None, client.generate_latest)
     return Response(content, media_type=client.CONTENT_TYPE_LATEST)
 
@@ -204,6 +206,7 @@ class FaCTService:
         # thread) spin-competes with the first for the cores — measured 2× slower per request.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fact-model")
         self.engine: Engine | None = None
+        self.gpu: GpuMonitor | None = None
         self.load_error: BaseException | None = None
         self._loaded = threading.Event()
         # Loading runs in the background so the server accepts connections at once: /readyz answers
@@ -217,12 +220,14 @@ class FaCTService:
             METRICS.model_info.labels(
                 name=name, version=version, device=engine.device, weights_sha256=engine.model_identity["weights_sha256"]
             ).set(1)
+            if engine.compute.uses_cuda:
+                self.gpu = GpuMonitor.for_current_device(f"cuda:{PINNED_GPU or torch.cuda.current_device()}")
             for route, (seconds, units) in engine.warmup().items():
                 MODEL_BACKLOG.observe(route, seconds, units)
             self.engine = engine
             self._update_gpu_memory()
             pinned = f" (CUDA_VISIBLE_DEVICES={PINNED_GPU})" if PINNED_GPU else ""
-            log.info("serving %s:%s on %s%s", name, version, engine.device, pinned)
+            log.info("serving %s:%s on %s%s in %s", name, version, engine.device, pinned, engine.compute.dtype)
         except BaseException as err:  # reported by /readyz staying 503 and in the log
             self.load_error = err
             log.exception("loading the model failed")
@@ -259,8 +264,8 @@ class FaCTService:
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, timed)
 
     def _update_gpu_memory(self) -> None:
-        if self.engine is not None and self.engine.device == "cuda":
-            METRICS.gpu_memory.labels(device="cuda").set(torch.cuda.memory_allocated())
+        if self.gpu is not None:
+            self.gpu.publish(METRICS)
 
     def _observe(self, endpoint: str, results: list[dict[str, Any]]) -> None:
         METRICS.batch_size.labels(endpoint=endpoint).observe(len(results))
