@@ -21,13 +21,14 @@ for the explained quantity ``y`` (``logit[target] − b``, or a contrast differe
   ``Σ pe ⊙ ∂/∂tokens``, reported in ``ExplanationMaps.positional`` so that
   ``Σ x ⊙ map + share`` is the mapped quantity exactly (None for B-cos CNNs).
 
-Ranks are looped by default: on CPU a loop measured faster than vmap
-(``docs/BENCHMARKS.md``). ``batched_vjp=True`` (or the ``explain_vjp`` option,
-:mod:`fact_model.options`) instead
+Ranks are looped on the CPU, where a loop measured faster than vmap (``docs/BENCHMARKS.md``).
+``batched_vjp=True`` (or the ``explain_vjp`` option, :mod:`fact_model.options`) instead
 runs each layer's ``R`` rank passes as one batched VJP (``torch.func.vmap`` over the
 backward): every layer's backward then runs once on ``R·N`` cotangents — the Triton
 B-cos and decode kernels through their operators' vmap rules — fewer, larger launches
-for a GPU.
+for a GPU. On CUDA the default (``auto``) times both once per shape and keeps the faster
+(:data:`vjp_table`): the two compute the same numbers, only their speed differs by card,
+model and batch.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from fact_model.explanation import (
 )
 from fact_model.model import FaCTModel, ForwardRecord
 from fact_model.serialize import concept_share, positive_total
+from kernels.path_table import PathTable, batch_bucket, eager_median_ms
 
 __all__ = [
     "MAP_KINDS",
@@ -176,6 +178,45 @@ def _check_arguments(top_k: object, map_kinds: Sequence[str]) -> None:
         raise ValueError(f"unknown map kinds {unknown}; valid: {list(MAP_KINDS)}")
 
 
+vjp_table = PathTable(timer=eager_median_ms)
+"""``FACT_EXPLAIN_VJP=auto`` on CUDA: ``loop`` or ``batched`` rank passes, the faster, measured once per key
+(:func:`_faster_vjp_is_batched`)."""
+
+
+def _measures_vjp(x: Tensor) -> bool:
+    """Whether ``auto`` times loop against batched rank passes here: on CUDA (on the CPU the loop always won)."""
+    return x.is_cuda
+
+
+def _faster_vjp_is_batched(
+    model: FaCTModel, x: Tensor, backprop: _CodeBackprop, top_ids: dict[str, Tensor], map_layers: Sequence[str]
+) -> bool:
+    """Whether one batched VJP per layer beats the loop over ranks for this call's shape (timed at first sight).
+
+    The key holds what the two paths' costs depend on: the model's architecture and concept
+    layers, the input's shape (batch as its :func:`~kernels.path_table.batch_bucket`) and dtype,
+    each layer's rank count (bucketed: ``top_k`` 5 and 6 share a choice), the mapped layers and
+    the kernel mode. Timing runs both paths on this call's own graph (it is retained), so the
+    first call of a key costs a few extra rank passes; the service's warm-up pays them.
+    """
+    key = (
+        "explain_vjp",
+        model.config.backbone,
+        tuple((info.name, info.num_concepts, info.k) for info in model.concept_layers),
+        batch_bucket(x.shape[0]),
+        tuple(x.shape[1:]),
+        x.dtype,
+        tuple((name, batch_bucket(ids.shape[1])) for name, ids in top_ids.items()),
+        tuple(map_layers),
+        options.current().kernels,
+    )
+    candidates = {
+        "loop": lambda: backprop.rank_passes(top_ids, map_layers, False),
+        "batched": lambda: backprop.rank_passes(top_ids, map_layers, True),
+    }
+    return vjp_table.choose(key, candidates) == "batched"
+
+
 def explain(
     model: FaCTModel,
     images: Tensor,
@@ -208,7 +249,8 @@ def explain(
             each mapped layer costs ``top_k`` backward passes.
         batched_vjp: run each layer's ``top_k`` rank passes as one batched VJP instead
             of a loop (same results); None follows ``fact_model.options.current().explain_vjp``
-            (``FACT_EXPLAIN_VJP``: ``loop``, the default, or ``batched``).
+            (``FACT_EXPLAIN_VJP``: ``auto``, the default — a loop on the CPU, the faster of the
+            two on CUDA, measured once per shape —, ``loop`` or ``batched``).
         code_scales: explain an intervened network: layer → ``(N, K)`` factors multiplying each
             concept's codes (:meth:`FaCTModel.forward_encoded`; see :mod:`fact_model.intervention`).
             The explanation is exact for the edited network: its contributions sum to its logit.
@@ -219,7 +261,7 @@ def explain(
             bad ``top_k``/``map_kinds``, or a model without concept layers.
     """
     _check_arguments(top_k, map_kinds)
-    if batched_vjp is None:
+    if batched_vjp is None and options.current().explain_vjp != "auto":
         batched_vjp = options.current().explain_vjp == "batched"
     layer_names, mapped = _mapped_layers(model, map_layers)
     started = time.perf_counter()
@@ -250,6 +292,8 @@ def explain(
         for name in layer_names
     }
     concept_map_layers = mapped if maps and "concepts" in map_kinds else ()
+    if batched_vjp is None:  # auto
+        batched_vjp = _measures_vjp(x) and _faster_vjp_is_batched(model, x, backprop, top_ids, concept_map_layers)
     traces, concept_maps, concept_shares = backprop.rank_passes(top_ids, concept_map_layers, batched_vjp)
     explanation_maps = None
     if maps:

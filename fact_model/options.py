@@ -11,8 +11,9 @@ service's own limits are :mod:`service.settings`).
   (timed per shape), ``fused``, ``fused_map`` or ``cudnn``;
 * ``concept_encode_path`` (``FACT_CONCEPT_ENCODE_PATH``): the concept encoder's kernel path,
   ``auto`` (timed per shape), ``fused`` or ``gemm_select``;
-* ``explain_vjp`` (``FACT_EXPLAIN_VJP``): how ``explain`` runs its rank passes, ``loop`` (default,
-  faster on CPU) or ``batched`` (one vmapped VJP per layer);
+* ``explain_vjp`` (``FACT_EXPLAIN_VJP``): how ``explain`` runs its rank passes: ``auto`` (default:
+  a loop on the CPU, where it measured faster; on CUDA the faster of the two, timed once per shape),
+  ``loop`` or ``batched`` (one vmapped VJP per layer);
 * ``dinov2_weights`` (``FACT_DINOV2_WEIGHTS``): a local DINOv2 ViT-S/14 weights file, or unset.
 
 Apart from these, :func:`torchrun_environment` reads the variables ``torchrun`` gives each worker
@@ -57,7 +58,7 @@ __all__ = [
 KERNEL_MODES = ("auto", "triton", "torch")
 BCOS_CONV_PATHS = ("auto", "fused", "fused_map", "cudnn")
 CONCEPT_ENCODE_PATHS = ("auto", "fused", "gemm_select")
-EXPLAIN_VJP_MODES = ("loop", "batched")
+EXPLAIN_VJP_MODES = ("auto", "loop", "batched")
 
 ENVIRONMENT: dict[str, str] = {
     "kernels": "FACT_KERNELS",
@@ -87,7 +88,7 @@ class Options:
     kernels: str = "auto"
     bcos_conv_path: str = "auto"
     concept_encode_path: str = "auto"
-    explain_vjp: str = "loop"
+    explain_vjp: str = "auto"
     dinov2_weights: str | None = None
 
     def __post_init__(self) -> None:

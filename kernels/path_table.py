@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["PathTable", "batch_bucket", "covering_batch_sizes"]
+__all__ = ["PathTable", "batch_bucket", "covering_batch_sizes", "eager_median_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,26 @@ def covering_batch_sizes(largest: int) -> tuple[int, ...]:
         sizes.append(size)
         size *= 2
     return (*sizes, largest)
+
+
+def eager_median_ms(run: Callable[[], object], warmup: int = 1, repeats: int = 3) -> float:
+    """Median milliseconds of ``run()`` called eagerly on the current CUDA stream, launches included.
+
+    For candidates that cannot be captured in a CUDA graph (autograd backward passes) and whose
+    Python launch cost is part of what is compared (a loop of passes against one batched pass).
+    Grad mode is left as it is.
+    """
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 class PathTable:

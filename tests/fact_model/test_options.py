@@ -98,5 +98,5 @@ def test_the_engine_runs_the_model_under_its_settings_options(monkeypatch):
     image = Image.new("RGB", (48, 48), (200, 40, 40))
     result = engine.explain(image, None, None, 2, None, "none", "bcos")
     assert batched_flags == [True]
-    assert options.current().explain_vjp == "loop"  # the engine's options stayed inside its call
+    assert options.current().explain_vjp == "auto"  # the engine's options stayed inside its call
     assert result["completeness"]["residual"] <= 1e-4 * max(1.0, abs(result["explained"]))
