@@ -254,6 +254,8 @@ class Engine:
                 self.predict([image] * n, top_k=3)
             for n in sizes["explain"]:
                 self.explain_many([image] * n, [None] * n, [None] * n, 5, None, "png", "bcos")
+            for top_k in sizes["top_k"]:  # single images at every rank-count bucket (FACT_EXPLAIN_VJP=auto)
+                self.explain(image, None, None, top_k, None, "png", "bcos")
         self.predict([image], top_k=3)
         self.explain(image, None, None, 3, None, "png", "bcos")
         for heatmaps, kind in (("webp", "signed"), ("png8", "spatial")):  # first use of each encoder
@@ -274,13 +276,18 @@ class Engine:
 
         ``predict``: BentoML merges up to ``FACT_PREDICT_MAX_BATCH`` images; ``explain``: an
         ``/explain_batch`` holds up to ``FACT_MAX_BATCH_ITEMS`` (``/explain`` and ``/intervene``
-        are batches of one). :func:`kernels.path_table.covering_batch_sizes` says why these suffice.
+        are batches of one), run at the default ``top_k`` of 5; ``top_k``: single-image
+        explanations at every rank-count bucket up to ``FACT_MAX_TOP_K`` (the loop-or-batched
+        choice of ``FACT_EXPLAIN_VJP=auto`` keys on it). :func:`kernels.path_table.covering_batch_sizes`
+        says why these suffice; a large batch with an unusual ``top_k`` can still pay one
+        measurement at its first call.
         """
         from kernels.path_table import covering_batch_sizes
 
         return {
             "predict": covering_batch_sizes(self.settings.predict_max_batch),
             "explain": covering_batch_sizes(self.settings.max_batch_items),
+            "top_k": covering_batch_sizes(self.settings.max_top_k),
         }
 
     # ------------------------------------------------------------------ predict

@@ -359,23 +359,30 @@ def test_batch_bucket_is_the_next_power_of_two():
 def test_warmup_on_every_bucket_runs_each_covering_batch_size(monkeypatch):
     engine = Engine(
         resolve_artifact_path("default"),
-        settings(predict_max_batch=5, max_batch_items=3),
+        settings(predict_max_batch=5, max_batch_items=3, max_top_k=6),
         "fact-default",
         "warm",
     )
     seen = collections.Counter()
     original = engine.model.forward_encoded
+    original_explain = engine.model.explain
 
     def forward_encoded(x6, *args, **kwargs):
         seen[(kwargs.get("code_leaves", False), x6.shape[0])] += 1
         return original(x6, *args, **kwargs)
 
+    def explain(images, *args, **kwargs):
+        seen[("top_k", images.shape[0], kwargs["top_k"])] += 1
+        return original_explain(images, *args, **kwargs)
+
     monkeypatch.setattr(engine.model, "forward_encoded", forward_encoded)
-    assert engine.warmup_batch_sizes() == {"predict": (1, 2, 4, 5), "explain": (1, 2, 3)}
+    monkeypatch.setattr(engine.model, "explain", explain)
+    assert engine.warmup_batch_sizes() == {"predict": (1, 2, 4, 5), "explain": (1, 2, 3), "top_k": (1, 2, 4, 6)}
     engine.warmup(every_bucket=True)
-    predicted = {n for (graph, n) in seen if not graph}
-    explained = {n for (graph, n) in seen if graph}
-    assert {1, 2, 4, 5} <= predicted and {1, 2, 3} <= explained
+    predicted = {key[1] for key in seen if key[0] is False}
+    explained = {key[1] for key in seen if key[0] is True}
+    ranks_of_one = {key[2] for key in seen if key[0] == "top_k" and key[1] == 1}
+    assert {1, 2, 4, 5} <= predicted and {1, 2, 3} <= explained and {1, 2, 4, 6} <= ranks_of_one
     seen.clear()
     engine.warmup()  # on the CPU: nothing to tune, one call of each kind
-    assert {n for (_, n) in seen} == {1}
+    assert {key[1] for key in seen} == {1}
