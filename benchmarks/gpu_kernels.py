@@ -620,7 +620,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--e2e-batch", type=int, default=32)
     parser.add_argument("--sections", default="correctness,layers,concept,e2e")
+    parser.add_argument(
+        "--dtypes", help="comma-separated, checked and timed (default: float32,bfloat16; --smoke: float32,float16)"
+    )
     args = parser.parse_args(argv)
+    unknown = set((args.dtypes or "float32").split(",")) - set(GPU_THRESHOLDS)
+    if unknown:
+        parser.error(f"unknown --dtypes {sorted(unknown)}: choose from {', '.join(GPU_THRESHOLDS)}")
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # Triton's own switch, read when triton is first imported
     else:
@@ -689,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtypes = ["float32", "float16"] if args.smoke else ["float32", "bfloat16"]
+    if args.dtypes:
+        dtypes = args.dtypes.split(",")
     batch = 2 if args.smoke else args.batch
     report = _report_header(device, args.smoke, batch)
     sections = Sections(set(args.sections.split(",")), Budget(args.budget), args.budget, report)
