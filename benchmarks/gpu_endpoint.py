@@ -26,8 +26,8 @@ Exit code 0 when every correctness check passed (kernel rows, responses, metrics
 missed; 1 otherwise. Both files are rewritten after every section, so a run stopped from outside leaves
 what it measured.
 
-``--smoke`` runs it all on the CPU at tiny sizes (the kernel benchmark in Triton's interpreter, only its
-correctness and end-to-end sections in float32, overlapping the model sections to keep CI short; a tiny
+``--smoke`` runs it all on the CPU at tiny sizes (the kernel benchmark's own ``--smoke`` in Triton's
+interpreter, overlapping the model sections to keep CI short; a tiny
 ``bcos_resnet8`` stands in for ResNet-50): ``tests/benchmarks/test_gpu_endpoint.py``. Its figures
 mean nothing; the goals are evaluated the same way and say so.
 
@@ -112,6 +112,8 @@ GPU_GAUGES = (
 LOG_TAIL_BYTES = 200_000
 CHECK_CHUNKS = 16
 """Parts a row's responses are checked in (one process-pool task each)."""
+PROFILE_ROWS = 12
+"""Kernels of the explain profile shown per mode (the JSON keeps the benchmark's 25)."""
 KERNEL_SHARE = 0.45
 """Part of ``--budget`` the kernel benchmark gets (its own ``--budget``)."""
 
@@ -147,7 +149,7 @@ SMOKE_SIZES = Sizes(
     clients=16,
     startup_timeout_s=120,
     min_rows_s=5,
-    kernels_args=("--sections", "correctness,e2e", "--dtypes", "float32"),  # CI's time
+    kernels_args=(),  # every section, as `gpu_kernels --smoke` alone: CI checks both reports of one run
     scale_model={
         "backbone": "bcos_resnet8",
         "backbone_kwargs": {"width": 4},
@@ -814,6 +816,14 @@ def tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[st
                 ["model", "device", "dtype", "allocated", "reserved", "peak", "device used", "utilisation",
                  "ready after s"], gpu_rows))  # fmt: skip
     out.append(("Kernels (python -m benchmarks.gpu_kernels)", ["measure", "figure"], _kernel_rows(report)))
+    profile = ((report.get("kernels") or {}).get("end_to_end") or {}).get("explain_profile") or {}
+    if profile:  # CUDA only: where the time of one explain call goes, per FACT_KERNELS mode
+        out.append((
+            f"Explain profile (GPU kernels of one explain call, top {PROFILE_ROWS} by time)",
+            ["FACT_KERNELS", "kernel", "calls", "GPU ms"],
+            [[mode, row["name"][:90], str(row["calls"]), f"{row['total_ms']:.2f}"]
+             for mode, rows in profile.items() for row in rows[:PROFILE_ROWS]],
+        ))  # fmt: skip
     smoke = " — smoke run on the CPU: figures meaningless" if report.get("smoke") else ""
     out.append((f"Goals{smoke}", ["goal", "target", "figure", "status"],
                 [[g["name"], g["target"], g["figure"], g["status"]] for g in report.get("goals", [])]))  # fmt: skip

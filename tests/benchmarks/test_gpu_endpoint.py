@@ -9,10 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -36,14 +33,8 @@ NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 @pytest.mark.slow  # two real servers and the kernel benchmark in the Triton interpreter (~80 s on 2 cores)
-def test_smoke_run_measures_and_checks_both_models(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    env.pop("FACT_KERNELS", None)
-    env.pop("OUT", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_endpoint", "--smoke", "--out", str(tmp_path), "--check-workers", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+def test_smoke_run_measures_and_checks_both_models(endpoint_smoke):
+    result, tmp_path = endpoint_smoke.result, endpoint_smoke.out
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_endpoint.json").read_text())
     assert report["smoke"] and report["correctness"]["passed"]
@@ -168,6 +159,10 @@ def test_goals_not_measured_without_their_figures():
 def test_markdown_of_a_gpu_report_has_every_table():
     """The tables that only a GPU run fills (kernel figures, GPU memory) render from a hand-made report."""
     kernels = _kernels() | {"correctness": {"rows": 10, "ok": 10, "worst_rel_err": 2e-3}}
+    kernels["end_to_end"]["explain_profile"] = {
+        mode: [{"name": f"{mode}_kernel_{i}", "calls": i + 1, "total_ms": 20.0 - i} for i in range(20)]
+        for mode in ("torch", "triton")
+    }
     models = {"resnet50": _model(10.0, 39.0, 320.0)}
     models["resnet50"] |= {
         "checks": {"responses": 5, "failed": 0, "worst_residual": 3e-3, "heatmaps": 800, "residual_bound": 1e-2},
@@ -189,6 +184,8 @@ def test_markdown_of_a_gpu_report_has_every_table():
     assert "75%" in text and "B-cos layers of bcos_v2_resnet50 float32, dispatched ÷ cuDNN (2 shapes)" in text
     assert "| ResNet-50 explained images/s | ≥ 300 images/s |" in text and "smoke" not in text
     assert "Correctness: all checks passed" in text and "| resnet50 responses | 5/5 ok |" in text
+    assert "| triton | triton_kernel_0 | 1 | 20.00 |" in text
+    assert "torch_kernel_11" in text and "torch_kernel_12" not in text  # the top 12 per mode
 
 
 # ----------------------------------------------------------------------------- metrics

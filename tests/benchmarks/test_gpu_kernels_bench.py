@@ -7,25 +7,16 @@ running every section at tiny shapes here, and checks what it reports.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.mark.slow  # every benchmark section in the Triton interpreter (~45 s)
-def test_smoke_run_reports_correct_kernels_and_every_section(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    env.pop("FACT_KERNELS", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_kernels", "--smoke", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+@pytest.mark.slow  # every benchmark section in the Triton interpreter (~70 s), inside the endpoint's smoke run
+def test_smoke_run_reports_correct_kernels_and_every_section(endpoint_smoke):
+    """The kernel benchmark's ``--smoke`` as the GPU endpoint script runs it (conftest.py: one run for both)."""
+    assert endpoint_smoke.result.returncode == 0, endpoint_smoke.result.stdout[-3000:]
+    tmp_path = endpoint_smoke.out / "kernels"
+    stdout = (tmp_path / "kernels.log").read_text()
     report = json.loads((tmp_path / "kernels_bench.json").read_text())
     assert report["smoke"] and not [n for n in report["notes"] if "FAILED" in n or "unavailable" in n]
 
@@ -47,4 +38,4 @@ def test_smoke_run_reports_correct_kernels_and_every_section(tmp_path):
     assert e2e["contributions_rel_diff"] <= 1e-5
     assert e2e["max_relative_residual_on"] <= 1e-4
     assert e2e["forward_torch_images_per_s"] > 0 and e2e["explain_triton_images_per_s"] > 0
-    assert "end to end" in result.stdout
+    assert "end to end" in stdout
