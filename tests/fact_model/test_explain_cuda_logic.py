@@ -1,7 +1,9 @@
-"""``FACT_EXPLAIN_VJP=auto``: a loop on the CPU; on CUDA the faster of loop and batched rank passes, timed once per key.
+"""explain()'s CUDA-only logic, checked on the CPU with stand-ins for the CUDA timing.
 
-The CUDA timing is replaced by a scripted timer here (the choice logic is what is tested; the
-two paths' equality is tested in test_explain.py).
+* ``FACT_EXPLAIN_VJP=auto``: a loop on the CPU; on CUDA the faster of loop and batched rank
+  passes, timed once per key (a scripted timer replaces the CUDA timing; the two paths'
+  equality is tested in test_explain.py).
+* Stage timings: CUDA events on CUDA (GPU time per stage), wall time on the CPU.
 """
 
 from __future__ import annotations
@@ -89,3 +91,40 @@ def test_an_explicit_mode_is_never_timed(model, passes, monkeypatch):
     with options.using(explain_vjp="batched"):
         model.explain(images(2, model.config.preprocessing.input_size), top_k=2, maps=True)
     assert timed == [] and all(passes)
+
+
+def test_stage_clock_uses_cuda_events_on_cuda_and_waits_once(monkeypatch):
+    """On CUDA the stage times are GPU times between events; the last event is waited for, once."""
+    now = [0.0]
+    waits = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.at = None
+
+        def record(self) -> None:
+            self.at = now[0]
+
+        def synchronize(self) -> None:
+            waits.append(self.at)
+
+        def elapsed_time(self, other: Event) -> float:
+            return other.at - self.at
+
+    monkeypatch.setattr(explain_module.torch.cuda, "Event", Event)
+    clock = explain_module._StageClock(torch.device("cuda"))
+    now[0] = 4.0
+    clock.mark("forward")
+    now[0] = 10.5
+    clock.mark("backward")
+    now[0] = 11.0
+    assert clock.stages_ms() == {"forward": 4.0, "backward": 6.5, "total": 11.0}
+    assert waits == [11.0]
+
+
+def test_stage_clock_is_wall_time_on_the_cpu(model):
+    expl = model.explain(images(2, model.config.preprocessing.input_size), top_k=2, maps=True)
+    timings = expl.timings_ms
+    assert timings["forward"] > 0 and timings["backward"] > 0
+    assert timings["total"] >= timings["forward"] + timings["backward"]
