@@ -117,5 +117,10 @@ class Compute:
         return batch.to(self.model_dtype)
 
     def to_host(self, tree: T) -> T:
-        """Every tensor of ``tree`` on the CPU, in one device→host copy (:func:`fact_model.host_transfer.to_host`)."""
-        return host_transfer.to_host(tree)
+        """Every tensor of ``tree`` on the CPU, in one device→host copy (:func:`fact_model.host_transfer.to_host`).
+
+        The copy is queued on the model's stream (:meth:`session`), behind the work that made the
+        tensors, whichever stream the caller has current.
+        """
+        with self.session():
+            return host_transfer.to_host(tree)

@@ -408,7 +408,7 @@ def pixels_tensor(given: RequestInput, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- responses
 def infer_outputs(engine: Engine, tensors: tuple[torch.Tensor, ...], requested: tuple[str, ...]) -> list[dict]:
     """``$response_output`` objects of :meth:`Engine.predict_tensors`'s result, in ``requested`` order."""
-    logits, probabilities, ranking, top_ids, top_contributions = (t.detach().cpu() for t in tensors)
+    logits, probabilities, ranking, top_ids, top_contributions = engine.compute.to_host(tuple(tensors))  # one copy
     n = logits.shape[0]
     predicted = ranking[:, 0].tolist()
     names = engine.model.class_names
