@@ -778,7 +778,7 @@ class Engine:
         ]
         shown = [i for i, image in enumerate(images) if image is not None]
         if shown:
-            batch = self.model.preprocess([images[i] for i in shown]).to(self.device)
+            batch = self.compute.to_device(self.model.preprocess([images[i] for i in shown]))
             maps, x6 = concept_input_maps(self.model, batch, layer, torch.full((len(shown), 1), concept))
             rgba = render.bcos_colour(maps[:, 0], x6)  # (n, S, S, 4)
             opaque = torch.cat([batch.permute(0, 2, 3, 1), torch.ones_like(batch[:, :1]).permute(0, 2, 3, 1)], -1)

@@ -268,6 +268,12 @@ def test_bfloat16_serving_reports_its_float32_residual(engine, images):
         assert r["prediction"]["index"] == e["prediction"]["index"]
         assert r["concepts"][0]["heatmap"]["png_base64"]
     assert max(r["completeness"]["residual"] for r in rounded) > 0  # bfloat16 rounding is visible
+    # Every other model call takes bfloat16 too: predictions, interventions, concept cards.
+    assert bf16.predict(images[:1])[0]["prediction"]["index"] == exact[0]["prediction"]["index"]
+    change = bf16.intervene(images[0], remove_top=1, heatmaps="png")["change"]
+    assert change["measured"] < 0 and abs(change["gap"] - (change["measured"] - change["predicted"])) < 1e-6
+    card = bf16.concept_card(bf16.layer_names[-1], 0)
+    assert card["examples"] and all("heatmap_png_base64" in e for e in card["examples"])
 
 
 def test_compute_casts_uploads_to_the_model_dtype_on_its_device():
