@@ -107,15 +107,7 @@ class PathTable:
                 replay: Callable[[], object] = graph.replay
             except RuntimeError:  # not capturable here: time the eager calls instead
                 replay = run
-            times = []
-            for _ in range(self.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        return statistics.median(times)
+            return eager_median_ms(replay, warmup=0, repeats=self.repeats)
 
     def clear(self) -> None:
         """Forget every measured choice."""

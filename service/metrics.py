@@ -71,42 +71,27 @@ class Metrics:
         )
         # GPU gauges (service/gpu_metrics.py): per worker, summed over the live workers of a device
         # label; the NVML ones describe the whole GPU, so workers sharing it report it once (max).
-        self.gpu_memory = bentoml.metrics.Gauge(
-            name="fact_gpu_memory_bytes",
-            documentation="CUDA memory allocated by the worker's tensors",
-            labelnames=["device"],
-            multiprocess_mode="livesum",
+        self.gpu_memory = _gpu_gauge("memory_bytes", "CUDA memory allocated by the worker's tensors", "livesum")
+        self.gpu_memory_reserved = _gpu_gauge(
+            "memory_reserved_bytes", "CUDA memory held by the worker's caching allocator", "livesum"
         )
-        self.gpu_memory_reserved = bentoml.metrics.Gauge(
-            name="fact_gpu_memory_reserved_bytes",
-            documentation="CUDA memory held by the worker's caching allocator",
-            labelnames=["device"],
-            multiprocess_mode="livesum",
+        self.gpu_memory_peak = _gpu_gauge(
+            "memory_peak_bytes", "Largest CUDA memory allocated by the worker since it started", "livesum"
         )
-        self.gpu_memory_peak = bentoml.metrics.Gauge(
-            name="fact_gpu_memory_peak_bytes",
-            documentation="Largest CUDA memory allocated by the worker since it started",
-            labelnames=["device"],
-            multiprocess_mode="livesum",
+        self.gpu_utilisation = _gpu_gauge(
+            "utilisation_ratio", "Share of the driver's last sample period in which a GPU kernel ran (NVML)", "max"
         )
-        self.gpu_utilisation = bentoml.metrics.Gauge(
-            name="fact_gpu_utilisation_ratio",
-            documentation="Share of the driver's last sample period in which a kernel ran on the GPU (NVML)",
-            labelnames=["device"],
-            multiprocess_mode="max",
+        self.gpu_device_memory_used = _gpu_gauge(
+            "device_memory_used_bytes", "Memory used on the GPU by all processes (NVML)", "max"
         )
-        self.gpu_device_memory_used = bentoml.metrics.Gauge(
-            name="fact_gpu_device_memory_used_bytes",
-            documentation="Memory used on the GPU by all processes (NVML)",
-            labelnames=["device"],
-            multiprocess_mode="max",
-        )
-        self.gpu_device_memory_total = bentoml.metrics.Gauge(
-            name="fact_gpu_device_memory_total_bytes",
-            documentation="Memory of the GPU (NVML)",
-            labelnames=["device"],
-            multiprocess_mode="max",
-        )
+        self.gpu_device_memory_total = _gpu_gauge("device_memory_total_bytes", "Memory of the GPU (NVML)", "max")
+
+
+def _gpu_gauge(name: str, documentation: str, multiprocess_mode: str) -> bentoml.metrics.Gauge:
+    """``fact_gpu_<name>``, labelled by ``device``, aggregated over workers by ``multiprocess_mode``."""
+    return bentoml.metrics.Gauge(
+        name=f"fact_gpu_{name}", documentation=documentation, labelnames=["device"], multiprocess_mode=multiprocess_mode
+    )
 
 
 METRICS = Metrics()
