@@ -86,10 +86,23 @@ class GpuMonitor:
         if nvml is not None:
             try:
                 nvml.nvmlInit()
-                self._handle = nvml.nvmlDeviceGetHandleByUUID(uuid) if uuid else nvml.nvmlDeviceGetHandleByIndex(0)
+                self._handle = self._find(nvml, uuid)
             except Exception as err:  # no driver, no such GPU: PyTorch's figures still go out
                 log.warning("NVML unavailable (%s: %s): GPU utilisation is not reported", type(err).__name__, err)
                 self._nvml = None
+
+    @staticmethod
+    def _find(nvml: Any, uuid: str | None) -> Any:
+        """NVML's handle of the GPU ``uuid``; device 0 without a UUID, or when the driver has one GPU only
+        and does not know the UUID as PyTorch wrote it."""
+        if not uuid:
+            return nvml.nvmlDeviceGetHandleByIndex(0)
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(uuid)
+        except Exception:
+            if nvml.nvmlDeviceGetCount() == 1:
+                return nvml.nvmlDeviceGetHandleByIndex(0)
+            raise
 
     @classmethod
     def for_current_device(cls, label: str) -> GpuMonitor:

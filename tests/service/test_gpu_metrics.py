@@ -16,6 +16,7 @@ class FakeNvml:
 
     def __init__(self, utilisation: int = 37, used: int = 5_000, total: int = 80_000, fail: tuple[str, ...] = ()):
         self.utilisation, self.used, self.total, self.fail = utilisation, used, total, fail
+        self.count = 1
         self.calls: list[tuple[str, object]] = []
 
     def _call(self, name: str, arg: object = None) -> None:
@@ -29,6 +30,10 @@ class FakeNvml:
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
         self._call("by_uuid", uuid)
         return f"handle:{uuid}"
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._call("count")
+        return self.count
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
         self._call("by_index", index)
@@ -87,6 +92,16 @@ def test_publish_sets_torch_and_nvml_gauges_of_the_gpu_found_by_uuid():
         ("fact_gpu_device_memory_used_bytes", "cuda:1"): 5_000,
         ("fact_gpu_device_memory_total_bytes", "cuda:1"): 80_000,
     }
+
+
+def test_a_uuid_nvml_does_not_know_falls_back_to_the_only_gpu_only():
+    nvml = FakeNvml(fail=("by_uuid",))
+    assert GpuMonitor("cuda:0", memory=memory, nvml=nvml, uuid="GPU-x").read().utilisation == pytest.approx(0.37)
+    assert ("by_index", 0) in nvml.calls
+    several = FakeNvml(fail=("by_uuid",))
+    several.count = 2
+    monitor = GpuMonitor("cuda:0", memory=memory, nvml=several, uuid="GPU-x")
+    assert not monitor.has_nvml and monitor.read().utilisation is None  # which of two: unknown, so none
 
 
 def test_without_a_uuid_nvml_device_zero_is_read():
