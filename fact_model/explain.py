@@ -360,9 +360,7 @@ def explain(
         traces=traces,
         maps=explanation_maps,
         layer_names=layer_names,
-        timings_ms={
-            **clock.stages_ms(),
-        },
+        timings_ms=clock.stages_ms(),
     )
 
 

@@ -39,11 +39,17 @@ __all__ = [
     "interpreting",
     "kernels_mode",
     "launchable",
+    "next_power_of_two",
     "sm_count",
     "triton_runs_on",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two ≥ ``n`` (1 for ``n ≤ 1``): tile sizes, dispatch buckets."""
+    return 1 << (max(1, int(n)) - 1).bit_length()
 
 
 class KernelInputError(ValueError):

@@ -19,10 +19,6 @@ from kernels._common import KernelInputError, check_same_device, check_tensor
 __all__ = ["MAX_K", "merge_candidates"]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 MAX_K = 256
 """Largest ``k`` the fused kernel keeps per row (its running top-k lives in registers)."""
 

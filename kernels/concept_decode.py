@@ -34,8 +34,14 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, interpreting, launchable
-from kernels._topk import _next_pow2
+from kernels._common import (
+    KernelInputError,
+    check_same_device,
+    check_tensor,
+    interpreting,
+    launchable,
+    next_power_of_two,
+)
 
 __all__ = [
     "gather_dot",
@@ -229,7 +235,7 @@ def gather_sum(weights: Tensor, indices: Tensor, table: Tensor, *, out: Tensor |
     if k == 0:
         return out.zero_()
     block_m = 32
-    block_c = min(256 if table.element_size() <= 2 else 128, max(16, _next_pow2(c)))
+    block_c = min(256 if table.element_size() <= 2 else 128, max(16, next_power_of_two(c)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
     launchable(_gather_sum_kernel, table)[grid](
         weights, indices, table, out, m, c, num_rows, k, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4
@@ -266,9 +272,9 @@ def gather_dot(grad: Tensor, indices: Tensor, table: Tensor, *, out: Tensor | No
     out = _check_out(out, (m, k), grad)
     if m == 0 or k == 0:
         return out
-    kp = max(2, _next_pow2(k))
+    kp = max(2, next_power_of_two(k))
     block_m = max(1, min(16, 256 // kp))
-    block_c = max(1, min(64, _next_pow2(c), 16384 // (block_m * kp)))
+    block_c = max(1, min(64, next_power_of_two(c), 16384 // (block_m * kp)))
     grid = (triton.cdiv(m, block_m),)
     launchable(_gather_dot_kernel, table)[grid](
         grad, indices, table, out, m, c, num_rows, k, BLOCK_M=block_m, KP=kp, BLOCK_C=block_c, num_warps=4
@@ -309,7 +315,7 @@ def scatter_rows(weights: Tensor, indices: Tensor, rows: Tensor, num_rows: int) 
     acc = torch.zeros((num_rows, c), device=rows.device, dtype=torch.float32)
     if m and k and c and num_rows:
         block_m = 32
-        block_c = min(256 if rows.element_size() <= 2 else 128, max(16, _next_pow2(c)))
+        block_c = min(256 if rows.element_size() <= 2 else 128, max(16, next_power_of_two(c)))
         grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
         launchable(_scatter_rows_kernel, rows)[grid](
             weights, indices, rows, acc, m, c, num_rows, k, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4

@@ -61,9 +61,10 @@ from kernels._common import (
     check_tensor,
     interpreting,
     launchable,
+    next_power_of_two,
     sm_count,
 )
-from kernels._topk import MAX_K, _check_encode, _insert_keys, _next_pow2, merge_candidates
+from kernels._topk import MAX_K, _check_encode, _insert_keys, merge_candidates
 from kernels.concept_select import encode_topk_gemm_select
 from kernels.path_table import PathTable, batch_bucket
 
@@ -209,9 +210,9 @@ def encode_config(
             raise KernelInputError(f"{name} must be a power of two ≥ 16, got {value}")
     if splits is not None and splits < 1:
         raise KernelInputError(f"splits must be ≥ 1, got {splits}")
-    bm = block_m or (64 if m > 32 else max(16, _next_pow2(m)))
-    bn = block_n or min(128, max(16, _next_pow2(num_concepts)))
-    bc = min(32 if dtype == torch.float32 else 64, max(16, _next_pow2(c)))
+    bm = block_m or (64 if m > 32 else max(16, next_power_of_two(m)))
+    bn = block_n or min(128, max(16, next_power_of_two(num_concepts)))
+    bc = min(32 if dtype == torch.float32 else 64, max(16, next_power_of_two(c)))
     num_tiles = triton.cdiv(num_concepts, bn)
     row_blocks = triton.cdiv(m, bm)
     if splits is None:
@@ -276,7 +277,7 @@ def encode_candidates(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_C=cfg.block_c,
-        KP=max(2, _next_pow2(k)),
+        KP=max(2, next_power_of_two(k)),
         EVEN_C=c % cfg.block_c == 0,
         USE_TF32=use_tf32,
         UPCAST=interpreting(),

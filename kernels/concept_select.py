@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import KernelInputError, check_same_device, check_tensor, launchable, sm_count
-from kernels._topk import MAX_K, _check_encode, _insert_keys, _next_pow2, merge_candidates
+from kernels._common import KernelInputError, check_same_device, check_tensor, launchable, next_power_of_two, sm_count
+from kernels._topk import MAX_K, _check_encode, _insert_keys, merge_candidates
 
 __all__ = [
     "CHUNK_BYTES",
@@ -166,8 +166,8 @@ def select_config(
     for name, value, pow2 in (("block_m", block_m, True), ("block_n", block_n, True), ("span", span, False)):
         if value is not None:
             _check_int(name, value, 1, pow2)
-    bm = block_m or min(8, _next_pow2(max(m, 1)))
-    bn = block_n or min(128, max(16, _next_pow2(width)))
+    bm = block_m or min(8, next_power_of_two(max(m, 1)))
+    bn = block_n or min(128, max(16, next_power_of_two(width)))
     if span is None:
         concurrent = 4 * sm_count(device)
         lanes = _lanes(triton.cdiv(m, bm), width, bn, concurrent)
@@ -259,7 +259,7 @@ def select_candidates(
         cfg.span,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
-        KP=max(2, _next_pow2(k)),
+        KP=max(2, next_power_of_two(k)),
         CARRY=carry,
         num_warps=4,
     )

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from kernels._common import next_power_of_two
+
 __all__ = ["PathTable", "batch_bucket", "covering_batch_sizes", "eager_median_ms"]
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ def batch_bucket(rows: int) -> int:
     Calls whose batches share a bucket share one measured choice: a server batching 1…32
     requests measures 6 buckets, not 32.
     """
-    return 1 << (max(1, int(rows)) - 1).bit_length()
+    return next_power_of_two(rows)
 
 
 def covering_batch_sizes(largest: int) -> tuple[int, ...]:

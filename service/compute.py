@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fact_model import host_transfer
-from service.settings import DTYPES
+from service.settings import check_dtype
 
 __all__ = ["Compute", "precision_flags"]
 
@@ -44,9 +44,7 @@ def precision_flags(dtype: str) -> dict[str, object]:
     concept encode also follows): TF32 only for ``tf32``. ``bfloat16`` computes in bfloat16
     already, so its float32 leftovers (losses, residuals) stay exact.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"FACT_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    tf32 = dtype == "tf32"
+    tf32 = check_dtype(dtype) == "tf32"
     return {
         "cuda_matmul_allow_tf32": tf32,
         "cudnn_allow_tf32": tf32,

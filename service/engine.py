@@ -57,7 +57,7 @@ T = TypeVar("T")
 _CLASS_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: "٣" or "²" are names, not numbers
 
 
-def _under_options(method: Callable[..., T]) -> Callable[..., T]:
+def _model_work(method: Callable[..., T]) -> Callable[..., T]:
     """Run an engine method as model work: the library options (``settings.options``) and, on CUDA,
     the model thread's stream in force (:meth:`service.compute.Compute.session`)."""
 
@@ -248,7 +248,9 @@ class Engine:
         """
         size = self.input_size
         image = Image.new("RGB", (size, size), (120, 80, 60))
-        if every_bucket if every_bucket is not None else self.compute.uses_cuda:
+        if every_bucket is None:
+            every_bucket = self.compute.uses_cuda  # nothing is tuned on the CPU
+        if every_bucket:
             sizes = self.warmup_batch_sizes()
             for n in sizes["predict"]:
                 self.predict([image] * n, top_k=3)
@@ -291,7 +293,7 @@ class Engine:
         }
 
     # ------------------------------------------------------------------ predict
-    @_under_options
+    @_model_work
     def predict(self, images: list[Image.Image], top_k: int = 5) -> list[dict[str, Any]]:
         """Classes, probabilities and the last concept layer's top contributions (closed form when it applies).
 
@@ -318,7 +320,7 @@ class Engine:
             ]
         )
 
-    @_under_options
+    @_model_work
     def predict_tensors(self, batch: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, ...]:
         """:meth:`predict`'s quantities of a preprocessed batch ``(N, 3, S, S)`` in [0, 1] (the tensor protocols).
 
@@ -366,7 +368,7 @@ class Engine:
             [image], [target], [contrast], top_k, layers, heatmaps, heatmap_kind, preprocess_ms, heatmap_size
         )[0]
 
-    @_under_options
+    @_model_work
     def explain_many(
         self,
         images: list[Image.Image],
@@ -432,7 +434,7 @@ class Engine:
         return results
 
     # ------------------------------------------------------------------ intervene
-    @_under_options
+    @_model_work
     def intervene(
         self,
         image: Image.Image,
@@ -540,8 +542,8 @@ class Engine:
         if heatmaps in ("array", "float32"):
             heatmap = _float_map(render.sum_pool(values[None], size)[0], heatmaps, "contribution")
         elif heatmaps != "none":
-            pixels = render.quantise(render.resize_rgba(render.signed_heatmaps(values[None], image), size))
-            heatmap = _image_record(render.encode_pixels(pixels, heatmaps)[0], heatmaps, "signed", size)
+            rgba = render.resize_rgba(render.signed_heatmaps(values[None], image), size)
+            heatmap = _image_record(render.encode_rgba(rgba, heatmaps)[0], heatmaps, "signed", size)
         in_region = None if mask is None else float((values * mask).sum())
         return {
             "layer": layer,
@@ -753,7 +755,7 @@ class Engine:
         return self.with_labels({**self._card(layer, concept, examples), "layer": layer, "id": concept})
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 (one engine per worker; bounded)
-    @_under_options
+    @_model_work
     def _card(self, layer: str, concept: int, examples: int = 6) -> dict[str, Any]:
         """A concept's card: frequency, supported classes, top dataset images with heatmaps.
 

@@ -14,6 +14,7 @@ narrows per worker), so the GPU is found by the UUID PyTorch reports for ``cuda:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -70,6 +71,8 @@ class GpuMonitor:
         memory: ``() → (allocated, reserved, peak)`` bytes (default :func:`torch_memory`).
         nvml: the ``pynvml`` module (or a stand-in with its functions), None for no NVML.
         uuid: the GPU's NVML UUID; None takes NVML's device 0.
+        nvml_interval_s: NVML is asked at most this often (the service publishes after every
+            response); in between, a reading repeats NVML's last figures.
     """
 
     def __init__(
@@ -78,8 +81,11 @@ class GpuMonitor:
         memory: Callable[[], tuple[int, int, int]] = torch_memory,
         nvml: ModuleType | Any | None = None,
         uuid: str | None = None,
+        nvml_interval_s: float = 1.0,
     ) -> None:
         self.label = label
+        self._nvml_interval_s = nvml_interval_s
+        self._nvml_last: tuple[float, tuple[float | None, int | None, int | None]] | None = None
         self._memory = memory
         self._nvml = nvml
         self._handle = None
@@ -121,17 +127,24 @@ class GpuMonitor:
     def read(self) -> GpuReading:
         """The current figures (NVML's as None when it is unavailable or a query fails)."""
         allocated, reserved, peak = self._memory()
-        utilisation = used = total = None
-        if self.has_nvml:
-            try:
-                utilisation = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
-                info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-                used, total = int(info.used), int(info.total)
-            except Exception as err:  # a GPU that went away: say so once, keep serving
-                log.warning("NVML query failed (%s: %s); GPU utilisation no longer reported", type(err).__name__, err)
-                self._nvml = None
-                utilisation = used = total = None
-        return GpuReading(int(allocated), int(reserved), int(peak), utilisation, used, total)
+        return GpuReading(int(allocated), int(reserved), int(peak), *self._device_figures())
+
+    def _device_figures(self) -> tuple[float | None, int | None, int | None]:
+        """NVML's ``(utilisation, used, total)``, asked at most every ``nvml_interval_s``; Nones without NVML."""
+        if not self.has_nvml:
+            return None, None, None
+        now = time.monotonic()
+        if self._nvml_last is not None and now - self._nvml_last[0] < self._nvml_interval_s:
+            return self._nvml_last[1]
+        try:
+            utilisation = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
+            info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        except Exception as err:  # a GPU that went away: say so once, keep serving
+            log.warning("NVML query failed (%s: %s); GPU utilisation no longer reported", type(err).__name__, err)
+            self._nvml = None
+            return None, None, None
+        self._nvml_last = (now, (utilisation, int(info.used), int(info.total)))
+        return self._nvml_last[1]
 
     def publish(self, metrics: Any) -> GpuReading:
         """Read and set the gauges of ``metrics`` (:class:`service.metrics.Metrics`); returns the reading."""

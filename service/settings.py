@@ -44,10 +44,18 @@ from dataclasses import dataclass, field
 from fact_model.options import Options
 from service.placement import PER_GPU, gpu_workers
 
-__all__ = ["DTYPES", "MIN_ADMIN_TOKEN", "SETTINGS", "Settings"]
+__all__ = ["DTYPES", "MIN_ADMIN_TOKEN", "SETTINGS", "Settings", "check_dtype"]
 
 DTYPES = ("float32", "tf32", "bfloat16")
 """``FACT_DTYPE`` values (what each means: :mod:`service.compute`)."""
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it is a ``FACT_DTYPE`` value, else a ValueError naming the choices."""
+    if dtype not in DTYPES:
+        raise ValueError(f"FACT_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
 
 MIN_ADMIN_TOKEN = 16
 """Shortest ``FACT_ADMIN_TOKEN`` accepted (characters): a guessable token is refused at start-up."""
@@ -124,9 +132,7 @@ class Settings:
                 f"FACT_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} printable characters (e.g. "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`); unset it to disable label writes"
             )
-        dtype = os.environ.get("FACT_DTYPE") or "float32"
-        if dtype not in DTYPES:
-            raise ValueError(f"FACT_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = check_dtype(os.environ.get("FACT_DTYPE") or "float32")
         runtime = os.environ.get("FACT_RUNTIME") or "pytorch"
         if runtime not in ("pytorch", "onnx"):
             raise ValueError(f"FACT_RUNTIME must be pytorch or onnx, got {runtime!r}")

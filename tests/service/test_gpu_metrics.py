@@ -140,3 +140,15 @@ def test_the_service_metrics_have_every_gauge_the_monitor_sets():
     from service.metrics import METRICS
 
     GpuMonitor("cuda:7", memory=memory, nvml=FakeNvml()).publish(METRICS)  # raises on a missing gauge
+
+
+def test_nvml_is_asked_at_most_once_per_interval():
+    """The service publishes after every response: NVML's figures are reused within the interval."""
+    nvml = FakeNvml()
+    monitor = GpuMonitor("cuda:0", memory=memory, nvml=nvml, nvml_interval_s=3600)
+    first, second = monitor.read(), monitor.read()
+    assert first == second and [name for name, _ in nvml.calls].count("utilisation") == 1
+    always = FakeNvml()
+    fresh = GpuMonitor("cuda:0", memory=memory, nvml=always, nvml_interval_s=0)
+    fresh.read(), fresh.read()
+    assert [name for name, _ in always.calls].count("utilisation") == 2
